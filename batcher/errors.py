@@ -1,0 +1,192 @@
+"""The one exception tree of batcher, and the exit codes the CLI maps it to.
+
+    BatcherError                      anything batcher reports to the user
+    ├── JobSpecError                  the job file is wrong                  -> exit 2
+    ├── InputDataError                the input file or a row is wrong       -> exit 2
+    ├── JournalError                  the job's journal refuses this run     -> exit 2
+    │   ├── FingerprintMismatch       the job changed since the journal began
+    │   └── JobLocked                 another process runs this job          -> exit 5
+    ├── StorageError                  cannot write output/journal (ENOSPC…)  -> exit 4
+    ├── LimiterError                  the shared limiter (Redis) failed      -> exit 4
+    └── APIError                      the chat-completions server said no
+        ├── RetryableAPIError         worth another attempt after a wait
+        │   ├── RateLimited           429
+        │   ├── ServerError           5xx
+        │   ├── APITimeout            no answer within the request timeout
+        │   └── APIConnectionError    refused / dropped / reset connection
+        └── FatalAPIError             another attempt gives the same answer
+            ├── AuthenticationError   401/403: stops the whole job           -> exit 4
+            └── BadRequest            400/404/422/other 4xx: the row is recorded as an error
+
+Every message says what to do next. `classify()` is the single place that maps an HTTP answer
+to this tree; nothing else looks at status codes or message text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import Any
+
+
+class ExitCode(IntEnum):
+    """Exit codes of `batcher run` (documented in the README for cron)."""
+
+    OK = 0  # every row answered
+    INTERNAL = 1  # a bug: unexpected exception
+    CONFIG = 2  # bad job file, bad input, journal refuses (also click's usage errors)
+    ROW_ERRORS = 3  # the job finished, but some rows are recorded as errors
+    FATAL = 4  # the job stopped: auth rejected, disk full, limiter lost, ...
+    LOCKED = 5  # another batcher process is running this job
+    INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM gives 143
+
+
+class BatcherError(Exception):
+    """Root of every error batcher reports; `str()` is the user-facing message."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+
+class JobSpecError(BatcherError):
+    exit_code = ExitCode.CONFIG
+
+
+class InputDataError(BatcherError):
+    exit_code = ExitCode.CONFIG
+
+
+class JournalError(BatcherError):
+    exit_code = ExitCode.CONFIG
+
+
+class FingerprintMismatch(JournalError):
+    pass
+
+
+class JobLocked(JournalError):
+    exit_code = ExitCode.LOCKED
+
+
+class StorageError(BatcherError):
+    exit_code = ExitCode.FATAL
+
+
+class LimiterError(BatcherError):
+    exit_code = ExitCode.FATAL
+
+
+class APIError(BatcherError):
+    exit_code = ExitCode.FATAL
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it said
+        self.headers: Mapping[str, str] = headers or {}
+
+
+class RetryableAPIError(APIError):
+    pass
+
+
+class RateLimited(RetryableAPIError):
+    pass
+
+
+class ServerError(RetryableAPIError):
+    pass
+
+
+class APITimeout(RetryableAPIError):
+    pass
+
+
+class APIConnectionError(RetryableAPIError):
+    pass
+
+
+class FatalAPIError(APIError):
+    pass
+
+
+class AuthenticationError(FatalAPIError):
+    pass
+
+
+class BadRequest(FatalAPIError):
+    pass
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` (preferred: finer) or `retry-after` (seconds).
+
+    An HTTP-date `retry-after` is not used by Azure/Langdock; it is ignored rather than guessed.
+    """
+    lower = {k.lower(): v for k, v in headers.items()}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = lower.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if value >= 0:
+            return value
+    return None
+
+
+def server_message(body: Any) -> str:
+    """The human part of an error body, whatever its gateway's shape."""
+    if isinstance(body, (bytes, bytearray)):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return body.strip()[:500] or "(empty body)"
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("code") or err.get("type")
+            if msg:
+                return str(msg)[:500]
+        elif isinstance(err, str):
+            return err[:500]
+        if "message" in body:
+            return str(body["message"])[:500]
+    return json.dumps(body)[:500] if body is not None else "(empty body)"
+
+
+def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | None:
+    """Map one HTTP answer to the error tree; None for a success (2xx).
+
+    Decided by status code only: gateways word their rate-limit bodies differently.
+    """
+    if 200 <= status < 300:
+        return None
+    msg = server_message(body)
+    kw: dict[str, Any] = {"status": status, "headers": headers}
+    if status == 429:
+        return RateLimited(
+            f"rate limited (429): {msg}", retry_after=parse_retry_after(headers), **kw
+        )
+    if status in (401, 403):
+        return AuthenticationError(
+            f"the server rejected the API key ({status}): {msg}. Check that the environment "
+            "variable named by endpoint.api_key_env holds a valid key for this workspace.",
+            **kw,
+        )
+    if status == 408 or status >= 500:
+        return ServerError(
+            f"server error ({status}): {msg}", retry_after=parse_retry_after(headers), **kw
+        )
+    return BadRequest(f"request rejected ({status}): {msg}", **kw)

@@ -1,0 +1,135 @@
+"""Live counters of one run: what the progress display shows and the summary reports.
+
+The engine increments these at the moment things happen (never patched afterwards); readers
+only look. Rates are measured over a sliding minute of *sent* requests, the same quantity the
+server's per-minute limits count.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RateMeter:
+    """Requests and admission tokens sent within the last `window_s` seconds."""
+
+    window_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    _events: deque[tuple[float, int]] = field(default_factory=deque)
+    _tokens: int = 0
+
+    def add(self, tokens: int) -> None:
+        now = self.clock()
+        self._events.append((now, tokens))
+        self._tokens += tokens
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        cutoff = now - self.window_s
+        while self._events and self._events[0][0] < cutoff:
+            _, tok = self._events.popleft()
+            self._tokens -= tok
+
+    def per_minute(self, elapsed_s: float) -> tuple[float, float]:
+        """(requests/min, tokens/min), scaled up while the run is younger than the window."""
+        self._expire(self.clock())
+        span = min(self.window_s, max(elapsed_s, 1e-9))
+        scale = 60.0 / span
+        return len(self._events) * scale, self._tokens * scale
+
+
+@dataclass
+class RunStats:
+    """Counters for one `batcher run`. `total_rows` counts this run's share of the input."""
+
+    total_rows: int = 0  # rows of the input this run is responsible for (after sharding)
+    done_before: int = 0  # rows already finished by earlier runs (resume)
+    ok: int = 0
+    error: int = 0
+    requests_sent: int = 0  # HTTP attempts, first tries and retries
+    retries: int = 0
+    rate_limited: int = 0  # 429 answers
+    server_errors: int = 0  # 5xx, timeouts, dropped connections
+    prompt_tokens: int = 0  # from the server's usage
+    completion_tokens: int = 0
+    admitted_tokens: int = 0  # what admission charged (estimates): what TPM limits count
+    in_flight: int = 0
+    clock: Callable[[], float] = time.monotonic
+    started: float = field(default=0.0)
+    finished: float | None = None
+    limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> (rpm, tpm)
+    meter: RateMeter = field(default_factory=RateMeter)
+    # model -> effective limits now (after adaptive slow-down), filled by the engine from the
+    # limiter so displays need not know the limiter.
+    effective: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.meter.clock = self.clock
+        if not self.started:
+            self.started = self.clock()
+
+    @property
+    def done(self) -> int:
+        """Rows finished in this run."""
+        return self.ok + self.error
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total_rows - self.done_before - self.done)
+
+    def elapsed(self) -> float:
+        end = self.finished if self.finished is not None else self.clock()
+        return max(0.0, end - self.started)
+
+    def current_rates(self) -> tuple[float, float]:
+        """(RPM, TPM) over the last minute of sending."""
+        return self.meter.per_minute(self.elapsed())
+
+    def average_rates(self) -> tuple[float, float]:
+        """(RPM, TPM) over the whole run: requests sent and admission tokens per minute."""
+        minutes = max(self.elapsed(), 1e-9) / 60.0
+        return self.requests_sent / minutes, self.admitted_tokens / minutes
+
+    def eta_s(self) -> float | None:
+        """Seconds to finish at the current pace; None before there is a pace."""
+        elapsed = self.elapsed()
+        if self.done == 0 or elapsed <= 0:
+            return None
+        return self.remaining / (self.done / elapsed)
+
+    def record_sent(self, cost: int) -> None:
+        self.requests_sent += 1
+        self.admitted_tokens += cost
+        self.meter.add(cost)
+
+    def as_dict(self) -> dict[str, Any]:
+        rpm, tpm = self.average_rates()
+        cur_rpm, cur_tpm = self.current_rates()
+        return {
+            "rows_total": self.total_rows,
+            "rows_done_before": self.done_before,
+            "rows_ok": self.ok,
+            "rows_error": self.error,
+            "rows_remaining": self.remaining,
+            "requests_sent": self.requests_sent,
+            "retries": self.retries,
+            "rate_limited_429": self.rate_limited,
+            "server_errors": self.server_errors,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "admitted_tokens": self.admitted_tokens,
+            "in_flight": self.in_flight,
+            "elapsed_s": round(self.elapsed(), 3),
+            "avg_rpm": round(rpm, 1),
+            "avg_tpm": round(tpm, 1),
+            "current_rpm": round(cur_rpm, 1),
+            "current_tpm": round(cur_tpm, 1),
+            "eta_s": None if (eta := self.eta_s()) is None else round(eta, 1),
+            "limits": {m: {"rpm": r, "tpm": t} for m, (r, t) in self.limits.items()},
+            "effective": self.effective,
+        }
