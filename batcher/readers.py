@@ -1,0 +1,189 @@
+"""Input files -> rows, streamed: JSONL line by line, Parquet by record batches.
+
+Three shapes are read: plain JSONL (one object per line), Parquet, and OpenAI Batch-API input
+(JSONL lines `{"custom_id", "method", "url", "body"}`). Nothing here holds the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow.parquet as pq
+
+from batcher.errors import InputDataError
+from batcher.spec import Job
+
+Format = Literal["jsonl", "parquet", "batch"]
+BATCH_URL = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input row. `line` is the 1-based line (JSONL) or row number (Parquet) for messages."""
+
+    id: str
+    line: int
+    data: dict[str, Any]
+    error: str | None = None  # set for a bad row skipped under on_bad_row: skip
+
+
+def detect_format(job: Job) -> Format:
+    if job.input_format != "auto":
+        return job.input_format
+    suffix = job.input.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    # A JSONL file is Batch-API input when its first object has custom_id and body.
+    try:
+        with job.input.open("rb") as fh:
+            for raw in fh:
+                if raw.strip():
+                    first = json.loads(raw)
+                    if isinstance(first, dict) and "custom_id" in first and "body" in first:
+                        return "batch"
+                    break
+    except FileNotFoundError:
+        raise InputDataError(f"{job.input}: input file not found") from None
+    except ValueError:
+        pass  # the row reader reports the bad line with its number
+    return "jsonl"
+
+
+def input_digest(path: Path) -> str:
+    """Identity of the input for the journal fingerprint: size + sha256 of the content."""
+    h = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    except OSError as exc:
+        raise InputDataError(f"{path}: cannot read input: {exc.strerror}") from None
+    return f"{path.stat().st_size}:{h.hexdigest()}"
+
+
+class InputReader:
+    """Streams the job's input as batches of rows; ids per the job's id rules."""
+
+    def __init__(self, job: Job, columns: list[str] | None = None) -> None:
+        self.job = job
+        self.path = job.input
+        if not self.path.exists():
+            raise InputDataError(f"{self.path}: input file not found")
+        self.format: Format = detect_format(job)
+        self._columns = columns  # Parquet: read only these (None = all)
+        if self.format == "parquet":
+            try:
+                self._pq = pq.ParquetFile(self.path)
+            except Exception as exc:  # pyarrow raises several types for a bad file
+                raise InputDataError(f"{self.path}: not a readable Parquet file: {exc}") from None
+            names = set(self._pq.schema_arrow.names)
+            if job.id_column and job.id_column not in names:
+                raise InputDataError(
+                    f"{self.path}: id_column {job.id_column!r} is not a column of the input "
+                    f"(columns: {', '.join(sorted(names))})"
+                )
+
+    def column_names(self) -> list[str] | None:
+        """Columns known up front (Parquet schema); None for JSONL, where rows vary."""
+        if self.format == "parquet":
+            return list(self._pq.schema_arrow.names)
+        return None
+
+    def iter_batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
+        rows = self._iter_parquet(batch_size) if self.format == "parquet" else self._iter_jsonl()
+        batch: list[Row] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _bad(self, line: int, position: int, msg: str) -> Row:
+        """A bad row: fail the job, or record it as an error row (on_bad_row: skip)."""
+        where = f"{self.path}:{line}"
+        if self.job.on_bad_row == "fail":
+            raise InputDataError(f"{where}: {msg} (set on_bad_row: skip to record such rows)")
+        return Row(
+            id=f"line-{line}" if self.job.id_column else str(position),
+            line=line,
+            data={},
+            error=f"{where}: {msg}",
+        )
+
+    def _row_id(self, obj: dict[str, Any], position: int) -> str | None:
+        if self.format == "batch":
+            cid = obj.get("custom_id")
+            return cid if isinstance(cid, str) and cid else None
+        if self.job.id_column is None:
+            return str(position)
+        value = obj.get(self.job.id_column)
+        if value is None or isinstance(value, (dict, list, float)):
+            return None
+        return str(value)
+
+    def _iter_jsonl(self) -> Iterator[Row]:
+        position = 0
+        with self.path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue
+                pos = position
+                position += 1
+                try:
+                    obj = json.loads(raw)
+                except ValueError as exc:
+                    yield self._bad(lineno, pos, f"not valid JSON ({exc})")
+                    continue
+                if not isinstance(obj, dict):
+                    yield self._bad(lineno, pos, "each line must be a JSON object")
+                    continue
+                row_id = self._row_id(obj, pos)
+                if row_id is None:
+                    what = (
+                        "custom_id"
+                        if self.format == "batch"
+                        else f"id column {self.job.id_column!r}"
+                    )
+                    yield self._bad(lineno, pos, f"missing or invalid {what}")
+                    continue
+                if self.format == "batch":
+                    problem = _batch_line_problem(obj)
+                    if problem:
+                        yield self._bad(lineno, pos, problem)
+                        continue
+                yield Row(id=row_id, line=lineno, data=obj)
+
+    def _iter_parquet(self, batch_size: int) -> Iterator[Row]:
+        position = 0
+        for record_batch in self._pq.iter_batches(batch_size=batch_size, columns=self._columns):
+            for obj in record_batch.to_pylist():
+                pos = position
+                position += 1
+                row_id = self._row_id(obj, pos)
+                if row_id is None:
+                    yield self._bad(
+                        pos + 1, pos, f"row has a null or invalid id column {self.job.id_column!r}"
+                    )
+                    continue
+                yield Row(id=row_id, line=pos + 1, data=obj)
+
+
+def _batch_line_problem(obj: dict[str, Any]) -> str | None:
+    if not isinstance(obj.get("body"), dict):
+        return "Batch-API line has no body object"
+    method = obj.get("method", "POST")
+    url = obj.get("url", BATCH_URL)
+    if method != "POST" or url != BATCH_URL:
+        return f"Batch-API line asks for {method} {url}; batcher sends only POST {BATCH_URL}"
+    return None
+
+
+def open_input(job: Job, columns: list[str] | None = None) -> InputReader:
+    return InputReader(job, columns)
