@@ -1,0 +1,124 @@
+"""Logging for the "batcher" logger: text lines for people, JSON lines for log collectors.
+
+    text:  12:03:04 INFO    resumed 1200 rows from the journal
+    json:  {"ts": "2025-01-02T12:03:04.123Z", "level": "info", "msg": "...", **extra}
+
+`extra=` fields of a log call go into the JSON object (text lines stay short). While a live
+progress display owns the terminal, `route_to_console` sends the lines through its rich
+Console, which prints them above the live region instead of through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, Literal, TextIO
+
+from rich.console import Console
+
+LOGGER_NAME = "batcher"
+
+# Attributes every LogRecord has; anything else on a record came in through `extra=`.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+}
+
+
+def format_text(level: str, msg: str, ts: float | None = None) -> str:
+    """One text log line: `HH:MM:SS LEVEL   message` (local time: a person reads it)."""
+    clock = time.strftime("%H:%M:%S", time.localtime(time.time() if ts is None else ts))
+    return f"{clock} {level.upper():<7} {msg}"
+
+
+def iso_ts(ts: float | None = None) -> str:
+    """UTC timestamp with milliseconds, the form log collectors parse without help."""
+    moment = datetime.fromtimestamp(time.time() if ts is None else ts, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def record_extra(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS}
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = format_text(record.levelname, record.getMessage(), record.created)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": iso_ts(record.created),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        for key, value in record_extra(record).items():
+            obj.setdefault(key, value)  # an extra never hides ts/level/msg
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj, ensure_ascii=False, default=str)
+
+
+class BatcherHandler(logging.Handler):
+    """Writes to stderr as it is at emit time, or through a rich Console while one is live."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self.stream = stream  # None: sys.stderr, looked up per line (test runners swap it)
+        self.console: Console | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if self.console is not None:
+                # markup/highlight off: a row's text must not be read as rich markup.
+                self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                return
+            stream = self.stream or sys.stderr
+            stream.write(line + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(
+    fmt: Literal["text", "json"] = "text", quiet: bool = False, stream: TextIO | None = None
+) -> None:
+    """Configure the "batcher" logger; calling again replaces the earlier setup.
+
+    quiet: warnings and errors only. stream: where lines go (default: stderr).
+    """
+    if fmt not in ("text", "json"):
+        raise ValueError(f"log format must be 'text' or 'json', not {fmt!r}")
+    logger = logging.getLogger(LOGGER_NAME)
+    for old in [h for h in logger.handlers if isinstance(h, BatcherHandler)]:
+        logger.removeHandler(old)
+    handler = BatcherHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False  # the root logger would print every line a second time
+
+
+@contextlib.contextmanager
+def route_to_console(console: Console) -> Iterator[None]:
+    """While inside, the batcher log lines are printed by `console` (above a rich Live)."""
+    handlers = [h for h in logging.getLogger(LOGGER_NAME).handlers if isinstance(h, BatcherHandler)]
+    previous = [h.console for h in handlers]
+    for h in handlers:
+        h.console = console
+    try:
+        yield
+    finally:
+        for h, old in zip(handlers, previous, strict=True):
+            h.console = old
