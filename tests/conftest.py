@@ -1,0 +1,32 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from batcher.mockserver import MockConfig, ThreadedMockServer
+
+# -- mock server ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mock_server() -> Iterator[Callable[..., ThreadedMockServer]]:
+    """Factory: `mock_server(rpm=60, ...)` starts a ThreadedMockServer with that MockConfig.
+
+    `clock=` (keyword) injects a clock; every server started is stopped at teardown.
+    """
+    started: list[ThreadedMockServer] = []
+
+    def start(*, clock: Callable[[], float] = time.monotonic, **config: Any) -> ThreadedMockServer:
+        server = ThreadedMockServer(MockConfig(**config), clock=clock)
+        server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.stop()
