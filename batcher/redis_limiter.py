@@ -221,7 +221,8 @@ class RedisLimiter:
         self._reserve_sha = ""
         self._feedback_sha = ""
         self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Feedback scripts in flight, per model: kept referenced, awaited by the next acquire.
+        self._pending: dict[str, set[asyncio.Task[None]]] = {}
         self._failure: LimiterError | None = None  # a feedback task lost Redis under "stop"
         self._fallback: LocalLimiter | None = None
         # Last shared state seen per model, and server clock minus our clock, for snapshot().
@@ -270,8 +271,7 @@ class RedisLimiter:
 
     async def aclose(self) -> None:
         """Wait for pending feedback, then close the connection pool."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.drain_feedback()
         if self._fallback is not None:
             await self._fallback.aclose()
         if self._redis is not None:
@@ -292,6 +292,10 @@ class RedisLimiter:
         began = self._clock()
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
+            # A 429 this process reported must shape its next slot, as it would locally.
+            await self.drain_feedback(model)
+            if self._failure is not None:
+                raise self._failure
             while self._fallback is None:
                 try:
                     res = await self._reserve(model, cost, rpm, tpm)
@@ -371,8 +375,16 @@ class RedisLimiter:
         task = asyncio.get_running_loop().create_task(
             self._send_feedback(model, decrease, signal.pause_s, status, headers)
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        pending = self._pending.setdefault(model, set())
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    async def drain_feedback(self, model: str | None = None) -> None:
+        """Wait until the feedback reported so far (for `model`, or all) has reached Redis."""
+        models = [model] if model is not None else list(self._pending)
+        tasks = [t for m in models for t in self._pending.get(m, ())]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _send_feedback(
         self,

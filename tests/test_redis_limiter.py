@@ -1,0 +1,478 @@
+"""RedisLimiter against a real redis-server: shared pacing, shared 429s, losing Redis.
+
+Redis comes from BATCHER_TEST_REDIS_URL (CI: `source .ci/redis.sh start`) or is started here on a
+free loopback port; the tests that kill Redis always start their own. Several RedisLimiter
+instances in one event loop stand for several `batcher run` processes. Time bounds are only
+lower bounds (a limiter can never be faster than its rate) or generous hang guards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis_server import RedisServer, SharedRedis, free_port, redis_binary
+
+from batcher.errors import LimiterError
+from batcher.redis_limiter import (
+    FEEDBACK_LUA,
+    IDLE_TTL_S,
+    RESERVE_LUA,
+    RedisLimiter,
+    redact_url,
+)
+
+try:
+    from batcher.limiter import LocalLimiter  # type: ignore[attr-defined]
+except ImportError:  # the in-process limiter is written in parallel
+    LocalLimiter = None  # type: ignore[assignment,misc]
+
+MODEL = "gpt-4o-mini"
+HEADROOM = 0.985
+HANG_GUARD_S = 30.0  # only stops a broken limiter from hanging the suite
+
+
+def fixed(rpm: int, tpm: int) -> Callable[[str], tuple[int, int]]:
+    return lambda model: (rpm, tpm)
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[SharedRedis]:
+    shared = SharedRedis()
+    yield shared
+    shared.close()
+
+
+@pytest.fixture
+def redis_url(shared_redis: SharedRedis) -> str:
+    if shared_redis.url is None:
+        pytest.skip(shared_redis.skip_reason)
+    return shared_redis.url
+
+
+@pytest.fixture
+def workspace() -> str:
+    # Each test its own workspace: tests sharing one Redis never see each other's schedules.
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server this test may kill."""
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def make_redis(redis_url: str, workspace: str) -> AsyncIterator[Callable[..., Any]]:
+    """Started RedisLimiters on the shared Redis and test workspace; closed afterwards."""
+    made: list[RedisLimiter] = []
+
+    async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> RedisLimiter:
+        kw.setdefault("headroom", HEADROOM)
+        lim = RedisLimiter(redis_url, workspace, limits, **kw)
+        await lim.start()
+        made.append(lim)
+        return lim
+
+    yield make
+    for lim in made:
+        await lim.aclose()
+
+
+async def server_time(url: str) -> float:
+    client = aioredis.Redis.from_url(url)
+    try:
+        sec, usec = await client.time()
+    finally:
+        await client.aclose()
+    return sec + usec / 1e6
+
+
+def max_in_window(times: list[float], window_s: float) -> int:
+    """Most admissions in any half-open window [t, t + window_s)."""
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window_s:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+# -- pure pieces -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://me:s3cret@cache:6379/0", "redis://me:***@cache:6379/0"),
+        ("rediss://me:s3cret@cache/1", "rediss://me:***@cache/1"),
+    ],
+)
+def test_redact_url_hides_the_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_both_scripts_take_time_from_the_redis_server() -> None:
+    # Skewed machine clocks cannot disagree about a schedule they never read.
+    for script in (RESERVE_LUA, FEEDBACK_LUA):
+        assert "redis.call('TIME')" in script
+
+
+def test_bad_arguments_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError):
+        RedisLimiter("redis://127.0.0.1:1/0", "ws", fixed(1, 1), headroom=1.5)
+    with pytest.raises(ValueError):
+        RedisLimiter("redis://127.0.0.1:1/0", "ws", fixed(1, 1), local_share=0)
+    with pytest.raises(ValueError):
+        RedisLimiter("redis://127.0.0.1:1/0", "ws", fixed(1, 1), on_failure="retry")  # type: ignore[arg-type]
+
+
+# -- several processes, one schedule --------------------------------------------------------
+
+
+async def test_concurrent_processes_share_the_limit_fairly(
+    make_redis: Callable[..., Any], redis_url: str
+) -> None:
+    rpm, processes, workers, run_s = 6000, 4, 2, 3.0
+    lims = [await make_redis(fixed(rpm, 10_000_000)) for _ in range(processes)]
+    start = await server_time(redis_url)
+    admitted: list[tuple[float, int]] = []
+
+    async def worker(i: int) -> None:
+        lim = lims[i]
+        while True:
+            await lim.acquire(MODEL, 10)
+            at = lim.last_reservation[MODEL].admit_at_s  # no await since: this call's slot
+            if at >= start + run_s:
+                return
+            admitted.append((at, i))
+
+    tasks = [worker(i) for i in range(processes) for _ in range(workers)]
+    await asyncio.wait_for(asyncio.gather(*tasks), HANG_GUARD_S)
+
+    rate = rpm / 60 * HEADROOM  # per second
+    times = [t for t, _ in admitted]
+    # Tolerance 0: slots are strictly evenly spaced, so no window holds more than its share.
+    gaps = [b - a for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]
+    assert min(gaps) >= 1 / rate - 2e-6  # the script rounds to whole microseconds
+    for window in (0.1, 0.5, 1.0):
+        assert max_in_window(times, window) <= int(rate * window) + 1
+    # The schedule was kept full: run_s seconds of slots went to somebody.
+    assert len(times) >= int(rate * (run_s - 0.5))
+    # Every process got its turn: one reservation outstanding each makes slots interleave.
+    per_process = Counter(i for _, i in admitted)
+    fair = len(admitted) / processes
+    assert all(per_process[i] >= 0.7 * fair for i in range(processes)), per_process
+    # One round trip per admission (plus the few slots past the end of the run).
+    for lim in lims:
+        snap = lim.snapshot()[MODEL]
+        assert snap["backend"] == "redis"
+        assert snap["redis_round_trips"] <= per_process[lims.index(lim)] + workers
+        assert lim.round_trips == snap["redis_round_trips"] + 3  # ping + 2 script loads
+
+
+async def test_admission_times_come_from_the_server_clock_not_the_local_one(
+    make_redis: Callable[..., Any], redis_url: str
+) -> None:
+    # Two "machines" an hour apart on their own clocks still share one smooth schedule.
+    ahead = await make_redis(fixed(3000, 10_000_000), clock=lambda: time.monotonic() + 3600)
+    behind = await make_redis(fixed(3000, 10_000_000), clock=lambda: time.monotonic() - 3600)
+    before = await server_time(redis_url)
+    slots: list[float] = []
+    waits: list[float] = []
+
+    async def run(lim: RedisLimiter) -> None:
+        for _ in range(15):
+            waits.append(await lim.acquire(MODEL, 1))
+            slots.append(lim.last_reservation[MODEL].admit_at_s)
+
+    await asyncio.wait_for(asyncio.gather(run(ahead), run(behind)), HANG_GUARD_S)
+    after = await server_time(redis_url)
+    rate = 3000 / 60 * HEADROOM
+    assert all(before <= s <= after for s in slots)
+    gaps = [b - a for a, b in zip(sorted(slots), sorted(slots)[1:], strict=False)]
+    assert min(gaps) >= 1 / rate - 2e-6
+    assert max(waits) < 60  # a local clock in the schedule would have meant an hour
+    for lim in (ahead, behind):
+        assert lim.snapshot()[MODEL]["paused_until_s"] == 0.0
+
+
+async def test_a_429_in_one_process_pauses_and_slows_the_others(
+    make_redis: Callable[..., Any],
+) -> None:
+    a = await make_redis(fixed(600, 1_000_000))
+    b = await make_redis(fixed(600, 1_000_000))
+    await a.acquire(MODEL, 10)
+    await b.acquire(MODEL, 10)
+    a.feedback(MODEL, status=429, headers={"retry-after": "1"})
+    await a.drain_feedback()
+    waited = await asyncio.wait_for(b.acquire(MODEL, 10), HANG_GUARD_S)
+    res = b.last_reservation[MODEL]
+    # b saw a's pause and its shrunken multiplier without being told anything locally.
+    assert res.paused_until_s > res.server_now_s
+    assert res.admit_at_s >= res.paused_until_s
+    assert waited >= res.admit_at_s - res.server_now_s - 0.01
+    assert res.multiplier == pytest.approx(0.85, abs=0.01)
+    snap = b.snapshot()[MODEL]
+    assert snap["multiplier"] == pytest.approx(0.85, abs=0.01)
+    assert snap["effective_rpm"] == pytest.approx(600 * HEADROOM * 0.85, rel=0.02)
+
+
+async def test_429s_within_the_cooldown_decrease_the_shared_multiplier_once(
+    make_redis: Callable[..., Any],
+) -> None:
+    lims = [await make_redis(fixed(600, 1_000_000)) for _ in range(3)]
+    for lim in lims:  # a burst of 429s across processes: one answer to one overload
+        lim.feedback(MODEL, status=429, headers={"retry-after-ms": "10"})
+    for lim in lims:
+        await lim.drain_feedback()
+    await lims[0].acquire(MODEL, 1)
+    assert lims[0].last_reservation[MODEL].multiplier == pytest.approx(0.85, abs=0.01)
+
+
+async def test_a_non_adaptive_process_pauses_but_keeps_its_full_rate(
+    make_redis: Callable[..., Any],
+) -> None:
+    lim = await make_redis(fixed(600, 1_000_000), adaptive=False)
+    lim.feedback(MODEL, status=429, headers={"retry-after-ms": "50"})
+    await lim.acquire(MODEL, 1)
+    res = lim.last_reservation[MODEL]
+    assert res.multiplier == 1.0
+    assert res.admit_at_s >= res.paused_until_s > 0
+
+
+async def test_own_429_during_a_wait_voids_the_slot(make_redis: Callable[..., Any]) -> None:
+    lim = await make_redis(fixed(120, 1_000_000))  # one slot per ~0.5 s
+    await lim.acquire(MODEL, 1)
+    waiting = asyncio.create_task(lim.acquire(MODEL, 1))  # sleeps toward its slot
+    await asyncio.sleep(0.05)
+    lim.feedback(MODEL, status=429, headers={"retry-after": "1.5"})
+    await asyncio.wait_for(waiting, HANG_GUARD_S)
+    res = lim.last_reservation[MODEL]
+    assert res.admit_at_s >= res.paused_until_s > 0
+    assert lim.snapshot()[MODEL]["redis_round_trips"] == 4  # 2 slots, 1 retaken, 1 feedback
+
+
+async def test_state_lives_under_the_workspace_key_and_expires(
+    make_redis: Callable[..., Any], redis_url: str, workspace: str
+) -> None:
+    lim = await make_redis(fixed(600, 60_000))
+    await lim.acquire(MODEL, 100)
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        key = f"batcher:{workspace}:{MODEL}:pace"
+        state = await client.hgetall(key)
+        ttl_ms = await client.pttl(key)
+    finally:
+        await client.aclose()
+    assert {"rtat", "ttat"} <= set(state)
+    assert 0 < ttl_ms <= (IDLE_TTL_S + 120) * 1000
+
+
+async def test_a_flushed_script_cache_is_reloaded(
+    make_redis: Callable[..., Any], redis_url: str
+) -> None:
+    lim = await make_redis(fixed(6000, 10_000_000))
+    await lim.acquire(MODEL, 1)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.script_flush()
+    finally:
+        await client.aclose()
+    await lim.acquire(MODEL, 1)  # NOSCRIPT -> SCRIPT LOAD -> EVALSHA
+    assert lim.snapshot()[MODEL]["redis_round_trips"] == 4
+
+
+# -- losing Redis ---------------------------------------------------------------------------
+
+
+async def test_unreachable_redis_at_start_names_the_url_without_its_password() -> None:
+    port = free_port()  # nothing listens here
+    lim = RedisLimiter(f"redis://:hunter2@127.0.0.1:{port}/0", "ws", fixed(500, 60_000))
+    with pytest.raises(LimiterError) as info:
+        await asyncio.wait_for(lim.start(), HANG_GUARD_S)
+    msg = str(info.value)
+    assert f"127.0.0.1:{port}" in msg
+    assert "hunter2" not in msg
+    assert "limiter.url" in msg  # says what to do
+    assert "hunter2" not in repr(info.value.__cause__)
+
+
+async def test_not_a_redis_url_is_a_limiter_error() -> None:
+    lim = RedisLimiter("http://:pw@example.invalid/", "ws", fixed(500, 60_000))
+    with pytest.raises(LimiterError, match=r"limiter\.url") as info:
+        await lim.start()
+    assert "pw@" not in str(info.value)
+
+
+async def test_redis_lost_mid_run_stops_with_a_limiter_error(own_redis: RedisServer) -> None:
+    lim = RedisLimiter(own_redis.url, "ws", fixed(6000, 10_000_000), on_failure="stop")
+    await lim.start()
+    try:
+        await lim.acquire(MODEL, 1)
+        own_redis.kill()
+        with pytest.raises(LimiterError) as info:
+            await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+        assert own_redis.url in str(info.value)
+        assert "on_limiter_failure" in str(info.value)
+    finally:
+        await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
+
+
+async def test_feedback_that_cannot_reach_redis_stops_the_next_acquire(
+    own_redis: RedisServer,
+) -> None:
+    lim = RedisLimiter(own_redis.url, "ws", fixed(6000, 10_000_000), on_failure="stop")
+    await lim.start()
+    try:
+        await lim.acquire(MODEL, 1)
+        own_redis.kill()
+        lim.feedback(MODEL, status=429, headers={})  # cannot raise: it is a plain call
+        with pytest.raises(LimiterError):
+            await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    finally:
+        await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
+
+
+@pytest.mark.skipif(LocalLimiter is None, reason="batcher.limiter.LocalLimiter not there yet")
+async def test_redis_lost_mid_run_goes_local_at_the_reduced_share(
+    own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    rpm = 1200
+    lim = RedisLimiter(
+        own_redis.url, "ws", fixed(rpm, 10_000_000), on_failure="local", local_share=0.25
+    )
+    await lim.start()
+    try:
+        await lim.acquire(MODEL, 1)
+        own_redis.kill()
+        with caplog.at_level(logging.WARNING, logger="batcher"):
+            began = time.monotonic()
+            for _ in range(6):
+                await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+            elapsed = time.monotonic() - began
+            lim.feedback(MODEL, status=200, headers={})
+        warnings = [r for r in caplog.records if "LOST" in r.getMessage()]
+        assert len(warnings) == 1  # loud, but once
+        assert own_redis.url in warnings[0].getMessage()
+        # 6 admissions at a quarter of the limit: at least 5 local intervals.
+        assert elapsed >= 5 / (rpm * 0.25 / 60 * HEADROOM) - 0.05
+        snap = lim.snapshot()[MODEL]
+        assert snap["fallback"] == "local"
+        assert snap["rpm"] == rpm
+        assert snap["effective_rpm"] <= rpm * 0.25
+    finally:
+        await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
+
+
+# -- what both backends share ------------------------------------------------------------------
+
+
+@pytest.fixture(params=["local", "redis"])
+async def limiter_backend(
+    request: pytest.FixtureRequest, shared_redis: SharedRedis, workspace: str
+) -> AsyncIterator[Callable[..., Any]]:
+    """A factory for started limiters of either backend, closed afterwards."""
+    if request.param == "local" and LocalLimiter is None:
+        pytest.skip("batcher.limiter.LocalLimiter not there yet")
+    if request.param == "redis" and shared_redis.url is None:
+        pytest.skip(shared_redis.skip_reason)
+    made: list[Any] = []
+
+    async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> Any:
+        kw.setdefault("headroom", HEADROOM)
+        if request.param == "local":
+            lim = LocalLimiter(limits, **kw)
+        else:
+            lim = RedisLimiter(shared_redis.url or "", workspace, limits, **kw)
+        await lim.start()
+        made.append(lim)
+        return lim
+
+    yield make
+    for lim in made:
+        await lim.aclose()
+
+
+async def settle(lim: Any) -> None:
+    """Let feedback reach the shared state (Redis sends it from a task)."""
+    drain = getattr(lim, "drain_feedback", None)
+    if drain is not None:
+        await drain()
+
+
+async def test_cost_above_the_token_limit_is_refused_at_once(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    lim = await limiter_backend(fixed(500, 1000))
+    with pytest.raises(ValueError):
+        await asyncio.wait_for(lim.acquire(MODEL, 1001), 1.0)
+
+
+async def test_requests_are_spaced_evenly_from_the_first(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    rpm, n = 3000, 12
+    lim = await limiter_backend(fixed(rpm, 10_000_000))
+    began = time.monotonic()
+    first = await lim.acquire(MODEL, 1)
+    for _ in range(n - 1):
+        await lim.acquire(MODEL, 1)
+    elapsed = time.monotonic() - began
+    assert first < 0.5  # an idle schedule admits at once (no hang guard needed beyond that)
+    assert elapsed >= (n - 1) / (rpm / 60 * HEADROOM) - 0.01  # tolerance 0: no burst
+
+
+async def test_the_token_schedule_governs_large_requests(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    tpm, cost, n = 120_000, 1000, 4  # ~0.51 s of token budget per request
+    lim = await limiter_backend(fixed(10_000, tpm))
+    began = time.monotonic()
+    for _ in range(n):
+        await asyncio.wait_for(lim.acquire(MODEL, cost), HANG_GUARD_S)
+    assert time.monotonic() - began >= (n - 1) * cost / (tpm / 60 * HEADROOM) - 0.01
+
+
+async def test_a_429_pauses_for_retry_after_and_shrinks_the_multiplier(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    lim = await limiter_backend(fixed(600, 60_000))
+    await lim.acquire(MODEL, 10)
+    lim.feedback(MODEL, status=429, headers={"retry-after": "0.6"})
+    await settle(lim)
+    waited = await asyncio.wait_for(lim.acquire(MODEL, 10), HANG_GUARD_S)
+    assert waited >= 0.5
+    snap = lim.snapshot()[MODEL]
+    assert snap["multiplier"] == pytest.approx(0.85, abs=0.01)
+    lim.feedback(MODEL, status=429, headers={"retry-after-ms": "1"})  # within the cooldown
+    await settle(lim)
+    await lim.acquire(MODEL, 10)
+    assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.85, abs=0.01)
+
+
+async def test_snapshot_reports_the_common_keys(limiter_backend: Callable[..., Any]) -> None:
+    lim = await limiter_backend(fixed(500, 60_000))
+    await lim.acquire(MODEL, 10)
+    lim.feedback(MODEL, status=429, headers={"retry-after": "5"})
+    await settle(lim)
+    snap = lim.snapshot()[MODEL]
+    common = {"rpm", "tpm", "effective_rpm", "effective_tpm", "multiplier", "paused_until_s"}
+    assert common <= set(snap)
+    assert (snap["rpm"], snap["tpm"]) == (500, 60_000)
+    assert 3.0 < snap["paused_until_s"] <= 5.0
+    assert snap["backend"] in ("local", "redis")
