@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -643,13 +644,17 @@ def _string_instance(schema: Mapping[str, Any], key: bytes, path: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=64)
+def _message_overhead(model: str) -> int:
+    return count_prompt_tokens([{"role": "assistant", "content": ""}], model)
+
+
 def _text_tokens(text: str, model: str) -> int:
     """Tokens of an answer's text: the chat counter with the per-message overhead taken out."""
     if not text:
         return 0
     full = count_prompt_tokens([{"role": "assistant", "content": text}], model)
-    empty = count_prompt_tokens([{"role": "assistant", "content": ""}], model)
-    return max(1, full - empty)
+    return max(1, full - _message_overhead(model))
 
 
 def _truncate(text: str, limit: int, model: str) -> tuple[str, int, bool]:
@@ -668,9 +673,10 @@ def _truncate(text: str, limit: int, model: str) -> tuple[str, int, bool]:
     return cut, _text_tokens(cut, model), True
 
 
-def answer_content(body: Mapping[str, Any], key: bytes) -> str:
-    """The full (uncut) answer text: depends only on the request."""
+def answer_content(body: Mapping[str, Any]) -> str:
+    """The full (uncut) answer text: a function of the last user message and response_format."""
     user = _last_user_text(body["messages"])
+    key = hashlib.blake2b(user.encode(), digest_size=16).digest()
     label = LABELS[_pick(key, "label", len(LABELS))]
     echo = " ".join(user.split()[:8])
     fmt = body.get("response_format") or {}
@@ -690,10 +696,10 @@ def answer_content(body: Mapping[str, Any], key: bytes) -> str:
 def build_completion(
     body: Mapping[str, Any], key: bytes, prompt_tokens: int, serial: int
 ) -> dict[str, Any]:
-    """A chat.completion answer, shaped like Azure's via Langdock."""
+    """A chat.completion answer, shaped like Azure's via Langdock; `key` makes the id unique."""
     model = body["model"]
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    text = answer_content(body, key)
+    text = answer_content(body)
     if limit is not None:
         text, completion_tokens, cut = _truncate(text, limit, model)
     else:
@@ -731,7 +737,11 @@ def admission_cost(body: Mapping[str, Any], prompt_tokens: int) -> int:
 
 
 class MockStats:
-    """What /_mock/stats reports. Memory stays bounded: one 16-byte digest per answered body."""
+    """What /_mock/stats reports.
+
+    Memory grows only with distinct answered bodies (one 16-byte digest each, about 90 MB per
+    million) and with run time (one series entry per bucket).
+    """
 
     def __init__(self, clock: Callable[[], float], t0: float, bucket_s: float) -> None:
         self.clock = clock
@@ -815,7 +825,9 @@ class MockStats:
 # The HTTP server
 
 
-def _error(status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None):
+def _error(
+    status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
+) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -871,7 +883,18 @@ class MockServer:
         return f"{self.root}{'/api/public' if public else ''}/openai/{region}/v1"
 
     def stats(self) -> dict[str, Any]:
-        return self._stats.as_dict()
+        """The counters, plus the limits in force so benchmarks can check against them."""
+        config = self.config
+        return {
+            **self._stats.as_dict(),
+            "limits": {
+                "rpm": config.rpm,
+                "tpm": config.tpm,
+                "model_limits": {m: list(pair) for m, pair in config.model_limits.items()},
+                "windows_s": list(config.windows_s),
+                "foreign_share": config.foreign_share,
+            },
+        }
 
     def reset(self, *, quota: bool = False) -> None:
         """Zero the counters (and forget answered bodies); `quota` also empties the windows."""

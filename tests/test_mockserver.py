@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from batcher.mockserver import (
     MockConfig,
     MockServer,
     SlidingWindowQuota,
+    ThreadedMockServer,
     _Refusal,
     admission_cost,
     build_completion,
@@ -32,6 +34,7 @@ from batcher.models import DEFAULT_ASSUMED_MAX_TOKENS
 from batcher.tokens import count_prompt_tokens
 
 KEY = "sk-test-secret-0123456789"
+StartMock = Callable[..., ThreadedMockServer]  # the conftest `mock_server` factory
 UNLIMITED: dict[str, Any] = {"rpm": None, "tpm": None}  # for tests about anything but limits
 
 
@@ -251,6 +254,10 @@ def test_completion_is_deterministic_and_truthful() -> None:
     assert usage["total_tokens"] == prompt + usage["completion_tokens"]
     assert admission_cost(body, prompt) == prompt + 200
     assert admission_cost(chat(), 9) == 9 + DEFAULT_ASSUMED_MAX_TOKENS
+    # The label follows the user's text, not the other parameters.
+    other = chat("I really like the new design of the app", temperature=0.3)
+    other_text = build_completion(other, canonical_digest(other), 1, 1)["choices"][0]["message"]
+    assert other_text["content"].split("\n")[0] == text.split("\n")[0]
 
 
 def test_completion_is_cut_at_max_tokens() -> None:
@@ -305,7 +312,7 @@ def test_schema_instances_validate(schema: dict[str, Any]) -> None:
 # -- HTTP: routes, auth, validation ----------------------------------------------------------------
 
 
-async def test_routes_regions_and_public_form(mock_server) -> None:
+async def test_routes_regions_and_public_form(mock_server: StartMock) -> None:
     srv = mock_server(api_keys={KEY}, **UNLIMITED)
     headers = {"Authorization": f"Bearer {KEY}"}
     async with aiohttp.ClientSession(headers=headers) as http:
@@ -327,7 +334,7 @@ async def test_routes_regions_and_public_form(mock_server) -> None:
     assert srv.url == f"{srv.root}/openai/eu/v1"
 
 
-async def test_auth_and_the_key_stays_secret(mock_server) -> None:
+async def test_auth_and_the_key_stays_secret(mock_server: StartMock) -> None:
     srv = mock_server(api_keys={KEY})
     url = srv.url + "/chat/completions"
     async with aiohttp.ClientSession() as http:
@@ -351,13 +358,15 @@ async def test_auth_and_the_key_stays_secret(mock_server) -> None:
 # -- HTTP: rate limits -----------------------------------------------------------------------------
 
 
-async def post(http: aiohttp.ClientSession, srv, body: dict[str, Any]) -> aiohttp.ClientResponse:
+async def post(
+    http: aiohttp.ClientSession, srv: ThreadedMockServer, body: dict[str, Any]
+) -> aiohttp.ClientResponse:
     async with http.post(srv.url + "/chat/completions", json=body) as resp:
         await resp.read()
         return resp
 
 
-async def test_429_with_azure_headers_and_body(mock_server) -> None:
+async def test_429_with_azure_headers_and_body(mock_server: StartMock) -> None:
     clock = FakeClock()
     srv = mock_server(clock=clock, rpm=60, tpm=None, windows_s=(60, 10))
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
@@ -381,10 +390,11 @@ async def test_429_with_azure_headers_and_body(mock_server) -> None:
     stats = srv.stats()
     assert stats["by_status"] == {"200": 11, "429": 1}
     assert stats["rate_limited"] == 1
+    assert stats["limits"]["rpm"] == 60 and stats["limits"]["windows_s"] == [60.0, 10.0]
     assert [(t, n) for t, n, _ in stats["admitted_series"]] == [(0.0, 10), (10.0, 1)]
 
 
-async def test_headers_can_be_switched_off_and_failures_can_count(mock_server) -> None:
+async def test_headers_can_be_switched_off_and_failures_can_count(mock_server: StartMock) -> None:
     clock = FakeClock()
     srv = mock_server(
         clock=clock,
@@ -410,7 +420,7 @@ async def test_headers_can_be_switched_off_and_failures_can_count(mock_server) -
         assert (await post(http, srv, chat("d"))).status == 429
 
 
-async def test_token_charge_uses_prompt_estimate_plus_max_tokens(mock_server) -> None:
+async def test_token_charge_uses_prompt_estimate_plus_max_tokens(mock_server: StartMock) -> None:
     srv = mock_server(rpm=None, tpm=60_000)
     body = chat("count me", max_tokens=100)
     expected = count_prompt_tokens(body["messages"], "gpt-4o-mini") + 100
@@ -430,7 +440,7 @@ async def test_token_charge_uses_prompt_estimate_plus_max_tokens(mock_server) ->
     )
 
 
-async def test_rate_limit_storm(mock_server) -> None:
+async def test_rate_limit_storm(mock_server: StartMock) -> None:
     clock = FakeClock()
     srv = mock_server(clock=clock, rate_limit_storm_s=5)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
@@ -445,7 +455,7 @@ async def test_rate_limit_storm(mock_server) -> None:
 # -- HTTP: markers, faults, counters --------------------------------------------------------------
 
 
-async def test_markers(mock_server) -> None:
+async def test_markers(mock_server: StartMock) -> None:
     srv = mock_server(slow_marker_s=0.2, **UNLIMITED)
     schema_format = {
         "type": "json_schema",
@@ -487,7 +497,7 @@ async def test_markers(mock_server) -> None:
     assert stats["duplicates"] == 0
 
 
-async def test_duplicates_count_bodies_answered_twice(mock_server) -> None:
+async def test_duplicates_count_bodies_answered_twice(mock_server: StartMock) -> None:
     srv = mock_server(**UNLIMITED)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
         await post(http, srv, chat("same", max_tokens=5))
@@ -506,7 +516,7 @@ async def test_duplicates_count_bodies_answered_twice(mock_server) -> None:
         assert srv.stats()["duplicates"] == 0
 
 
-async def test_random_faults_and_drops(mock_server) -> None:
+async def test_random_faults_and_drops(mock_server: StartMock) -> None:
     faulty = mock_server(error_rate_5xx=1.0, seed=7, **UNLIMITED)
     dropping = mock_server(drop_rate=1.0, **UNLIMITED)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
@@ -518,7 +528,7 @@ async def test_random_faults_and_drops(mock_server) -> None:
     assert dropping.stats()["dropped"] == 1
 
 
-async def test_latency_is_added(mock_server) -> None:
+async def test_latency_is_added(mock_server: StartMock) -> None:
     srv = mock_server(latency_s=0.1, latency_jitter_s=0.05, **UNLIMITED)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
         started = time.monotonic()
@@ -542,7 +552,7 @@ async def test_in_loop_server_start_stop() -> None:
 # -- the official openai client --------------------------------------------------------------------
 
 
-def test_openai_client_parses_answers_and_raises_its_errors(mock_server) -> None:
+def test_openai_client_parses_answers_and_raises_its_errors(mock_server: StartMock) -> None:
     srv = mock_server(api_keys={KEY}, rpm=1, windows_s=(60,))
     client = openai.OpenAI(base_url=srv.url, api_key=KEY, max_retries=0)
     answer = client.chat.completions.create(
@@ -567,7 +577,7 @@ def test_openai_client_parses_answers_and_raises_its_errors(mock_server) -> None
         wrong.chat.completions.create(model="gpt-4o", messages=messages)
 
 
-def test_openai_structured_output(mock_server) -> None:
+def test_openai_structured_output(mock_server: StartMock) -> None:
     srv = mock_server()
     client = openai.OpenAI(base_url=srv.url_for("us", public=True), api_key=KEY, max_retries=0)
     answer = client.chat.completions.create(
