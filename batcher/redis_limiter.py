@@ -261,7 +261,8 @@ class RedisLimiter:
             self._reserve_sha = await client.script_load(reserve.script)
             self._feedback_sha = await client.script_load(feedback.script)
         except RedisError as exc:
-            await client.aclose()
+            with contextlib.suppress(*_LOST):
+                await client.aclose()
             raise LimiterError(
                 f"cannot reach the shared limiter's Redis at {where}: {_describe(exc, self.url)}. "
                 "Start Redis or fix limiter.url (and its password), or set "
@@ -282,7 +283,11 @@ class RedisLimiter:
     # -- admission -------------------------------------------------------------------------
 
     async def acquire(self, model: str, cost: int) -> float:
-        """Wait for the shared schedule to admit one request of `cost` tokens; seconds waited."""
+        """Wait for the shared schedule to admit one request of `cost` tokens; seconds waited.
+
+        Cancelled while it sleeps, the slot it reserved stays taken (Redis cannot know the
+        request was not sent): at most one slot per process and model is lost that way.
+        """
         rpm, tpm = self._limits(model)
         check_cost(model, cost, tpm)
         if self._failure is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -85,8 +86,18 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers, like a hung or unreachable host."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self.thaw()  # a stopped process would not act on SIGTERM
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)

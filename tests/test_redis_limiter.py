@@ -333,6 +333,21 @@ async def test_redis_lost_mid_run_stops_with_a_limiter_error(own_redis: RedisSer
         await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
 
 
+async def test_a_redis_that_stops_answering_is_noticed_within_the_socket_timeout(
+    own_redis: RedisServer,
+) -> None:
+    lim = RedisLimiter(own_redis.url, "ws", fixed(6000, 10_000_000), on_failure="stop")
+    await lim.start()
+    try:
+        await lim.acquire(MODEL, 1)
+        own_redis.freeze()  # the connection stays up; the answer never comes
+        with pytest.raises(LimiterError, match="mid-run"):
+            await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    finally:
+        own_redis.thaw()
+        await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
+
+
 async def test_feedback_that_cannot_reach_redis_stops_the_next_acquire(
     own_redis: RedisServer,
 ) -> None:
