@@ -39,7 +39,8 @@ class ExitCode(IntEnum):
     ROW_ERRORS = 3  # the job finished, but some rows are recorded as errors
     FATAL = 4  # the job stopped: auth rejected, disk full, limiter lost, ...
     LOCKED = 5  # another batcher process is running this job
-    INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM gives 143
+    INTERRUPTED = 130  # SIGINT (Ctrl-C)
+    TERMINATED = 143  # SIGTERM
 
 
 class BatcherError(Exception):

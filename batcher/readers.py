@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batcher.errors import InputDataError
@@ -93,6 +94,10 @@ class InputReader:
         if self.format == "parquet":
             return list(self._pq.schema_arrow.names)
         return None
+
+    def arrow_schema(self) -> pa.Schema:
+        """The Parquet input's schema (kept columns keep their types in the output)."""
+        return self._pq.schema_arrow
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
         rows = self._iter_parquet(batch_size) if self.format == "parquet" else self._iter_jsonl()

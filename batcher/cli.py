@@ -1,0 +1,300 @@
+"""The command line: thin click commands; BatcherError -> message + exit code at the edge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from batcher import __version__
+from batcher.errors import BatcherError, ExitCode
+from batcher.spec import Job, load_job
+
+log = logging.getLogger("batcher")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _edge(func: F) -> F:
+    """Turn our errors into a one-paragraph message and the documented exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BatcherError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(int(ExitCode.INTERRUPTED))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batcher")
+def main() -> None:
+    """Rate-limit-aware batch runs through the Langdock chat-completions API.
+
+    \b
+    Exit codes of `batcher run`:
+      0   every row answered
+      2   bad job file, bad input, or the journal refuses (e.g. the job changed)
+      3   the job finished but some rows are recorded as errors
+      4   the job stopped: key rejected, disk full, shared limiter lost, ...
+      5   another process is running this job
+      130 / 143  interrupted by SIGINT / SIGTERM (run again to resume)
+    """
+
+
+def _shard_option(func: F) -> F:
+    return click.option(
+        "--shard",
+        metavar="K/N",
+        default=None,
+        help="Process only the rows whose id hashes to shard K of N (1-based); "
+        "writes its own output and journal. Combine with `batcher merge`.",
+    )(func)
+
+
+def _parse_shard(shard: str | None) -> tuple[int, int] | None:
+    from batcher.sharding import parse_shard
+
+    return parse_shard(shard) if shard else None
+
+
+@contextlib.asynccontextmanager
+async def _mock_endpoint(job: Job, enabled: bool) -> AsyncIterator[str | None]:
+    """--mock: the bundled Langdock-compatible server, in-process, enforcing the job's limits."""
+    if not enabled:
+        yield None
+        return
+    from batcher.mockserver import MockConfig, MockServer
+
+    limits = {m: (lim.rpm, lim.tpm) for m, lim in job.limits.items()}
+    server = MockServer(
+        MockConfig(model_limits=limits, latency_s=0.05, latency_jitter_s=0.1, models=None)
+    )
+    url = await server.start("127.0.0.1", 0)
+    log.info("--mock: the bundled local server answers at %s", url)
+    try:
+        yield url
+    finally:
+        await server.stop()
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--restart", is_flag=True, help="Forget earlier progress and start over.")
+@click.option("--retry-errors", is_flag=True, help="Send again only the rows recorded as errors.")
+@_shard_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress display; warnings only.")
+@click.option(
+    "--progress",
+    type=click.Choice(["auto", "live", "plain", "json"]),
+    default="auto",
+    help="Progress display: live on a terminal, plain log lines otherwise (auto).",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="json: one JSON object per log line, progress line and summary (for machines).",
+)
+@click.option(
+    "--mock",
+    is_flag=True,
+    help="Send to the bundled local server (no API key needed): for demos and dry runs.",
+)
+@_edge
+def run(
+    job_file: Path,
+    restart: bool,
+    retry_errors: bool,
+    shard: str | None,
+    quiet: bool,
+    progress: str,
+    log_format: str,
+    mock: bool,
+) -> None:
+    """Run JOB_FILE: send every row, write the Parquet output. Run again to resume."""
+    from batcher.engine import Engine, RunOptions
+    from batcher.logs import setup_logging
+
+    setup_logging(log_format, quiet=quiet)  # type: ignore[arg-type]
+    job = load_job(job_file)
+    mode = "quiet" if quiet else ("json" if log_format == "json" else progress)
+
+    async def go() -> Any:
+        async with _mock_endpoint(job, mock) as mock_url:
+            options = RunOptions(
+                restart=restart,
+                retry_errors=retry_errors,
+                shard=_parse_shard(shard),
+                progress=mode,
+                log_format=log_format,
+                base_url=mock_url,
+                api_key="mock-key" if mock else None,
+            )
+            return await Engine(job, options).run()
+
+    outcome = asyncio.run(go())
+    if log_format == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "event": "summary",
+                    "exit_code": int(outcome.exit_code),
+                    "output": str(outcome.output),
+                    **outcome.stats.as_dict(),
+                }
+            )
+        )
+        click.echo(outcome.message.splitlines()[-1], err=True)
+    elif not quiet or outcome.exit_code != ExitCode.OK:
+        click.echo(outcome.message, err=True)
+    sys.exit(int(outcome.exit_code))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@_shard_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_edge
+def status(job_file: Path, shard: str | None, as_json: bool) -> None:
+    """State of a (partial) job without sending anything."""
+    from batcher.status import job_status, render_status
+
+    report = job_status(load_job(job_file), _parse_shard(shard))
+    click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@_edge
+def estimate(job_file: Path, as_json: bool) -> None:
+    """Tokens, cost and duration of a job at its limits; sends nothing."""
+    from batcher.estimate import estimate_job, render_estimate
+
+    report = estimate_job(load_job(job_file))
+    click.echo(json.dumps(report, indent=2) if as_json else render_estimate(report))
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_edge
+def inspect(path: Path, as_json: bool) -> None:
+    """Summarise an output Parquet, a journal, or a job file's (partial) results."""
+    from batcher.inspect_output import inspect_path, render_inspection
+
+    if path.suffix in (".yaml", ".yml"):
+        from batcher.journal import journal_path
+
+        job = load_job(path)
+        path = job.output if job.output.exists() else journal_path(job.output)
+    report = inspect_path(path)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_inspection(report))
+
+
+@main.command()
+@click.argument("name", default="job")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@_edge
+def init(name: str, force: bool) -> None:
+    """Write a commented example job file (and a sample input) to start from."""
+    from batcher.init_job import write_example
+
+    path = write_example(Path(name), force=force)
+    click.echo(f"wrote {path}; try it with: batcher run {path} --mock")
+
+
+@main.command()
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--shards",
+    "n",
+    type=click.IntRange(min=1),
+    required=True,
+    help="How many shards the job was split into (N of --shard K/N).",
+)
+@_edge
+def merge(job_file: Path, n: int) -> None:
+    """Combine the shard outputs of JOB_FILE into its output; every id exactly once."""
+    from batcher.merge import merge_shards
+
+    job = load_job(job_file)
+    rows, errors = merge_shards(job, n)
+    click.echo(f"merged {n} shards: {rows} rows ({errors} errors) -> {job.output}")
+
+
+@main.command("serve-mock")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--rpm", default=500, show_default=True, type=int, help="Per-model RPM limit.")
+@click.option("--tpm", default=60000, show_default=True, type=int, help="Per-model TPM limit.")
+@click.option("--unlimited", is_flag=True, help="No rate limits at all.")
+@click.option("--latency", default=0.0, show_default=True, type=float, help="Seconds per answer.")
+@click.option("--jitter", default=0.0, show_default=True, type=float, help="Extra random latency.")
+@click.option("--error-rate", default=0.0, show_default=True, type=float, help="Share of 5xx.")
+@click.option(
+    "--drop-rate", default=0.0, show_default=True, type=float, help="Share of dropped connections."
+)
+@click.option(
+    "--foreign-share",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Share of each limit used by invisible other users.",
+)
+@click.option("--no-retry-after", is_flag=True, help="Send 429s without retry-after headers.")
+@click.option("--no-ratelimit-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option(
+    "--api-key",
+    "api_keys",
+    multiple=True,
+    help="Accept only this key (repeatable); default: any non-empty key.",
+)
+def serve_mock(
+    host: str,
+    port: int,
+    rpm: int,
+    tpm: int,
+    unlimited: bool,
+    latency: float,
+    jitter: float,
+    error_rate: float,
+    drop_rate: float,
+    foreign_share: float,
+    no_retry_after: bool,
+    no_ratelimit_headers: bool,
+    api_keys: tuple[str, ...],
+) -> None:
+    """Run the bundled Langdock-compatible server (prints its base URL)."""
+    from batcher.mockserver import MockConfig, main_serve
+
+    try:
+        config = MockConfig(
+            api_keys=frozenset(api_keys) or None,
+            rpm=None if unlimited else rpm,
+            tpm=None if unlimited else tpm,
+            latency_s=latency,
+            latency_jitter_s=jitter,
+            error_rate_5xx=error_rate,
+            drop_rate=drop_rate,
+            foreign_share=foreign_share,
+            retry_after_headers=not no_retry_after,
+            ratelimit_headers=not no_ratelimit_headers,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    main_serve(config, host, port)

@@ -1,0 +1,90 @@
+"""The HTTP edge: one aiohttp session, one call, every answer classified by errors.classify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from batcher.errors import APIConnectionError, APIError, APITimeout, classify
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    body: dict[str, Any]
+    headers: dict[str, str]
+    latency_s: float
+
+
+class ChatClient:
+    """POSTs chat-completion bodies to `{base_url}/chat/completions` over one keep-alive pool."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        concurrency: int,
+        timeout_s: float,
+        connect_timeout_s: float = 30.0,
+    ) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._key = api_key
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
+        self._concurrency = concurrency
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> ChatClient:
+        connector = aiohttp.TCPConnector(limit=self._concurrency, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers={"Authorization": f"Bearer {self._key}"},
+            json_serialize=json.dumps,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _redact(self, err: APIError) -> APIError:
+        # Some gateways echo the key back in a 401 body; it must not reach logs or outputs.
+        if self._key and self._key in str(err):
+            err.args = (str(err).replace(self._key, "***"),)
+        return err
+
+    async def complete(self, body: dict[str, Any]) -> Answer:
+        """One attempt. Returns the parsed answer or raises an APIError subclass."""
+        assert self._session is not None, "use ChatClient as an async context manager"
+        start = time.monotonic()
+        try:
+            async with self._session.post(self.url, json=body) as resp:
+                raw = await resp.read()
+                status = resp.status
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+        except TimeoutError:
+            raise APITimeout(
+                f"no answer within {self._timeout.total:g} s (endpoint.timeout_s)"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise APIConnectionError(f"cannot connect to {self.url}: {exc.os_error}") from None
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+            raise APIConnectionError(f"connection failed: {type(exc).__name__}: {exc}") from None
+        latency = time.monotonic() - start
+        try:
+            parsed: Any = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw
+        error = classify(status, headers, parsed)
+        if error is not None:
+            raise self._redact(error)
+        if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
+            raise APIConnectionError(
+                f"answer {status} is not a chat completion: {str(raw[:200])!r}"
+            )
+        return Answer(parsed, headers, latency)

@@ -1,0 +1,558 @@
+"""Wires the stages of `batcher run`: scan -> journal -> produce -> admit -> send -> persist.
+
+    reader ──► builder + token cost ──► queue ──► workers ──► limiter.acquire ──► client
+       (thread, batches)                (bounded)     │                              │
+                                                      ◄──── retry policy (tenacity) ◄┘
+                                                      └──► journal.append (fsync) ──► stats
+    end: journal ──► Parquet (atomic)
+
+A worker holds its concurrency slot until its result is durable, so at any moment at most
+`concurrency` requests are "sent but not persisted": the most a crash can make us pay twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batcher.client import Answer, ChatClient
+from batcher.errors import (
+    AuthenticationError,
+    BadRequest,
+    BatcherError,
+    ExitCode,
+    InputDataError,
+    JobSpecError,
+    RateLimited,
+    RetryableAPIError,
+)
+from batcher.journal import JobLock, Journal, end_record, journal_path, open_journal
+from batcher.limiter import Limiter, LocalLimiter
+from batcher.readers import InputReader, Row, input_digest, open_input
+from batcher.records import STATUS_ERROR, STATUS_OK, Request, Result
+from batcher.requests import RequestBuilder
+from batcher.retrying import retry_policy
+from batcher.sharding import shard_of, shard_output
+from batcher.spec import Job, request_fingerprint
+from batcher.stats import RunStats
+from batcher.structured import StructuredOutput
+from batcher.tokens import count_prompt_tokens_batch, max_output_tokens
+from batcher.writer import write_output_from_journal
+
+log = logging.getLogger("batcher")
+
+READ_BATCH = 512
+PROBE_FAILURES_FATAL = 3  # the first N requests all failing means the setup is wrong
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    restart: bool = False
+    retry_errors: bool = False
+    shard: tuple[int, int] | None = None  # (K, N), 1-based
+    progress: str = "auto"  # auto | live | plain | json | quiet
+    log_format: str = "text"
+    base_url: str | None = None  # overrides the job's endpoint (used by --mock)
+    api_key: str | None = None  # overrides the key variable (used by --mock)
+
+
+@dataclass
+class RunOutcome:
+    exit_code: ExitCode
+    stats: RunStats
+    output: Path
+    message: str
+    rows_written: int | None = None
+
+
+def make_limiter(job: Job) -> Limiter:
+    def limits(model: str) -> tuple[int, int]:
+        lim = job.limit_for(model)
+        return lim.rpm, lim.tpm
+
+    cfg = job.limiter
+    if cfg.backend == "redis":
+        from batcher.redis_limiter import RedisLimiter
+
+        return RedisLimiter(
+            cfg.url,
+            cfg.workspace,
+            limits,
+            headroom=cfg.headroom,
+            adaptive=cfg.adaptive,
+            on_failure=cfg.on_limiter_failure,
+            local_share=cfg.local_share,
+        )
+    return LocalLimiter(limits, headroom=cfg.headroom, adaptive=cfg.adaptive)
+
+
+def resolve_api_key(job: Job) -> str:
+    key = os.environ.get(job.endpoint.api_key_env, "").strip()
+    if not key:
+        raise JobSpecError(
+            f"the environment variable {job.endpoint.api_key_env} is not set; export it with "
+            "your Langdock API key (or name another variable in endpoint.api_key_env)"
+        )
+    return key
+
+
+class Engine:
+    """One `batcher run`. Build it, then `await run()`; it never raises for row-level trouble."""
+
+    def __init__(self, job: Job, options: RunOptions, limiter: Limiter | None = None) -> None:
+        self.job = job
+        self.options = options
+        self.output = shard_output(job.output, *options.shard) if options.shard else job.output
+        self.limiter = limiter or make_limiter(job)
+        self.stats = RunStats()
+        self.structured = self._structured()
+        self.reader: InputReader = open_input(job)
+        self.builder = RequestBuilder(job, batch_format=self.reader.format == "batch")
+        self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=job.concurrency * 2)
+        self._journal: Journal | None = None
+        self._client: ChatClient | None = None
+        self._done_ids: pa.Array = pa.array([], pa.string())
+        self._stopping = False
+        self._stop_signal: int | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._producer: asyncio.Task[None] | None = None
+        self._busy: set[asyncio.Task[Any]] = set()
+        self._opened = asyncio.Event()  # set after the first successful answer
+        self._probe_lock = asyncio.Lock()
+        self._probe_failures = 0
+        self._warned_default_max = False
+
+    def _structured(self) -> StructuredOutput | None:
+        try:
+            return StructuredOutput.from_params(self.job.params)
+        except ValueError as exc:
+            raise JobSpecError(f"params.response_format: {exc}") from None
+
+    # ---- before sending: everything that can be wrong with the input is found here ----
+
+    def _in_shard(self, row_id: str) -> bool:
+        if self.options.shard is None:
+            return True
+        k, n = self.options.shard
+        return shard_of(row_id, n) == k
+
+    def scan(self) -> int:
+        """Read the whole input once: bad rows, missing columns, duplicate ids; count rows."""
+        known = self.reader.column_names()
+        if known is not None:
+            self.builder.check_columns(known)
+        chunks: list[pa.Array] = []
+        total = 0
+        for batch in self.reader.iter_batches(4096):
+            ids = []
+            for row in batch:
+                if not self._in_shard(row.id):
+                    continue
+                if row.error is None and self.job.on_bad_row == "fail":
+                    self.builder.build_body(row)
+                ids.append(row.id)
+            chunks.append(pa.array(ids, pa.string()))
+            total += len(ids)
+        if total:
+            counts = pc.value_counts(pa.chunked_array(chunks, pa.string()))
+            dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+            if len(dups):
+                sample = ", ".join(repr(x) for x in dups[:5].to_pylist())
+                where = f"id_column {self.job.id_column!r}" if self.job.id_column else "custom_id"
+                raise InputDataError(
+                    f"{self.job.input}: {len(dups)} duplicate ids in {where} (e.g. {sample}); "
+                    "every row needs a unique id so its answer can be matched and resumed"
+                )
+        return total
+
+    # ---- producing requests ----
+
+    def _prepare(self, it: Iterator[list[Row]]) -> tuple[list[Request], list[Result]] | None:
+        """Runs in a worker thread: next input batch -> requests (and error rows)."""
+        batch = next(it, None)
+        if batch is None:
+            return None
+        rows = [r for r in batch if self._in_shard(r.id)]
+        if rows and len(self._done_ids):
+            done = pc.is_in(pa.array([r.id for r in rows], pa.string()), self._done_ids)
+            rows = [r for r, d in zip(rows, done.to_pylist(), strict=True) if not d]
+        errors: list[Result] = []
+        pending: list[tuple[Row, dict[str, Any]]] = []
+        for row in rows:
+            if row.error is not None:
+                errors.append(Result(row.id, STATUS_ERROR, error=row.error, keep={}))
+                continue
+            try:
+                pending.append((row, self.builder.build_body(row)))
+            except InputDataError as exc:
+                errors.append(Result(row.id, STATUS_ERROR, error=str(exc), keep={}))
+        by_model: dict[str, list[tuple[Row, dict[str, Any]]]] = {}
+        for row, body in pending:
+            by_model.setdefault(body["model"], []).append((row, body))
+        requests: list[Request] = []
+        for model, items in by_model.items():
+            prompts = count_prompt_tokens_batch([b["messages"] for _, b in items], model, 1)
+            limit = self.job.limit_for(model)
+            self.stats.limits.setdefault(model, (limit.rpm, limit.tpm))
+            for (row, body), prompt in zip(items, prompts, strict=True):
+                out, default = max_output_tokens(body, self.job.assumed_max_tokens)
+                if default and not self._warned_default_max:
+                    self._warned_default_max = True
+                    log.warning(
+                        "requests set no max_tokens: each is charged %d tokens at admission "
+                        "(assumed_max_tokens), as the server does; set params.max_tokens to "
+                        "send faster",
+                        self.job.assumed_max_tokens,
+                    )
+                cost = prompt + out
+                keep = self.builder.keep(row)
+                if cost > limit.tpm:
+                    errors.append(
+                        Result(
+                            row.id,
+                            STATUS_ERROR,
+                            error=f"request needs {cost} tokens at admission ({prompt} prompt + "
+                            f"{out} max output), more than the {limit.tpm} TPM limit of {model}; "
+                            "lower max_tokens or shorten the prompt",
+                            keep=keep,
+                        )
+                    )
+                    continue
+                requests.append(Request(row.id, body, model, cost, keep))
+        return requests, errors
+
+    async def _produce(self) -> None:
+        it = iter(self.reader.iter_batches(READ_BATCH))
+        while not self._stopping:
+            prepared = await asyncio.to_thread(self._prepare, it)
+            if prepared is None:
+                break
+            requests, errors = prepared
+            if errors:
+                await asyncio.gather(*(self._finish(r) for r in errors))
+            for req in requests:
+                await self._queue.put(req)
+        for _ in self._workers:
+            await self._queue.put(None)
+
+    # ---- sending ----
+
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        while not self._stopping:
+            req = await self._queue.get()
+            if req is None or self._stopping:
+                return
+            result = await self._process(req)
+            self._busy.add(me)  # from here until durable, a stop waits for this row
+            try:
+                await self._finish(result)
+            finally:
+                self._busy.discard(me)
+
+    async def _process(self, req: Request) -> Result:
+        """The first request of a run goes alone: a wrong key, URL or model costs one request."""
+        if not self._opened.is_set():
+            async with self._probe_lock:
+                if not self._opened.is_set():
+                    result = await self._send(req)
+                    if result.ok:
+                        self._opened.set()
+                    else:
+                        self._probe_failures += 1
+                        if self._probe_failures >= PROBE_FAILURES_FATAL:
+                            raise JobSpecError(
+                                f"the first {PROBE_FAILURES_FATAL} requests all failed, the "
+                                f"last with: {result.error}. Check endpoint (region/base_url), "
+                                "model and params before sending the rest."
+                            )
+                    return result
+        return await self._send(req)
+
+    async def _send(self, req: Request) -> Result:
+        attempts = 0
+        answer: Answer | None = None
+        try:
+            async for attempt in retry_policy(self.job.retry):
+                with attempt:
+                    if self._stopping:  # no retries once a stop was asked for
+                        raise asyncio.CancelledError
+                    attempts += 1
+                    answer = await self._attempt(req, attempts)
+        except AuthenticationError:
+            raise
+        except RetryableAPIError as exc:
+            return Result(
+                req.row_id,
+                STATUS_ERROR,
+                attempts=attempts,
+                error=f"gave up after {attempts} attempts: {exc}",
+                keep=req.keep,
+            )
+        except BadRequest as exc:
+            return Result(
+                req.row_id, STATUS_ERROR, attempts=attempts, error=str(exc), keep=req.keep
+            )
+        assert answer is not None
+        return self._result(req, answer, attempts)
+
+    async def _attempt(self, req: Request, attempt: int) -> Answer:
+        assert self._client is not None
+        await self.limiter.acquire(req.model, req.cost)
+        if attempt > 1:
+            self.stats.retries += 1
+        self.stats.record_sent(req.cost)
+        self.stats.in_flight += 1
+        me = asyncio.current_task()
+        assert me is not None
+        self._busy.add(me)
+        try:
+            answer = await self._client.complete(req.body)
+        except RateLimited as exc:
+            self._busy.discard(me)
+            self.stats.rate_limited += 1
+            self.limiter.feedback(req.model, status=429, headers=exc.headers)
+            raise
+        except RetryableAPIError:
+            self._busy.discard(me)
+            self.stats.server_errors += 1
+            raise
+        except BaseException:
+            self._busy.discard(me)
+            raise
+        finally:
+            self.stats.in_flight -= 1
+        self.limiter.feedback(req.model, status=200, headers=answer.headers)
+        return answer
+
+    def _result(self, req: Request, answer: Answer, attempts: int) -> Result:
+        body = answer.body
+        choice = body["choices"][0] if body["choices"] else {}
+        message = choice.get("message") or {}
+        content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            content = json.dumps(message["tool_calls"], ensure_ascii=False)
+        usage = body.get("usage") or {}
+        status, error, parsed = STATUS_OK, None, None
+        if message.get("refusal"):
+            status, error = STATUS_ERROR, f"the model refused: {message['refusal']}"
+        elif self.structured is not None:
+            try:
+                parsed = self.structured.parse(content or "")
+            except ValueError as exc:
+                status, error = STATUS_ERROR, str(exc)
+        return Result(
+            id=req.row_id,
+            status=status,
+            content=content,
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            total_tokens=usage.get("total_tokens"),
+            attempts=attempts,
+            latency_s=round(answer.latency_s, 4),
+            error=error,
+            model=body.get("model"),
+            keep=req.keep,
+            parsed=parsed,
+        )
+
+    async def _finish(self, result: Result) -> None:
+        assert self._journal is not None
+        await self._journal.append(result)
+        if result.ok:
+            self.stats.ok += 1
+        else:
+            self.stats.error += 1
+            log.debug("row %s: %s", result.id, result.error)
+        self.stats.prompt_tokens += result.prompt_tokens or 0
+        self.stats.completion_tokens += result.completion_tokens or 0
+
+    # ---- stopping ----
+
+    def request_stop(self, signum: int) -> None:
+        """First signal: finish what is in flight (grace period). Second: stop at once."""
+        if self._stop_signal is None:
+            self._stop_signal = signum
+            self._stopping = True
+            log.warning(
+                "stopping: no new requests; waiting up to %g s for %d in flight "
+                "(press Ctrl-C again to stop at once; answered rows are kept either way)",
+                self.job.grace_period_s,
+                len(self._busy),
+            )
+            if self._producer is not None:
+                self._producer.cancel()
+            for task in self._workers:
+                if task not in self._busy:
+                    task.cancel()
+            asyncio.get_running_loop().call_later(self.job.grace_period_s, self._cancel_all)
+        else:
+            log.warning("stopping now")
+            self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        for task in [*self._workers, self._producer]:
+            if task is not None:
+                task.cancel()
+
+    async def _drive(self) -> None:
+        """Run producer and workers; the first real exception stops everything."""
+        tasks: set[asyncio.Task[None]] = {*self._workers}
+        assert self._producer is not None
+        tasks.add(self._producer)
+        while tasks:
+            done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.cancelled():
+                    continue
+                exc = task.exception()
+                if exc is not None:
+                    self._stopping = True
+                    for other in tasks:
+                        other.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                    raise exc
+
+    async def _refresh_effective(self) -> None:
+        while True:
+            self.stats.effective = self.limiter.snapshot()
+            await asyncio.sleep(1.0)
+
+    # ---- the whole run ----
+
+    async def run(self) -> RunOutcome:
+        job, opts = self.job, self.options
+        api_key = opts.api_key or resolve_api_key(job)
+        lock = JobLock(self.output)
+        lock.acquire()
+        try:
+            return await self._run_locked(api_key)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, api_key: str) -> RunOutcome:
+        job, opts = self.job, self.options
+        total = await asyncio.to_thread(self.scan)
+        fingerprint = request_fingerprint(job, await asyncio.to_thread(input_digest, job.input))
+        journal, state = open_journal(
+            self.output, fingerprint, restart=opts.restart, retry_errors=opts.retry_errors
+        )
+        self._journal = journal
+        self._done_ids = state.done_ids(opts.retry_errors)
+        self.stats.total_rows = total
+        self.stats.done_before = len(self._done_ids)
+        if self.stats.done_before:
+            log.info(
+                "resuming: %d of %d rows already done (%s)",
+                self.stats.done_before,
+                total,
+                journal_path(self.output).name,
+            )
+        from batcher.progress import Progress, render_summary
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop, sig)
+        ticker = asyncio.create_task(self._refresh_effective())
+        fatal: BaseException | None = None
+        try:
+            await self.limiter.start()
+            base_url = opts.base_url or job.endpoint.url
+            async with (
+                ChatClient(
+                    base_url,
+                    api_key,
+                    concurrency=job.concurrency,
+                    timeout_s=job.endpoint.timeout_s,
+                    connect_timeout_s=job.endpoint.connect_timeout_s,
+                ) as client,
+                Progress(self.stats, mode=opts.progress, interval_s=job.progress_interval_s),
+            ):
+                self._client = client
+                self._workers = [
+                    asyncio.create_task(self._worker()) for _ in range(job.concurrency)
+                ]
+                self._producer = asyncio.create_task(self._produce())
+                log.info(
+                    "sending %d rows to %s (the first request goes alone)",
+                    self.stats.remaining,
+                    base_url,
+                )
+                try:
+                    await self._drive()
+                except BatcherError as exc:
+                    fatal = exc
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            ticker.cancel()
+            self.stats.effective = self.limiter.snapshot()
+            self.stats.finished = self.stats.clock()
+            await journal.close()
+            await self.limiter.aclose()
+
+        summary = render_summary(self.stats, fmt=opts.log_format)
+        if fatal is not None or self._stop_signal is not None:
+            with contextlib.suppress(BatcherError):
+                journal.write_meta(end_record(False, **self._end_counts()))
+            rerun = "run the same command again to resume"
+            if fatal is not None:
+                code = getattr(fatal, "exit_code", ExitCode.FATAL)
+                message = f"{fatal}\n{self._saved()} Fix the problem, then {rerun}."
+            else:
+                code = (
+                    ExitCode.INTERRUPTED
+                    if self._stop_signal == signal.SIGINT
+                    else ExitCode.TERMINATED
+                )
+                message = f"interrupted. {self._saved()} To continue, {rerun}."
+            return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}")
+
+        rows, errors = await asyncio.to_thread(self._write_output)
+        journal.write_meta(end_record(True, **self._end_counts()))
+        if rows != total:
+            raise BatcherError(
+                f"internal error: the output has {rows} rows but the input has {total}; "
+                f"the journal {journal_path(self.output)} is intact, please report this"
+            )
+        code = ExitCode.ROW_ERRORS if errors else ExitCode.OK
+        message = f"wrote {rows} rows to {self.output}"
+        if errors:
+            message += (
+                f"; {errors} rows are errors (see the error column; `batcher inspect "
+                f"{self.output.name}`; retry them with --retry-errors)"
+            )
+        return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}", rows)
+
+    def _saved(self) -> str:
+        done = self.stats.done_before + self.stats.done
+        return f"{done} of {self.stats.total_rows} rows are saved in {journal_path(self.output)}."
+
+    def _end_counts(self) -> dict[str, Any]:
+        return {"ok": self.stats.ok, "error": self.stats.error, "sent": self.stats.requests_sent}
+
+    def _write_output(self) -> tuple[int, int]:
+        keep_types = None
+        if self.job.keep_columns and self.reader.format == "parquet":
+            schema = self.reader.arrow_schema()
+            keep_types = pa.schema([schema.field(c) for c in self.job.keep_columns])
+        return write_output_from_journal(
+            journal_path(self.output),
+            self.output,
+            keep_names=list(self.job.keep_columns),
+            keep_types=keep_types,
+            parsed_type=self.structured.arrow_type if self.structured else None,
+        )

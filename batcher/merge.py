@@ -1,0 +1,29 @@
+"""`batcher merge`: shard outputs -> the job's output, each input id exactly once."""
+
+from __future__ import annotations
+
+from batcher.errors import InputDataError
+from batcher.readers import open_input
+from batcher.sharding import shard_outputs
+from batcher.spec import Job
+from batcher.writer import merge_outputs
+
+
+def merge_shards(job: Job, n: int) -> tuple[int, int]:
+    """Merge the N shard outputs of `job`; returns (rows, error rows) written."""
+    paths = shard_outputs(job.output, n)
+    missing = [p.name for p in paths if not p.exists()]
+    if missing:
+        raise InputDataError(
+            f"merge: shard outputs missing: {', '.join(missing)}; run "
+            f"`batcher run JOB --shard K/{n}` for each missing shard first"
+        )
+    expected = sum(len(batch) for batch in open_input(job).iter_batches(8192))
+    rows, errors = merge_outputs(paths, job.output)
+    if rows != expected:
+        job.output.unlink(missing_ok=True)
+        raise InputDataError(
+            f"merge: the shards hold {rows} rows but the input has {expected}; "
+            f"were all {n} shards run to completion with --shard K/{n}?"
+        )
+    return rows, errors

@@ -1,0 +1,37 @@
+"""Stable row -> shard assignment for `--shard K/N`, and the per-shard output names."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+from batcher.errors import JobSpecError
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' with shards numbered 1..N."""
+    m = _SHARD.match(text)
+    if not m:
+        raise JobSpecError(f"--shard {text!r}: write it as K/N, e.g. --shard 1/4")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= k <= n:
+        raise JobSpecError(f"--shard {text}: shards are numbered 1..N, e.g. 1/4 .. 4/4")
+    return k, n
+
+
+def shard_of(row_id: str, n: int) -> int:
+    """1-based shard of an id: the same on every machine and Python run (no hash seed)."""
+    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n + 1
+
+
+def shard_output(output: Path, k: int, n: int) -> Path:
+    """out/labels.parquet -> out/labels.shard-2-of-4.parquet"""
+    return output.with_name(f"{output.stem}.shard-{k}-of-{n}{output.suffix}")
+
+
+def shard_outputs(output: Path, n: int) -> list[Path]:
+    return [shard_output(output, k, n) for k in range(1, n + 1)]

@@ -1,0 +1,73 @@
+"""`batcher status`: a partial job's state from its journal, sending nothing."""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Any
+
+from batcher.journal import journal_path, lock_path, read_state
+from batcher.readers import open_input
+from batcher.sharding import shard_of, shard_output
+from batcher.spec import Job
+
+
+def _running(output: Path) -> str | None:
+    """Who holds the job lock, if anyone (probe with a non-blocking shared lock)."""
+    path = lock_path(output)
+    if not path.exists():
+        return None
+    with path.open("r") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def job_status(job: Job, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    output = shard_output(job.output, *shard) if shard else job.output
+    state = read_state(journal_path(output))
+    total = 0
+    for batch in open_input(job).iter_batches(8192):
+        total += sum(1 for r in batch if shard is None or shard_of(r.id, shard[1]) == shard[0])
+    done = len(state.ids)
+    return {
+        "job_output": str(output),
+        "journal": str(journal_path(output)),
+        "started": state.created,
+        "last_run": state.last_run,
+        "runs": state.runs,
+        "running_now": _running(output),
+        "finished": bool(state.last_end and state.last_end.get("complete")) and done == total,
+        "rows_total": total,
+        "rows_done": done,
+        "rows_ok": state.ok_count,
+        "rows_error": state.error_count,
+        "rows_remaining": max(0, total - done),
+        "prompt_tokens": state.prompt_tokens,
+        "completion_tokens": state.completion_tokens,
+        "output_exists": output.exists(),
+    }
+
+
+def render_status(s: dict[str, Any]) -> str:
+    if s["started"] is None:
+        return f"{s['job_output']}: not started ({s['rows_total']} rows to send)"
+    lines = [
+        f"output:     {s['job_output']}" + ("" if s["output_exists"] else " (not written yet)"),
+        f"rows:       {s['rows_done']}/{s['rows_total']} done  ok={s['rows_ok']} "
+        f"error={s['rows_error']} remaining={s['rows_remaining']}",
+        f"tokens:     {s['prompt_tokens']} prompt + {s['completion_tokens']} completion",
+        f"started:    {s['started']}   last run: {s['last_run']} ({s['runs']} runs)",
+    ]
+    if s["running_now"]:
+        lines.append(f"running now: {s['running_now']}")
+    elif s["finished"]:
+        lines.append(
+            "finished" + (" (some rows are errors: --retry-errors)" if s["rows_error"] else "")
+        )
+    else:
+        lines.append("partial: run the same job again to resume")
+    return "\n".join(lines)
