@@ -1,0 +1,446 @@
+"""`batcher inspect`: what came out of a job, what failed and why, and what it cost.
+
+Reads a finished Parquet output, or, for a job still running or stopped, its journal
+(`<output>.journal`). Both are streamed in batches of rows, so an output of millions of rows
+is summed up without being loaded whole. A journal can hold a row twice (`--retry-errors`
+appends a fresh result after an error); the last record of an id is the one that counts,
+as in the output the job will write.
+
+Error messages are grouped after their numbers and ids are blanked, so a thousand
+"retry after 6 seconds" / "retry after 7 seconds" rows show as one line with sample ids.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batcher.errors import BatcherError, InputDataError
+from batcher.journal import journal_path, read_results
+from batcher.pricing import PRICES_AS_OF, price_for
+from batcher.progress import format_duration
+from batcher.spec import Price
+
+BATCH_ROWS = 16_384
+TOP_ERRORS = 10
+SAMPLE_IDS = 3
+MAX_ERROR_GROUPS = 10_000  # beyond this many kinds, further kinds count as one "other"
+MAX_LABEL_VALUES = 50  # a parsed field with more distinct values is not a label: no tally
+OTHER_ERRORS = "(other errors)"
+NONE = "(none)"
+
+_COLUMNS = (
+    "id",
+    "status",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "attempts",
+    "latency_s",
+    "error",
+    "model",
+)
+_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("total_tokens", pa.int64()),
+        ("attempts", pa.int64()),
+        ("latency_s", pa.float64()),
+        ("error", pa.string()),
+        ("model", pa.string()),
+    ]
+)
+
+# Order matters: whole ids before the digits inside them.
+_NORMALISE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
+    (re.compile(r"\(id [^)]*\)"), "(id <id>)"),
+    # chatcmpl-AbC123, req_9f8e7d, 0x1f2e, long hex: any token mixing letters and digits
+    (re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{8,}\b"), "<id>"),
+    # 6, 30.5s, file.jsonl:17; not "(429)" (the status tells errors apart) nor "S0"
+    (re.compile(r"(?<![\w(.])\d+(?:\.\d+)?(?![\d.])"), "<n>"),
+)
+
+
+def normalise_error(message: str) -> str:
+    """The message with numbers and ids blanked, so alike errors group together."""
+    text = message.strip().splitlines()[0] if message.strip() else "(empty message)"
+    for pattern, repl in _NORMALISE:
+        text = pattern.sub(repl, text)
+    return text[:300]
+
+
+@dataclass
+class _ErrorGroup:
+    count: int = 0
+    sample_ids: list[str] = field(default_factory=list)
+    example: str = ""
+
+
+@dataclass
+class _Totals:
+    """Running sums over batches of result rows."""
+
+    rows: int = 0
+    status: Counter[str] = field(default_factory=Counter)
+    finish_reason: Counter[str] = field(default_factory=Counter)
+    attempts: Counter[int] = field(default_factory=Counter)
+    models: dict[str, dict[str, int]] = field(default_factory=dict)
+    latencies: list[pa.Array] = field(default_factory=list)
+    errors: dict[str, _ErrorGroup] = field(default_factory=dict)
+    error_rows: int = 0
+    parsed_rows: int = 0
+    parsed_values: dict[str, Counter[str]] | None = None  # field -> value tally (labels)
+    parsed_fields: list[str] = field(default_factory=list)
+
+    def add(self, table: pa.Table, parsed: list[Any] | None) -> None:
+        self.rows += table.num_rows
+        _tally(self.status, table["status"])
+        _tally(self.finish_reason, table["finish_reason"])
+        for item in pc.value_counts(table["attempts"]).to_pylist():
+            self.attempts[item["values"] or 0] += item["counts"]
+        grouped = table.group_by("model", use_threads=False).aggregate(
+            [
+                ("id", "count"),
+                ("prompt_tokens", "sum"),
+                ("completion_tokens", "sum"),
+                ("total_tokens", "sum"),
+            ]
+        )
+        for g in grouped.to_pylist():
+            m = self.models.setdefault(
+                g["model"] or NONE,
+                {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+            )
+            m["rows"] += g["id_count"]
+            for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                m[key] += g[f"{key}_sum"] or 0
+        lat = pc.drop_null(table["latency_s"])
+        if len(lat):
+            self.latencies.append(lat.combine_chunks() if isinstance(lat, pa.ChunkedArray) else lat)
+        failed = table.filter(pc.is_valid(table["error"])).select(["id", "error"])
+        for rid, msg in zip(failed["id"].to_pylist(), failed["error"].to_pylist(), strict=True):
+            self._add_error(rid, msg)
+        if parsed is not None:
+            self._add_parsed(parsed)
+
+    def _add_error(self, row_id: str | None, message: str) -> None:
+        self.error_rows += 1
+        key = normalise_error(message)
+        group = self.errors.get(key)
+        if group is None:
+            if len(self.errors) >= MAX_ERROR_GROUPS:
+                key = OTHER_ERRORS
+                group = self.errors.setdefault(key, _ErrorGroup(example=message[:300]))
+            else:
+                group = self.errors[key] = _ErrorGroup(example=message[:300])
+        group.count += 1
+        if len(group.sample_ids) < SAMPLE_IDS and row_id is not None:
+            group.sample_ids.append(row_id)
+
+    def _add_parsed(self, parsed: list[Any]) -> None:
+        for value in parsed:
+            if not isinstance(value, Mapping):
+                continue
+            self.parsed_rows += 1
+            if self.parsed_values is None:
+                self.parsed_fields = list(value)
+                self.parsed_values = {name: Counter() for name in value}
+            for name in list(self.parsed_values):
+                v = value.get(name)
+                if isinstance(v, (dict, list)) or (isinstance(v, float) and not v.is_integer()):
+                    del self.parsed_values[name]  # not a label: structures, measurements
+                    continue
+                tally = self.parsed_values[name]
+                if v is None:
+                    key = NONE
+                elif isinstance(v, bool):
+                    key = "true" if v else "false"
+                else:
+                    key = str(v)[:80]
+                tally[key] += 1
+                if len(tally) > MAX_LABEL_VALUES:
+                    del self.parsed_values[name]
+
+
+def _tally(counter: Counter[str], column: pa.ChunkedArray | pa.Array) -> None:
+    for item in pc.value_counts(column).to_pylist():
+        counter[NONE if item["values"] is None else item["values"]] += item["counts"]
+
+
+def _parquet_batches(path: Path) -> Iterator[tuple[pa.Table, list[Any] | None]]:
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise InputDataError(f"{path}: not a readable Parquet file: {exc}") from None
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in ("id", "status") if c not in names]
+    if missing:
+        raise InputDataError(
+            f"{path}: no {', '.join(missing)} column; is this an output written by batcher?"
+        )
+    columns = [c for c in _COLUMNS if c in names] + (["parsed"] if "parsed" in names else [])
+    for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+        parsed = batch.column("parsed").to_pylist() if "parsed" in names else None
+        arrays = [
+            batch.column(c).cast(t.type) if c in names else pa.nulls(batch.num_rows, t.type)
+            for c, t in zip(_COLUMNS, _SCHEMA, strict=True)
+        ]
+        yield pa.Table.from_arrays(arrays, schema=_SCHEMA), parsed
+
+
+def _records_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pydict(
+        {name: [r.get(name) for r in records] for name in _COLUMNS}, schema=_SCHEMA
+    )
+
+
+def _latest_mask(path: Path) -> tuple[list[bool] | None, int]:
+    """Which journal records are the last of their id (None: all are), and how many are not."""
+    chunks: list[pa.Array] = []
+    ids: list[str] = []
+    for rec in read_results(path):
+        ids.append(str(rec.get("id")))
+        if len(ids) >= BATCH_ROWS:
+            chunks.append(pa.array(ids, pa.string()))
+            ids = []
+    chunks.append(pa.array(ids, pa.string()))
+    all_ids = pa.chunked_array(chunks, pa.string())
+    n = len(all_ids)
+    unique = pc.count_distinct(all_ids).as_py()
+    if unique == n:
+        return None, 0
+    table = pa.table({"id": all_ids, "i": pa.array(range(n), pa.int64())})
+    last = table.group_by("id", use_threads=False).aggregate([("i", "max")])["i_max"]
+    return pc.is_in(table["i"], value_set=last.combine_chunks()).to_pylist(), n - unique
+
+
+def _journal_batches(
+    path: Path, mask: list[bool] | None
+) -> Iterator[tuple[pa.Table, list[Any] | None]]:
+    batch: list[dict[str, Any]] = []
+    for i, rec in enumerate(read_results(path)):
+        if mask is not None and not mask[i]:
+            continue
+        batch.append(rec)
+        if len(batch) >= BATCH_ROWS:
+            yield _records_table(batch), [r.get("parsed") for r in batch]
+            batch = []
+    if batch:
+        yield _records_table(batch), [r.get("parsed") for r in batch]
+
+
+def _resolve(path: Path) -> tuple[Path, str]:
+    """(file to read, "parquet" | "journal") for an output, a journal or a job file."""
+    if path.suffix in (".yaml", ".yml"):
+        from batcher.spec import load_job  # only here: inspecting outputs needs no job
+
+        path = load_job(path).output
+    if path.name.endswith(".journal"):
+        if not path.exists():
+            raise InputDataError(f"{path}: no such journal")
+        return path, "journal"
+    if path.exists():
+        return path, "parquet"
+    journal = journal_path(path)
+    if journal.exists():
+        return journal, "journal"  # the job has not written its output yet
+    raise InputDataError(
+        f"{path}: no output there, and no journal {journal.name} beside it; give the output "
+        "path from the job file (or the job file itself)"
+    )
+
+
+def inspect_path(path: Path, prices: Mapping[str, Price] | None = None) -> dict[str, Any]:
+    """Summarise an output (Parquet), a job's journal, or the output of a job file.
+
+    `prices` are the job file's price overrides; a job file passed as `path` brings its own.
+    """
+    path = Path(path)
+    if prices is None and path.suffix in (".yaml", ".yml"):
+        from batcher.spec import load_job
+
+        prices = load_job(path).prices
+    source_path, source = _resolve(path)
+    totals = _Totals()
+    superseded = 0
+    try:
+        if source == "parquet":
+            batches = _parquet_batches(source_path)
+        else:
+            mask, superseded = _latest_mask(source_path)
+            batches = _journal_batches(source_path, mask)
+        for table, parsed in batches:
+            totals.add(table, parsed)
+    except OSError as exc:
+        raise BatcherError(f"{source_path}: cannot read: {exc.strerror or exc}") from None
+    report = _report(totals, prices or {})
+    report = {"path": str(source_path), "source": source, **report}
+    if source == "journal":
+        report["superseded_records"] = superseded
+    return report
+
+
+def _report(t: _Totals, prices: Mapping[str, Price]) -> dict[str, Any]:
+    models: dict[str, dict[str, Any]] = {}
+    cost_total = 0.0
+    all_priced = True
+    for name, m in sorted(t.models.items()):
+        price, source = price_for(name, prices) if name != NONE else (None, "unknown")
+        cost = None
+        if price is not None:
+            cost = (
+                m["prompt_tokens"] * price.input_per_1m
+                + m["completion_tokens"] * price.output_per_1m
+            ) / 1e6
+            cost_total += cost
+        elif m["prompt_tokens"] or m["completion_tokens"]:
+            all_priced = False  # tokens we cannot price: the total is a lower bound
+        models[name] = {**m, "cost_usd": cost, "price_source": source}
+
+    latency: dict[str, Any] = {"rows": 0}
+    if t.latencies:
+        values = pa.chunked_array(t.latencies, pa.float64())
+        p50, p90, p99 = pc.quantile(values, q=[0.5, 0.9, 0.99]).to_pylist()
+        latency = {
+            "rows": len(values),
+            "p50": round(p50, 3),
+            "p90": round(p90, 3),
+            "p99": round(p99, 3),
+            "max": round(pc.max(values).as_py(), 3),
+            "mean": round(pc.mean(values).as_py(), 3),
+        }
+
+    top = sorted(t.errors.items(), key=lambda kv: -kv[1].count)[:TOP_ERRORS]
+    report: dict[str, Any] = {
+        "rows": t.rows,
+        "status": dict(t.status.most_common()),
+        "finish_reason": dict(t.finish_reason.most_common()),
+        "tokens": {
+            "prompt": sum(m["prompt_tokens"] for m in t.models.values()),
+            "completion": sum(m["completion_tokens"] for m in t.models.values()),
+            "total": sum(m["total_tokens"] for m in t.models.values()),
+        },
+        "cost_usd": round(cost_total, 6) if all_priced else None,
+        "cost_usd_priced_models": round(cost_total, 6),
+        "prices_as_of": PRICES_AS_OF,
+        "models": models,
+        "latency_s": latency,
+        "attempts": {str(k): v for k, v in sorted(t.attempts.items())},
+        "retried_rows": sum(v for k, v in t.attempts.items() if k > 1),
+        "errors": {
+            "rows": t.error_rows,
+            "kinds": len(t.errors),
+            "top": [
+                {
+                    "message": key,
+                    "count": g.count,
+                    "sample_ids": g.sample_ids,
+                    "example": g.example,
+                }
+                for key, g in top
+            ],
+        },
+    }
+    if t.parsed_values is not None:
+        report["parsed"] = {
+            "rows": t.parsed_rows,
+            "fields": t.parsed_fields,
+            "values": {
+                name: dict(tally.most_common())
+                for name, tally in t.parsed_values.items()
+                # every value different (free text on a small file): not a label
+                if len(tally) < t.parsed_rows or t.parsed_rows <= 1
+            },
+        }
+    return report
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return " · ".join(f"{k} {v:,}" for k, v in counts.items()) or "-"
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "unknown"
+    return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.2f}s" if value < 60 else format_duration(value)
+
+
+def render_inspection(report: dict[str, Any]) -> str:
+    """The report for people; `--json` prints the dict instead."""
+    what = "Parquet output" if report["source"] == "parquet" else "journal of an unfinished job"
+    lines = [f"{report['path']}: {report['rows']:,} rows ({what})"]
+    if report.get("superseded_records"):
+        lines.append(
+            f"  ({report['superseded_records']:,} earlier results replaced by a retry are left out)"
+        )
+    tok = report["tokens"]
+    lines += [
+        f"status:        {_counts(report['status'])}",
+        f"finish_reason: {_counts(report['finish_reason'])}",
+        f"tokens:        {tok['prompt']:,} prompt + {tok['completion']:,} completion "
+        f"= {tok['total']:,}",
+    ]
+    priced = [
+        f"{name} {_usd(m['cost_usd'])} ({m['price_source']})"
+        for name, m in report["models"].items()
+        if m["prompt_tokens"] or m["completion_tokens"]
+    ]
+    total = report["cost_usd"]
+    cost = (
+        _usd(total)
+        if total is not None
+        else (
+            f"at least {_usd(report['cost_usd_priced_models'])} (some models have no price; "
+            "add them under prices: in the job file)"
+        )
+    )
+    lines.append(f"cost:          {cost}" + (f"  [{'; '.join(priced)}]" if priced else ""))
+    lat = report["latency_s"]
+    if lat["rows"]:
+        lines.append(
+            f"latency:       p50 {lat['p50']:.2f}s · p90 {lat['p90']:.2f}s · "
+            f"p99 {lat['p99']:.2f}s · max {_seconds(lat['max'])}"
+        )
+    attempts = " · ".join(f"{k}: {v:,}" for k, v in report["attempts"].items())
+    lines.append(
+        f"attempts:      {attempts or '-'}  ({report['retried_rows']:,} rows needed a retry)"
+    )
+    errors = report["errors"]
+    if errors["rows"]:
+        lines.append(
+            f"errors:        {errors['rows']:,} rows, {errors['kinds']:,} "
+            + ("kind" if errors["kinds"] == 1 else "kinds")
+        )
+        for e in errors["top"]:
+            lines.append(f"  {e['count']:>9,}  {e['message']}")
+            if e["sample_ids"]:
+                lines.append(f"             e.g. ids {', '.join(e['sample_ids'])}")
+        shown = sum(e["count"] for e in errors["top"])
+        if shown < errors["rows"]:
+            lines.append(f"  {errors['rows'] - shown:>9,}  (other kinds; see --json)")
+    parsed = report.get("parsed")
+    if parsed:
+        lines.append(
+            f"parsed:        {parsed['rows']:,} rows with fields {', '.join(parsed['fields'])}"
+        )
+        for name, tally in parsed["values"].items():
+            lines.append(f"  {name}: {_counts(tally)}")
+    return "\n".join(lines)
