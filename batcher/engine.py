@@ -255,7 +255,11 @@ class Engine:
             req = await self._queue.get()
             if req is None or self._stopping:
                 return
-            result = await self._process(req)
+            try:
+                result = await self._process(req)
+            except BatcherError:
+                self._stopping = True  # a fatal error: no other worker may send another request
+                raise
             self._busy.add(me)  # from here until durable, a stop waits for this row
             try:
                 await self._finish(result)
@@ -291,7 +295,9 @@ class Engine:
                         raise asyncio.CancelledError
                     attempts += 1
                     answer = await self._attempt(req, attempts)
-        except AuthenticationError:
+        except AuthenticationError as exc:
+            source = "--mock" if self.options.api_key else f"${self.job.endpoint.api_key_env}"
+            exc.args = (f"{exc} (the key came from {source})",)
             raise
         except RetryableAPIError as exc:
             return Result(
@@ -451,7 +457,18 @@ class Engine:
             self.output, fingerprint, restart=opts.restart, retry_errors=opts.retry_errors
         )
         self._journal = journal
-        self._done_ids = state.done_ids(opts.retry_errors)
+        try:
+            return await self._run_journaled(
+                journal, state.done_ids(opts.retry_errors), total, api_key
+            )
+        finally:
+            journal.close()
+
+    async def _run_journaled(
+        self, journal: Journal, done_ids: pa.Array, total: int, api_key: str
+    ) -> RunOutcome:
+        job, opts = self.job, self.options
+        self._done_ids = done_ids
         self.stats.total_rows = total
         self.stats.done_before = len(self._done_ids)
         if self.stats.done_before:
@@ -501,7 +518,7 @@ class Engine:
             ticker.cancel()
             self.stats.effective = self.limiter.snapshot()
             self.stats.finished = self.stats.clock()
-            await journal.close()
+            await journal.drain()  # every finished row is on disk before we report or write
             await self.limiter.aclose()
 
         summary = render_summary(self.stats, fmt=opts.log_format)

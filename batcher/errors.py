@@ -182,8 +182,8 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | N
         )
     if status in (401, 403):
         return AuthenticationError(
-            f"the server rejected the API key ({status}): {msg}. Check that the environment "
-            "variable named by endpoint.api_key_env holds a valid key for this workspace.",
+            f"the server rejected the API key ({status}): {msg}. Check that the key is valid "
+            "for this workspace and allowed to use this model.",
             **kw,
         )
     if status == 408 or status >= 500:

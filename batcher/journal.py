@@ -276,9 +276,12 @@ class Journal:
         except OSError as exc:
             raise storage_error(self.path, exc, "write the journal") from None
 
-    async def close(self) -> None:
+    async def drain(self) -> None:
+        """Wait until every appended result is on disk (or has failed)."""
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+
+    def close(self) -> None:
         self._fh.close()
 
 

@@ -62,6 +62,8 @@ class RunStats:
     clock: Callable[[], float] = time.monotonic
     started: float = field(default=0.0)
     finished: float | None = None
+    first_sent: float = 0.0
+    last_sent: float = 0.0
     limits: dict[str, tuple[int, int]] = field(default_factory=dict)  # model -> (rpm, tpm)
     meter: RateMeter = field(default_factory=RateMeter)
     # model -> effective limits now (after adaptive slow-down), filled by the engine from the
@@ -91,9 +93,18 @@ class RunStats:
         return self.meter.per_minute(self.elapsed())
 
     def average_rates(self) -> tuple[float, float]:
-        """(RPM, TPM) over the whole run: requests sent and admission tokens per minute."""
-        minutes = max(self.elapsed(), 1e-9) / 60.0
-        return self.requests_sent / minutes, self.admitted_tokens / minutes
+        """(RPM, TPM) over the sending span: requests sent and admission tokens per minute.
+
+        n sends span n-1 intervals: measured from first to last send, a run paced at exactly
+        the limit reads as the limit, not a little above it.
+        """
+        n = self.requests_sent
+        if n < 2 or self.last_sent <= self.first_sent:
+            minutes = max(self.elapsed(), 1e-9) / 60.0
+            return n / minutes, self.admitted_tokens / minutes
+        minutes = (self.last_sent - self.first_sent) / 60.0
+        share = (n - 1) / n
+        return (n - 1) / minutes, self.admitted_tokens * share / minutes
 
     def eta_s(self) -> float | None:
         """Seconds to finish at the current pace; None before there is a pace."""
@@ -103,6 +114,10 @@ class RunStats:
         return self.remaining / (self.done / elapsed)
 
     def record_sent(self, cost: int) -> None:
+        now = self.clock()
+        if not self.requests_sent:
+            self.first_sent = now
+        self.last_sent = now
         self.requests_sent += 1
         self.admitted_tokens += cost
         self.meter.add(cost)

@@ -1,0 +1,5 @@
+"""`python -m batcher` == the `batcher` command."""
+
+from batcher.cli import main
+
+main()

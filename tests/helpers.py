@@ -1,0 +1,88 @@
+"""Helpers for tests that drive the real `batcher` CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+API_KEY = "test-key-7f3a9c"  # what the tests export; must never show up in any output
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def review_rows(n: int, *, marker: dict[int, str] | None = None) -> list[dict[str, Any]]:
+    marker = marker or {}
+    return [
+        {"id": f"r{i}", "text": f"review number {i} is fine {marker.get(i, '')}".strip()}
+        for i in range(n)
+    ]
+
+
+def write_job(tmp: Path, base_url: str, **overrides: Any) -> Path:
+    """A job file in `tmp` sending `input.jsonl` to `base_url`; overrides replace keys."""
+    job: dict[str, Any] = {
+        "input": "input.jsonl",
+        "output": "out/result.parquet",
+        "id_column": "id",
+        "model": "gpt-4o-mini",
+        "endpoint": {"base_url": base_url, "api_key_env": "TEST_LANGDOCK_KEY"},
+        "messages": [
+            {"role": "system", "content": "You label reviews."},
+            {"role": "user", "content": "Review: {text}"},
+        ],
+        "params": {"max_tokens": 8, "temperature": 0},
+        "concurrency": 8,
+        "retry": {"max_attempts": 6, "initial_wait_s": 0.05, "max_wait_s": 0.5},
+        "progress_interval_s": 0.5,
+    }
+    for key, value in overrides.items():
+        if value is None:
+            job.pop(key, None)
+        else:
+            job[key] = value
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def env_with_key(key: str | None = API_KEY) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TEST_LANGDOCK_KEY"}
+    if key is not None:
+        env["TEST_LANGDOCK_KEY"] = key
+    return env
+
+
+def run_batcher(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batcher", *map(str, args)],
+        env=env if env is not None else env_with_key(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_batcher(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher", *map(str, args)],
+        env=env if env is not None else env_with_key(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def read_output(path: Path) -> list[dict[str, Any]]:
+    return pq.read_table(path).to_pylist()

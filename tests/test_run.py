@@ -1,0 +1,308 @@
+"""`batcher run` end to end: the real CLI, over real HTTP, against the bundled local server."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import (
+    API_KEY,
+    env_with_key,
+    read_output,
+    review_rows,
+    run_batcher,
+    write_job,
+    write_jsonl,
+)
+
+FAST = {"rpm": None, "tpm": None}  # server without limits: for tests about other things
+
+
+def _ids(rows: list[dict]) -> list[str]:
+    return sorted(r["id"] for r in rows)
+
+
+def test_jsonl_all_rows_ok(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(60))
+    job = write_job(tmp_path, srv.url, keep_columns=["text"])
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert _ids(rows) == sorted(f"r{i}" for i in range(60))
+    assert {r["status"] for r in rows} == {"ok"}
+    first = rows[0]
+    assert first["content"] and first["finish_reason"] in ("stop", "length")
+    assert first["prompt_tokens"] > 0 and first["total_tokens"] > first["prompt_tokens"]
+    assert first["attempts"] == 1 and first["error"] is None
+    assert first["model"].startswith("gpt-4o-mini")  # the server's dated name
+    assert first["text"].startswith("review number")
+    schema = pq.read_schema(tmp_path / "out/result.parquet")
+    assert schema.field("id").type == pa.string()
+    assert schema.field("prompt_tokens").type == pa.int64()
+    assert "rows" in res.stderr and "wrote 60 rows" in res.stderr
+    assert srv.stats()["duplicates"] == 0
+
+
+def test_parquet_input_keeps_typed_columns(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    table = pa.table(
+        {
+            "doc": pa.array([100 + i for i in range(40)], pa.int64()),
+            "text": [f"text {i}" for i in range(40)],
+            "score": pa.array([i / 3 for i in range(40)], pa.float32()),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet", row_group_size=7)
+    job = write_job(tmp_path, srv.url, input="in.parquet", id_column="doc", keep_columns=["score"])
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    out = pq.read_table(tmp_path / "out/result.parquet")
+    assert sorted(out.column("id").to_pylist()) == sorted(str(100 + i) for i in range(40))
+    assert out.schema.field("score").type == pa.float32()
+
+
+def test_position_ids_by_default(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", [{"text": f"t{i}"} for i in range(12)])
+    job = write_job(tmp_path, srv.url, id_column=None)
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert _ids(read_output(tmp_path / "out/result.parquet")) == sorted(str(i) for i in range(12))
+
+
+def test_batch_api_input(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    lines = [
+        {
+            "custom_id": f"request-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "gpt-4o" if i % 2 else "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"Say hi {i}"}],
+                "max_tokens": 10,
+            },
+        }
+        for i in range(20)
+    ]
+    write_jsonl(tmp_path / "batch.jsonl", lines)
+    job = write_job(
+        tmp_path,
+        srv.url,
+        input="batch.jsonl",
+        messages=None,
+        id_column=None,
+        model=None,
+        params={"temperature": 0},
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert _ids(rows) == sorted(f"request-{i}" for i in range(20))
+    models = {r["id"]: r["model"] for r in rows}
+    assert models["request-1"].startswith("gpt-4o-2") and models["request-0"].startswith(
+        "gpt-4o-mini"
+    )
+
+
+def test_rows_with_messages_column(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    rows = [{"id": i, "messages": [{"role": "user", "content": f"hello {i}"}]} for i in range(5)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    job = write_job(tmp_path, srv.url, messages=None)
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert len(read_output(tmp_path / "out/result.parquet")) == 5
+
+
+def test_429_storm_and_faults_are_retried_to_completion(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(
+        rpm=None, tpm=None, rate_limit_storm_s=1.0, error_rate_5xx=0.15, drop_rate=0.05, seed=3
+    )
+    write_jsonl(tmp_path / "input.jsonl", review_rows(80))
+    job = write_job(
+        tmp_path, srv.url, retry={"max_attempts": 30, "initial_wait_s": 0.05, "max_wait_s": 0.3}
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert len(rows) == 80 and {r["status"] for r in rows} == {"ok"}
+    stats = srv.stats()
+    assert stats["rate_limited"] > 0
+    assert any(r["attempts"] > 1 for r in rows)
+    assert stats["duplicates"] == 0
+
+
+def test_bad_request_rows_are_recorded_not_retried(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(
+        tmp_path / "input.jsonl", review_rows(30, marker={5: "[[fail-400]]", 17: "[[fail-400]]"})
+    )
+    job = write_job(tmp_path, srv.url)
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr  # finished, with row errors
+    rows = {r["id"]: r for r in read_output(tmp_path / "out/result.parquet")}
+    assert len(rows) == 30
+    for rid in ("r5", "r17"):
+        assert rows[rid]["status"] == "error"
+        assert rows[rid]["attempts"] == 1
+        assert "400" in rows[rid]["error"]
+        assert rows[rid]["content"] is None
+    assert sum(r["status"] == "ok" for r in rows.values()) == 28
+    assert srv.stats()["by_status"].get("400") == 2
+
+
+def test_bad_key_stops_after_one_request(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(api_keys={"the-right-key"}, **FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(500))
+    job = write_job(tmp_path, srv.url, concurrency=64)
+    start = time.monotonic()
+    res = run_batcher("run", job, env=env_with_key("a-wrong-key-123"))
+    assert res.returncode == 4, res.stderr
+    assert time.monotonic() - start < 30
+    assert "API key" in res.stderr and "TEST_LANGDOCK_KEY" in res.stderr
+    assert "a-wrong-key-123" not in res.stderr + res.stdout
+    assert srv.stats()["requests"] == 1  # the first request goes alone
+
+
+def test_wrong_model_or_url_costs_few_requests(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(200))
+    job = write_job(tmp_path, srv.url.replace("/openai/eu/v1", "/openai/xx/v1"), concurrency=32)
+    res = run_batcher("run", job)
+    assert res.returncode == 2, res.stderr
+    assert "first 3 requests all failed" in res.stderr
+    assert srv.stats()["requests"] == 3
+
+
+def test_o_series_max_tokens_is_translated(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(5))
+    job = write_job(
+        tmp_path,
+        srv.url,
+        model="o3-mini",
+        params={"max_tokens": 20},
+        messages=[{"role": "user", "content": "Review: {text}"}],
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+
+
+def test_key_never_written_anywhere(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(10, marker={3: "[[fail-400]]"}))
+    job = write_job(tmp_path, srv.url)
+    res = run_batcher("run", job, "--log-format", "json")
+    assert res.returncode == 3
+    assert API_KEY not in res.stdout + res.stderr
+    for path in (tmp_path / "out").iterdir():
+        assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_json_summary_on_stdout(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(10))
+    job = write_job(tmp_path, srv.url)
+    res = run_batcher("run", job, "--log-format", "json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["event"] == "summary" and summary["rows_ok"] == 10
+
+
+# ---- bad input: a clear message before any request is sent ----
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rows", "expected"),
+    [
+        ({"params": {"max_tokens": 5, "n": 2}}, None, "n not supported"),
+        ({"params": {"stream_options": {}}}, None, "stream_options not supported"),
+        ({"model": "gpt-5-turbo"}, None, "unknown model 'gpt-5-turbo'"),
+        (
+            {"messages": [{"role": "user", "content": "{title}: {text}"}]},
+            None,
+            "no column 'title'",
+        ),
+        ({"model": "o3-mini", "params": {"temperature": 0.2}}, None, "temperature"),
+        ({"bogus_key": 1}, None, "bogus_key: unknown key"),
+        ({}, [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "duplicate ids"),
+    ],
+)
+def test_bad_job_or_input_is_refused_before_sending(
+    tmp_path: Path, mock_server, overrides: dict, rows: list | None, expected: str
+) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", rows or review_rows(5))
+    job = write_job(tmp_path, srv.url, **overrides)
+    res = run_batcher("run", job)
+    assert res.returncode == 2, res.stderr
+    assert expected in res.stderr
+    assert srv.stats()["requests"] == 0
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    (tmp_path / "input.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": \n')
+    job = write_job(tmp_path, srv.url)
+    res = run_batcher("run", job)
+    assert res.returncode == 2
+    assert "input.jsonl:2" in res.stderr and "on_bad_row" in res.stderr
+    assert srv.stats()["requests"] == 0
+
+
+def test_missing_column_in_a_row_names_it(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "txt": "y"}])
+    job = write_job(tmp_path, srv.url)
+    res = run_batcher("run", job)
+    assert res.returncode == 2
+    assert "input.jsonl:2" in res.stderr and "'text'" in res.stderr
+    assert srv.stats()["requests"] == 0
+
+
+def test_bad_rows_skipped_are_recorded_as_errors(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    (tmp_path / "input.jsonl").write_text(
+        '{"id": "a", "text": "x"}\nnot json\n{"id": "c", "txt": "y"}\n{"id": "d", "text": "z"}\n'
+    )
+    job = write_job(tmp_path, srv.url, on_bad_row="skip")
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr
+    rows = {r["id"]: r for r in read_output(tmp_path / "out/result.parquet")}
+    assert rows["a"]["status"] == rows["d"]["status"] == "ok"
+    assert rows["line-2"]["status"] == "error" and "not valid JSON" in rows["line-2"]["error"]
+    assert rows["c"]["status"] == "error" and "'text'" in rows["c"]["error"]
+    assert srv.stats()["requests"] == 2
+
+
+def test_missing_key_variable(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    job = write_job(tmp_path, srv.url)
+    res = run_batcher("run", job, env=env_with_key(None))
+    assert res.returncode == 2
+    assert "TEST_LANGDOCK_KEY is not set" in res.stderr
+
+
+def test_unwritable_output(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    job = write_job(tmp_path, srv.url, output="blocker/out.parquet")
+    res = run_batcher("run", job)
+    assert res.returncode == 4, res.stderr
+    assert "blocker" in res.stderr
+    assert srv.stats()["requests"] == 0
+
+
+def test_missing_input_file(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    job = write_job(tmp_path, srv.url, input="nope.jsonl")
+    res = run_batcher("run", job)
+    assert res.returncode == 2 and "nope.jsonl: input file not found" in res.stderr
