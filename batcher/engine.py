@@ -65,6 +65,7 @@ class RunOptions:
     log_format: str = "text"
     base_url: str | None = None  # overrides the job's endpoint (used by --mock)
     api_key: str | None = None  # overrides the key variable (used by --mock)
+    fsync: bool = True  # False only for the benchmark that measures what durability costs
 
 
 @dataclass
@@ -454,7 +455,11 @@ class Engine:
         total = await asyncio.to_thread(self.scan)
         fingerprint = request_fingerprint(job, await asyncio.to_thread(input_digest, job.input))
         journal, state = open_journal(
-            self.output, fingerprint, restart=opts.restart, retry_errors=opts.retry_errors
+            self.output,
+            fingerprint,
+            restart=opts.restart,
+            retry_errors=opts.retry_errors,
+            fsync=opts.fsync,
         )
         self._journal = journal
         try:
