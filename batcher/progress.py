@@ -54,24 +54,37 @@ def _limit_totals(stats: RunStats) -> tuple[int | None, int | None, int | None, 
     """(rpm, tpm) configured and (rpm, tpm) effective, summed over models.
 
     The rate meter counts all models together, so the limits it is compared with are the
-    sums. Effective is None unless adaptive slow-down has lowered some model's limit.
+    sums. Effective is None unless adaptive slow-down has lowered some model's limit. The
+    engine fills `stats.effective` from the limiter's snapshot: per model `effective_rpm`,
+    `effective_tpm` and the slow-down `multiplier` (1 = not slowed; headroom alone is not
+    worth showing).
     """
     if not stats.limits:
         return None, None, None, None
     rpm = sum(r for r, _ in stats.limits.values())
     tpm = sum(t for _, t in stats.limits.values())
     eff_rpm = eff_tpm = 0.0
+    lowered = False
     for model, (r, t) in stats.limits.items():
         eff = stats.effective.get(model) or {}
-        eff_rpm += min(r, _num(eff.get("rpm"), r))
-        eff_tpm += min(t, _num(eff.get("tpm"), t))
-    lowered = eff_rpm < rpm or eff_tpm < tpm
-    return (
-        rpm,
-        tpm,
-        round(eff_rpm) if lowered else None,
-        round(eff_tpm) if lowered else None,
-    )
+        e_rpm = min(r, _num(eff.get("effective_rpm", eff.get("rpm")), r))
+        e_tpm = min(t, _num(eff.get("effective_tpm", eff.get("tpm")), t))
+        multiplier = eff.get("multiplier")
+        if isinstance(multiplier, (int, float)):
+            lowered = lowered or multiplier < 0.999
+        else:
+            lowered = lowered or e_rpm < r or e_tpm < t
+        eff_rpm += e_rpm
+        eff_tpm += e_tpm
+    if not lowered:
+        return rpm, tpm, None, None
+    return rpm, tpm, round(eff_rpm), round(eff_tpm)
+
+
+def _paused_s(stats: RunStats) -> float:
+    """Longest pause the limiter imposes now (after a 429 storm), 0 when sending."""
+    waits = [_num(e.get("paused_until_s"), 0.0) for e in stats.effective.values()]
+    return max(waits, default=0.0)
 
 
 def _num(value: Any, default: float) -> float:
@@ -107,6 +120,8 @@ def plain_line(stats: RunStats) -> str:
         f"in_flight={stats.in_flight}",
         f"eta={format_duration(stats.eta_s())}",
     ]
+    if (paused := _paused_s(stats)) > 0:
+        parts.append(f"paused={format_duration(paused)}")
     return " ".join(parts)
 
 
@@ -149,7 +164,12 @@ def live_renderable(stats: RunStats) -> Table:
     grid.add_row(
         "sending",
         f"in flight {stats.in_flight}  retries {stats.retries}  "
-        f"[{trouble}]429s {stats.rate_limited}  server errors {stats.server_errors}[/{trouble}]",
+        f"[{trouble}]429s {stats.rate_limited}  server errors {stats.server_errors}[/{trouble}]"
+        + (
+            f"  [yellow]paused {format_duration(paused)} (rate limited)[/yellow]"
+            if (paused := _paused_s(stats)) > 0
+            else ""
+        ),
     )
     grid.add_row(
         "time",

@@ -21,6 +21,19 @@ class FakeClock:
         return self.now
 
 
+def snapshot(rpm: float, tpm: float, multiplier: float, paused_s: float = 0.0) -> dict:
+    """One model's entry as the limiter's snapshot() gives it (engine -> stats.effective)."""
+    return {
+        "rpm": 500,
+        "tpm": 60_000,
+        "effective_rpm": rpm,
+        "effective_tpm": tpm,
+        "multiplier": multiplier,
+        "paused_until_s": paused_s,
+        "backend": "local",
+    }
+
+
 def busy_stats(clock: FakeClock) -> RunStats:
     """A minute into a run: 1200 of 5000 rows, 498 requests and 59,100 tokens this minute."""
     stats = RunStats(total_rows=5000, clock=clock, limits={"gpt-4o": (500, 60_000)})
@@ -72,10 +85,14 @@ def test_plain_line_figures() -> None:
 def test_plain_line_counts_resumed_rows_and_effective_limits() -> None:
     stats = busy_stats(FakeClock())
     stats.done_before = 800
-    stats.effective = {"gpt-4o": {"rpm": 400, "tpm": 48_000}}
+    stats.effective = {"gpt-4o": snapshot(492.5, 59_100, 1.0)}  # headroom only: not shown
     line = plain_line(stats)
     assert line.startswith("progress: 2000/5000 rows (40.0%) resumed=800 ok=1190 error=10 ")
+    assert "effective" not in line
+    stats.effective = {"gpt-4o": snapshot(400, 48_000, 0.81, paused_s=5)}
+    line = plain_line(stats)
     assert "effective=400rpm/48000tpm" in line
+    assert line.endswith(" paused=5s")
 
 
 async def test_plain_lines_appear_at_the_interval() -> None:
@@ -132,7 +149,7 @@ def test_auto_is_plain_off_a_terminal() -> None:
 async def test_live_renders_and_logs_go_above_it(batcher_logger: logging.Logger) -> None:
     setup_logging("text")
     stats = busy_stats(FakeClock())
-    stats.effective = {"gpt-4o": {"rpm": 400, "tpm": 48_000}}
+    stats.effective = {"gpt-4o": snapshot(400, 48_000, 0.81, paused_s=3)}
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=120)
     async with Progress(stats, mode="live", console=console, refresh_per_second=50):
@@ -144,6 +161,7 @@ async def test_live_renders_and_logs_go_above_it(batcher_logger: logging.Logger)
     assert "ok 1,290" in text
     assert "rpm 498 / 500" in text
     assert "effective 400" in text
+    assert "paused 3s" in text
     assert "eta" in text
     # After the display stopped, the handler writes to stderr again, not to the console.
     assert all(h.console is None for h in batcher_logger.handlers if isinstance(h, BatcherHandler))
@@ -162,8 +180,8 @@ def test_summary_text() -> None:
     assert "time:     1m00s" in text
     assert "498 of 500 (100%) rpm, 59,100 of 60,000 (98%) tpm" in text
     assert "slow-down" not in text
-    stats.effective = {"gpt-4o": {"rpm": 250}}
-    assert "ended at 250 rpm, 60,000 tpm" in render_summary(stats, fmt="text")
+    stats.effective = {"gpt-4o": snapshot(250, 30_000, 0.5)}
+    assert "ended at 250 rpm, 30,000 tpm" in render_summary(stats, fmt="text")
 
 
 def test_summary_json() -> None:
