@@ -161,7 +161,7 @@ class _Totals:
                 self.parsed_values = {name: Counter() for name in value}
             for name in list(self.parsed_values):
                 v = value.get(name)
-                if isinstance(v, (dict, list)) or (isinstance(v, float) and not v.is_integer()):
+                if isinstance(v, (dict, list, float)):
                     del self.parsed_values[name]  # not a label: structures, measurements
                     continue
                 tally = self.parsed_values[name]

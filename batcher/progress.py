@@ -318,9 +318,19 @@ def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
             return f"{value:,.0f}"
         return f"{value:,.0f} of {limit:,} ({100.0 * value / limit:.0f}%)"
 
-    lines.append(
-        f"rate:     {against(avg_rpm, rpm)} rpm, {against(avg_tpm, tpm)} tpm (run average)"
-    )
+    elapsed = stats.elapsed()
+    if elapsed >= 60.0:
+        lines.append(
+            f"rate:     {against(avg_rpm, rpm)} rpm, {against(avg_tpm, tpm)} tpm (run average)"
+        )
+    else:
+        # Scaling a few seconds up to a minute would compare a burst the limits allow with
+        # a per-minute figure; say what was sent instead.
+        limits = f" (limits: {rpm:,} rpm, {tpm:,} tpm)" if rpm is not None and tpm else ""
+        lines.append(
+            f"rate:     {stats.requests_sent:,} requests and {stats.admitted_tokens:,} "
+            f"admission tokens in {format_duration(elapsed)}, under a minute{limits}"
+        )
     if eff_rpm is not None:
         lines.append(
             f"          adaptive slow-down (429s we did not expect: someone else shares the "

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,58 @@ def test_bad_rows(tmp_path: Path) -> None:
     assert report["rows"] == 2
     assert report["bad_rows"] == 1
     assert "bad rows will be recorded as errors" in render_estimate(report)
+
+
+def documented_keys(text: str) -> set[str]:
+    """Every mapping key of the YAML, and keys shown commented out (`# base_url: ...`)."""
+    keys: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            keys.update(node)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(yaml.safe_load(text))
+    keys.update(re.findall(r"^\s*#\s*([a-z_]+):", text, flags=re.M))
+    return keys
+
+
+def test_init_writes_a_runnable_documented_example(tmp_path: Path) -> None:
+    from batcher.init_job import write_example
+    from batcher.spec import Endpoint, Limit, LimiterConfig, Message, Price, Retry
+
+    job_path = write_example(tmp_path / "mylabels")
+    assert job_path == tmp_path / "mylabels" / "job.yaml"
+    assert (tmp_path / "mylabels" / "input.jsonl").exists()
+    text = job_path.read_text()
+    keys = documented_keys(text)
+    for model in (Job, Endpoint, LimiterConfig, Limit, Message, Price, Retry):
+        missing = set(model.model_fields) - {"job_dir"} - keys
+        assert not missing, f"{model.__name__}: {missing} not in the example job"
+    job = load_job(job_path)
+    report = estimate_job(job)
+    assert report["rows"] == 20
+    assert report["default_max_tokens_rows"] == 0
+    assert report["models"]["gpt-4o-mini"]["price_source"] == "job file"
+
+
+def test_init_with_a_yaml_name_and_no_overwrite(tmp_path: Path) -> None:
+    from batcher.errors import JobSpecError
+    from batcher.init_job import write_example
+
+    job_path = write_example(tmp_path / "reviews.yaml")
+    assert job_path == tmp_path / "reviews.yaml"
+    job = load_job(job_path)
+    assert job.input == tmp_path / "reviews-input.jsonl"
+    assert job.output == tmp_path / "out" / "reviews.parquet"
+    assert estimate_job(job)["rows"] == 20
+    job_path.write_text("# my edits\n")
+    with pytest.raises(JobSpecError, match=r"already exists; .* --force"):
+        write_example(tmp_path / "reviews.yaml")
+    assert job_path.read_text() == "# my edits\n"
+    write_example(tmp_path / "reviews.yaml", force=True)
+    assert "review_label" in job_path.read_text()

@@ -218,3 +218,17 @@ def test_quiet_logging_keeps_warnings(batcher_logger: logging.Logger) -> None:
     batcher_logger.error("broken")
     assert out.getvalue().count("\n") == 1
     assert "ERROR   broken" in out.getvalue()
+
+
+def test_summary_of_a_run_shorter_than_a_minute() -> None:
+    clock = FakeClock()
+    stats = RunStats(total_rows=20, clock=clock, limits={"gpt-4o-mini": (500, 60_000)})
+    clock.now += 2.0
+    for _ in range(20):
+        stats.record_sent(85)
+    stats.ok = 20
+    stats.finished = clock.now
+    text = render_summary(stats, fmt="text")
+    # Not "600 rpm of 500": a burst of 20 in 2 s is within a minute's allowance.
+    assert "20 requests and 1,700 admission tokens in 2s, under a minute" in text
+    assert "(limits: 500 rpm, 60,000 tpm)" in text
