@@ -197,12 +197,7 @@ def inspect(path: Path, as_json: bool) -> None:
     """Summarise an output Parquet, a journal, or a job file's (partial) results."""
     from batcher.inspect_output import inspect_path, render_inspection
 
-    if path.suffix in (".yaml", ".yml"):
-        from batcher.journal import journal_path
-
-        job = load_job(path)
-        path = job.output if job.output.exists() else journal_path(job.output)
-    report = inspect_path(path)
+    report = inspect_path(path)  # a job file brings its prices: and finds output or journal
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_inspection(report))
 
 
