@@ -1,0 +1,109 @@
+"""Templates and request bodies: pure logic, no I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batcher.errors import InputDataError, JobSpecError
+from batcher.readers import Row
+from batcher.requests import RequestBuilder, Template
+from batcher.spec import Job
+
+
+def job(**kw: object) -> Job:
+    base: dict[str, object] = {
+        "input": Path("in.jsonl"),
+        "output": Path("out.parquet"),
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "Review: {text}"}],
+    }
+    base.update(kw)
+    return Job.model_validate(base)
+
+
+@pytest.mark.parametrize(
+    ("text", "data", "expected"),
+    [
+        ("plain", {}, "plain"),
+        ("{a} and {b}", {"a": "x", "b": "y"}, "x and y"),
+        ('JSON stays: {"k": 1} {a}', {"a": "v"}, 'JSON stays: {"k": 1} v'),
+        ("{{a}} is literal", {"a": "nope"}, "{a} is literal"),
+        ("{ a } not a placeholder", {}, "{ a } not a placeholder"),
+        ("n={n} f={f} l={l}", {"n": 3, "f": 1.5, "l": [1, "x"]}, 'n=3 f=1.5 l=[1, "x"]'),
+        ("{a}{a}", {"a": "z"}, "zz"),
+    ],
+)
+def test_template_render(text: str, data: dict, expected: str) -> None:
+    assert Template.compile(text).render(data) == expected
+
+
+def test_template_columns() -> None:
+    assert Template.compile("{a} {{b}} {c}").columns == ("a", "c")
+
+
+def test_body_from_template_and_params() -> None:
+    b = RequestBuilder(job(params={"max_tokens": 5, "temperature": 0}))
+    body = b.build_body(Row("1", 1, {"text": "good"}))
+    assert body == {
+        "model": "gpt-4o-mini",
+        "max_tokens": 5,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Review: good"}],
+    }
+
+
+def test_missing_and_null_columns_name_row_and_column() -> None:
+    b = RequestBuilder(job())
+    with pytest.raises(InputDataError, match=r"in.jsonl:7 \(id r7\).*no column 'text'"):
+        b.build_body(Row("r7", 7, {"txt": "x"}))
+    with pytest.raises(InputDataError, match="column 'text' is null"):
+        b.build_body(Row("r8", 8, {"text": None}))
+
+
+def test_o_series_translates_max_tokens() -> None:
+    b = RequestBuilder(job(model="o3-mini", params={"max_tokens": 100}))
+    body = b.build_body(Row("1", 1, {"text": "x"}))
+    assert body["max_completion_tokens"] == 100 and "max_tokens" not in body
+
+
+def test_o1_preview_refuses_system_messages() -> None:
+    with pytest.raises(JobSpecError, match="system messages"):
+        RequestBuilder(
+            job(
+                model="o1-preview",
+                messages=[
+                    {"role": "system", "content": "s"},
+                    {"role": "user", "content": "{text}"},
+                ],
+            )
+        )
+
+
+def test_batch_body_gets_job_params_and_checks() -> None:
+    b = RequestBuilder(job(messages=None, model=None, params={"temperature": 0}), batch_format=True)
+    line = {
+        "custom_id": "a",
+        "body": {
+            "model": "gpt-4o",
+            "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    }
+    body = b.build_body(Row("a", 1, line))
+    assert body["temperature"] == 0 and body["model"] == "gpt-4o"
+    bad = {
+        "custom_id": "b",
+        "body": {"model": "gpt-4o", "n": 2, "messages": [{"role": "user", "content": "hi"}]},
+    }
+    with pytest.raises(InputDataError, match="n not supported"):
+        b.build_body(Row("b", 2, bad))
+
+
+def test_check_columns_on_known_schema() -> None:
+    b = RequestBuilder(job(keep_columns=["lang"]))
+    with pytest.raises(InputDataError, match="no column 'text'"):
+        b.check_columns(["id", "body"])
+    with pytest.raises(InputDataError, match="keep_columns names 'lang'"):
+        b.check_columns(["id", "text"])
