@@ -1,34 +1,38 @@
-"""The workspace-wide limiter: the pacing schedule of each model lives in Redis.
+"""The workspace-wide limiter: each model's admission schedule lives in Redis.
 
 Langdock's 500 RPM / 60k TPM per model belong to the whole workspace, so every `batcher run`
-process of a workspace, on one machine or many, takes its admissions from one schedule:
+process of a workspace, on one machine or many, takes its admissions from one schedule with the
+semantics of `batcher.limiter` (GCRA pacing with a tolerance, sliding-window caps, AIMD):
 
-    Redis hash  batcher:<workspace>:<model>:pace
-        rtat, ttat   theoretical arrival times of the request and token schedules (µs)
-        m0, t0, tdec shared AIMD state: m(t) = min(1, m0 + recovery·(t - t0)); last decrease
-        pause        nobody is admitted before this time (µs), set by 429s and near-limit headers
-    all times on the Redis server's clock (`TIME`), so machines with skewed clocks agree.
+    batcher:<workspace>:<model>:pace   hash
+        rtat, ttat      theoretical arrival times of the request and token pacing
+        last            the latest slot handed out (slots never go back in time)
+        m0, t0, tdec    shared AIMD state: m(t) = min(1, m0 + recovery·(t - t0)); last decrease
+        pause           nobody is admitted before this time (429s, near-limit headers)
+    batcher:<workspace>:<model>:log    sorted set: one "<seq>:<cost>" per slot, scored by its
+                                       time; what the 60 s and 10 s window caps count
+    all times in µs on the Redis server's clock (`TIME`), so machines with skewed clocks agree;
+    both keys expire IDLE_TTL_S after the last slot or pause.
 
-Admission is one round trip: the RESERVE script computes the admission time
-`at = max(now, rtat, ttat, pause)` (GCRA with tolerance 0, as in `batcher.limiter`), commits
-`rtat = at + 1/r_req`, `ttat = at + cost/r_tok` with `r = limit/60 · headroom · m(now)`, and
-returns the wait; the process sleeps it off. Each process keeps at most one reservation per
-model outstanding (local waiters queue on an asyncio.Lock), so reservations interleave across
+Admission is one round trip: the RESERVE script takes the earliest time the pacing, the pause
+and every window allow, commits the pacing and the log entry for that slot, and returns the
+wait; the process sleeps it off. Each process keeps at most one reservation per model
+outstanding (local waiters queue FIFO on an asyncio.Lock), so reservations interleave across
 processes instead of piling up into the future, and every process gets its turn.
 
-The limits and headroom travel as script arguments: each reservation advances the shared
-schedule by its own process's `cost / rate`. Processes configured differently therefore do not
-corrupt the state; each paces its own admissions by its own view of the limit (the last writer
-of a tat wins), so the tightest configuration effectively governs the slots it takes.
+The limits, headroom, tolerance and windows travel as script arguments, not as shared state:
+each reservation is judged and committed by its own process's configuration. Processes
+configured differently do not corrupt the state (each slot's pacing advance is the last
+writer's `cost / rate`); the tightest configuration governs the slots it takes.
 
-A 429 runs the FEEDBACK script: multiplicative decrease of the shared multiplier (at most once
-per cooldown, whichever process saw it) and a shared pause until now + retry-after. All
-processes slow down together; the multiplier recovers linearly as a pure function of time.
+Answers go to the FEEDBACK script: a 429 (or near-limit headers the workspace's own log does not
+explain) lowers the shared multiplier, at most once per cooldown whichever process saw it, and
+any pause is shared. All processes slow down together.
 
-Failure: Redis unreachable at `start()` raises LimiterError. Lost mid-run (connection error or
-a call that takes longer than the socket timeout), `on_failure="stop"` raises LimiterError so the
-engine stops cleanly; `on_failure="local"` warns once and goes on with an in-process
-LocalLimiter at `local_share` of every limit, for the rest of the run.
+Failure: Redis unreachable at `start()` raises LimiterError. Lost mid-run (connection error, or
+no answer within the socket timeout), `on_failure="stop"` raises LimiterError so the engine
+stops cleanly; `on_failure="local"` warns once and goes on, for the rest of the run, with an
+in-process LocalLimiter at `local_share` of every limit.
 """
 
 from __future__ import annotations
@@ -49,99 +53,154 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from batcher.errors import LimiterError, parse_retry_after
-
-try:
-    from batcher.limiter import (  # type: ignore[attr-defined]
-        AIMD_BETA,
-        AIMD_COOLDOWN_S,
-        AIMD_M_MIN,
-        AIMD_RECOVERY_PER_S,
-        LocalLimiter,
-        check_cost,
-        read_feedback,
-    )
-except ImportError:  # TRANSITIONAL until batcher.limiter lands
-    AIMD_BETA = 0.85
-    AIMD_COOLDOWN_S = 2.0
-    AIMD_M_MIN = 0.05
-    AIMD_RECOVERY_PER_S = 0.01
-    LocalLimiter = None  # type: ignore[assignment,misc]
-
-    def check_cost(model: str, cost: int, tpm: int) -> None:
-        if cost < 0 or cost > tpm:
-            raise ValueError(f"cost {cost} of {model} outside [0, {tpm}]")
-
-    @dataclass(frozen=True)
-    class _Signal:
-        is_429: bool
-        pause_s: float
-        near_limit: bool
-
-    def read_feedback(status: int, headers: Mapping[str, str]) -> _Signal:  # type: ignore[misc]
-        if status == 429:
-            ra = parse_retry_after(headers)
-            return _Signal(True, 1.0 if ra is None else ra, False)
-        return _Signal(False, 0.0, False)
-
+from batcher.errors import LimiterError
+from batcher.limiter import (
+    AIMD_BETA,
+    AIMD_COOLDOWN_S,
+    AIMD_M_MIN,
+    AIMD_RECOVERY_PER_S,
+    DEFAULT_HEADROOM,
+    DEFAULT_TOLERANCE_S,
+    DEFAULT_WINDOWS_S,
+    FEEDBACK_SLACK_S,
+    WINDOW_MARGIN_S,
+    FeedbackSignal,
+    LocalLimiter,
+    check_cost,
+    read_feedback,
+)
 
 log = logging.getLogger("batcher")
 
 # Every Redis call gives up after this long: a dead or unreachable Redis is noticed in seconds.
 SOCKET_TIMEOUT_S = 2.0
-# An idle model's state vanishes this long after its last scheduled slot or pause.
+# An idle model's state vanishes this long after its last scheduled slot, pause or log entry.
 IDLE_TTL_S = 600
 
 _US = 1_000_000
 
-# Shared by both scripts: read the server clock, allow writes after TIME on Redis < 5.
+# Shared by both scripts. KEYS[1] the model's state hash, KEYS[2] its log of admissions (a
+# sorted set: score = admission time µs, member = "<seq>:<cost>"). Times are Redis TIME in µs.
 _PRELUDE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function fmt(x) return string.format('%.0f', x) end
-local function expire(rtat, ttat, pause, idle_ms)
-  local horizon = math.max(rtat, ttat, pause, now)
-  redis.call('PEXPIRE', KEYS[1], math.ceil((horizon - now) / 1000) + idle_ms)
+local function multiplier(m0, t0, recovery)
+  if not m0 or not t0 then return 1 end
+  return math.min(1, tonumber(m0) + recovery * math.max(0, now - tonumber(t0)) / 1000000)
+end
+local function windows(csv)
+  local out = {}
+  for w in string.gmatch(csv, '[^,]+') do out[#out + 1] = tonumber(w) end
+  return out
+end
+-- The log from `since` (exclusive) on, oldest first: times and costs.
+local function read_log(since)
+  local raw = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. fmt(since), '+inf', 'WITHSCORES')
+  local times, costs = {}, {}
+  for i = 1, #raw, 2 do
+    times[#times + 1] = tonumber(raw[i + 1])
+    costs[#costs + 1] = tonumber(string.match(raw[i], ':(%d+)$'))
+  end
+  return times, costs
+end
+local function expire(horizon, keep_ms)
+  local ttl = math.ceil((math.max(horizon, now) - now) / 1000) + keep_ms
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
 end
 """
 
-# KEYS[1] pace hash; ARGV rpm, tpm, headroom, cost, adaptive (0/1), recovery/s, idle ttl ms.
-# Returns {wait ms, server now µs, multiplier, pause µs, admission µs} as strings.
+# ARGV: rpm, tpm, headroom, cost, adaptive (0/1), recovery/s, tolerance s, window margin s,
+# windows s (csv), idle ttl ms. Returns {wait ms, now µs, multiplier, pause µs, admission µs}.
 RESERVE_LUA = (
     _PRELUDE
     + """
 local rpm, tpm, headroom = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost, adaptive, recovery = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
-local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'pause')
-local rtat, ttat, pause = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[5]) or 0
+local tol, margin = tonumber(ARGV[7]) * 1000000, tonumber(ARGV[8]) * 1000000
+local wins = windows(ARGV[9])
+local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'pause', 'last')
+local rtat, ttat = tonumber(s[1]) or 0, tonumber(s[2]) or 0
+local pause, last = tonumber(s[5]) or 0, tonumber(s[6]) or 0
 local m = 1
-if adaptive and s[3] and s[4] then
-  m = math.min(1, tonumber(s[3]) + recovery * (now - tonumber(s[4])) / 1000000)
+if adaptive then m = multiplier(s[3], s[4], recovery) end
+-- Pacing (GCRA with tolerance) and pause; slots never go back in time, so every logged
+-- admission lies at or before `base` and a window's content only shrinks as time moves on.
+local base = math.max(now, rtat - tol, ttat - tol, pause, last)
+local at = base
+local longest = 0
+for _, w in ipairs(wins) do longest = math.max(longest, w * 1000000 + margin) end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. fmt(now - longest))
+local times, costs = read_log(base - longest)
+for _, w in ipairs(wins) do
+  local len = w * 1000000 + margin
+  local first = #times + 1
+  while first > 1 and times[first - 1] > base - len do first = first - 1 end
+  local n, total = #times - first + 1, 0
+  for i = first, #times do total = total + costs[i] end
+  -- Each window admits once enough of its oldest entries have left it.
+  local excess = n + 1 - rpm * w / 60
+  if n > 0 and excess > 0 then
+    at = math.max(at, times[first + math.min(n, math.ceil(excess)) - 1] + len)
+  end
+  excess = total + cost - tpm * w / 60
+  if total > 0 and excess > 0 then
+    local freed = 0
+    for i = first, #times do
+      freed = freed + costs[i]
+      if freed >= excess or freed == total then
+        at = math.max(at, times[i] + len)
+        break
+      end
+    end
+  end
 end
-local at = math.max(now, rtat, ttat, pause)
-rtat = at + 60000000 / (rpm * headroom * m)
-if cost > 0 then ttat = at + cost * 60000000 / (tpm * headroom * m) end
-redis.call('HSET', KEYS[1], 'rtat', fmt(rtat), 'ttat', fmt(ttat))
-expire(rtat, ttat, pause, tonumber(ARGV[7]))
+rtat = math.max(rtat, at) + 60000000 / (rpm * headroom * m)
+ttat = math.max(ttat, at) + cost * 60000000 / (tpm * headroom * m)
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('ZADD', KEYS[2], fmt(at), seq .. ':' .. cost)
+redis.call('HSET', KEYS[1], 'rtat', fmt(rtat), 'ttat', fmt(ttat), 'last', fmt(at))
+expire(math.max(rtat, ttat, pause, at + longest), tonumber(ARGV[10]))
 return {string.format('%.3f', (at - now) / 1000), fmt(now), string.format('%.6f', m),
         fmt(pause), fmt(at)}
 """
 )
 
-# KEYS[1] pace hash; ARGV decrease (0/1), pause s, beta, m_min, recovery/s, cooldown s, idle ms.
-# Returns {decreased (0/1), server now µs, multiplier, pause µs} as strings.
+# ARGV: is 429 (0/1), near limit (0/1), by requests (0/1), by tokens (0/1), last cost,
+# pause s, adaptive (0/1), beta, m_min, recovery/s, cooldown s, rpm, tpm, window margin s,
+# windows s (csv), slack s, idle ttl ms. Returns {decreased (0/1), now µs, multiplier, pause µs}.
 FEEDBACK_LUA = (
     _PRELUDE
     + """
-local decrease, pause_s = ARGV[1] == '1', tonumber(ARGV[2])
-local beta, m_min = tonumber(ARGV[3]), tonumber(ARGV[4])
-local recovery, cooldown = tonumber(ARGV[5]), tonumber(ARGV[6]) * 1000000
-local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause')
-local rtat, ttat, pause = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[6]) or 0
-local m = 1
-if s[3] and s[4] then
-  m = math.min(1, tonumber(s[3]) + recovery * (now - tonumber(s[4])) / 1000000)
+local is_429, near = ARGV[1] == '1', ARGV[2] == '1'
+local by_req, by_tok, last_cost = ARGV[3] == '1', ARGV[4] == '1', tonumber(ARGV[5])
+local pause_s, adaptive = tonumber(ARGV[6]), ARGV[7] == '1'
+local beta, m_min, recovery = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local cooldown = tonumber(ARGV[11]) * 1000000
+local rpm, tpm, margin = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]) * 1000000
+local wins, slack = windows(ARGV[15]), tonumber(ARGV[16]) * 1000000
+local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause', 'last')
+local pause = tonumber(s[6]) or 0
+local m = multiplier(s[3], s[4], recovery)
+if pause_s > 0 and now + pause_s * 1000000 > pause then
+  pause = now + pause_s * 1000000
+  redis.call('HSET', KEYS[1], 'pause', fmt(pause))
+end
+-- A 429 means someone outside the workspace's accounting uses the quota; so do near-limit
+-- headers, unless the workspace's own recent sending leaves no room for one more request.
+local decrease = adaptive and is_429
+if adaptive and near and not is_429 then
+  local explained = false
+  for _, w in ipairs(wins) do
+    local times, costs = read_log(now - w * 1000000 - margin - slack - 1)
+    local total = 0
+    for i = 1, #costs do total = total + costs[i] end
+    if by_req and #times + 1 > rpm * w / 60 then explained = true end
+    if by_tok and total + last_cost > tpm * w / 60 then explained = true end
+  end
+  decrease = not explained
 end
 local decreased = 0
 if decrease and (not s[5] or now - tonumber(s[5]) >= cooldown) then
@@ -149,11 +208,8 @@ if decrease and (not s[5] or now - tonumber(s[5]) >= cooldown) then
   redis.call('HSET', KEYS[1], 'm0', string.format('%.6f', m), 't0', fmt(now), 'tdec', fmt(now))
   decreased = 1
 end
-if pause_s > 0 and now + pause_s * 1000000 > pause then
-  pause = now + pause_s * 1000000
-  redis.call('HSET', KEYS[1], 'pause', fmt(pause))
-end
-expire(rtat, ttat, pause, tonumber(ARGV[7]))
+local horizon = math.max(tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[7]) or 0, pause)
+expire(horizon, tonumber(ARGV[17]))
 return {tostring(decreased), fmt(now), string.format('%.6f', m), fmt(pause)}
 """
 )
@@ -197,12 +253,18 @@ class RedisLimiter:
         workspace: str,
         limits: Callable[[str], tuple[int, int]],
         *,
-        headroom: float = 0.985,
+        headroom: float = DEFAULT_HEADROOM,
         adaptive: bool = True,
         on_failure: Literal["stop", "local"] = "stop",
         local_share: float = 0.5,
         clock: Callable[[], float] | None = None,
+        tolerance_s: float = DEFAULT_TOLERANCE_S,
+        windows_s: tuple[float, ...] = DEFAULT_WINDOWS_S,
     ) -> None:
+        if tolerance_s < 0:
+            raise ValueError(f"tolerance_s must be >= 0, got {tolerance_s}")
+        if not windows_s or any(w <= 0 for w in windows_s):
+            raise ValueError(f"windows_s must be positive lengths, got {windows_s}")
         if not 0 < headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], got {headroom}")
         if not 0 < local_share <= 1:
@@ -217,6 +279,11 @@ class RedisLimiter:
         self.on_failure = on_failure
         self.local_share = local_share
         self._clock = clock or time.monotonic
+        self._local_clock = clock  # LocalLimiter's own default (the loop's time) when None
+        self.tolerance_s = tolerance_s
+        self.windows_s = windows_s
+        self._windows_csv = ",".join(repr(float(w)) for w in windows_s)
+        self._last_cost: dict[str, int] = {}  # read_feedback judges token headers by it
         self._redis: aioredis.Redis | None = None
         self._reserve_sha = ""
         self._feedback_sha = ""
@@ -289,6 +356,8 @@ class RedisLimiter:
         request was not sent): at most one slot per process and model is lost that way.
         """
         rpm, tpm = self._limits(model)
+        if rpm <= 0 or tpm <= 0:
+            raise ValueError(f"limits of {model!r} must be positive, got rpm={rpm} tpm={tpm}")
         check_cost(model, cost, tpm)
         if self._failure is not None:
             raise self._failure
@@ -303,7 +372,7 @@ class RedisLimiter:
                 raise self._failure
             while self._fallback is None:
                 try:
-                    res = await self._reserve(model, cost, rpm, tpm)
+                    res = await self.reserve(model, cost)
                 except _LOST as exc:
                     self._lost(exc)
                     break
@@ -312,13 +381,21 @@ class RedisLimiter:
                 # A pause this process learnt of while it slept (its own 429) voids the slot:
                 # take a new one rather than send into a known rate limit.
                 if self._seen[model]["pause_us"] <= res.admit_at_s * _US:
+                    self._last_cost[model] = cost
                     return max(0.0, self._clock() - began)
         fallback = self._fallback
         assert fallback is not None
         await fallback.acquire(model, min(cost, self._local_limits(model)[1]))
+        self._last_cost[model] = cost
         return max(0.0, self._clock() - began)
 
-    async def _reserve(self, model: str, cost: int, rpm: int, tpm: int) -> Reservation:
+    async def reserve(self, model: str, cost: int) -> Reservation:
+        """Take the next slot of the shared schedule, without waiting for it: one round trip.
+
+        `acquire` is this plus the sleep, one reservation per model at a time; call it directly
+        only to inspect the schedule. Raises redis-py's errors as they are.
+        """
+        rpm, tpm = self._limits(model)
         reply = await self._script(
             model,
             self._reserve_sha,
@@ -329,6 +406,9 @@ class RedisLimiter:
             cost,
             int(self.adaptive),
             repr(AIMD_RECOVERY_PER_S),
+            repr(self.tolerance_s),
+            repr(WINDOW_MARGIN_S),
+            self._windows_csv,
             IDLE_TTL_S * 1000,
         )
         wait_ms, now_us, m, pause_us, at_us = (float(x) for x in reply)
@@ -349,15 +429,16 @@ class RedisLimiter:
             raise RedisConnectionError("the limiter is closed")
         self.round_trips += 1
         self._model_round_trips[model] = self._model_round_trips.get(model, 0) + 1
-        key = f"batcher:{self.workspace}:{model}:pace"
+        prefix = f"batcher:{self.workspace}:{model}"
+        keys = (f"{prefix}:pace", f"{prefix}:log")
         try:
-            reply = await client.evalsha(sha, 1, key, *args)
+            reply = await client.evalsha(sha, 2, *keys, *args)
         except NoScriptError:
             # Redis restarted or flushed its script cache since start(): load and run again.
             self.round_trips += 2
             self._model_round_trips[model] += 2
             await client.script_load(source)
-            reply = await client.evalsha(sha, 1, key, *args)
+            reply = await client.evalsha(sha, 2, *keys, *args)
         return list(reply)
 
     def _observe(self, model: str, now_us: float, m: float, pause_us: float) -> None:
@@ -373,12 +454,11 @@ class RedisLimiter:
         if self._fallback is not None:
             self._fallback.feedback(model, status=status, headers=headers)
             return
-        signal = read_feedback(status, headers)
-        if not signal.is_429 and signal.pause_s <= 0:
+        signal = read_feedback(status, headers, last_cost=self._last_cost.get(model, 0))
+        if not (signal.is_429 or signal.near_limit):
             return
-        decrease = self.adaptive and signal.is_429
         task = asyncio.get_running_loop().create_task(
-            self._send_feedback(model, decrease, signal.pause_s, status, headers)
+            self._send_feedback(model, signal, status, headers)
         )
         pending = self._pending.setdefault(model, set())
         pending.add(task)
@@ -394,22 +474,32 @@ class RedisLimiter:
     async def _send_feedback(
         self,
         model: str,
-        decrease: bool,
-        pause_s: float,
+        signal: FeedbackSignal,
         status: int,
         headers: Mapping[str, str],
     ) -> None:
+        rpm, tpm = self._limits(model)
         try:
             reply = await self._script(
                 model,
                 self._feedback_sha,
                 FEEDBACK_LUA,
-                int(decrease),
-                repr(pause_s),
+                int(signal.is_429),
+                int(signal.near_limit),
+                int("requests" in signal.limited_by),
+                int("tokens" in signal.limited_by),
+                self._last_cost.get(model, 0),
+                repr(signal.pause_s),
+                int(self.adaptive),
                 repr(AIMD_BETA),
                 repr(AIMD_M_MIN),
                 repr(AIMD_RECOVERY_PER_S),
                 repr(AIMD_COOLDOWN_S),
+                rpm,
+                tpm,
+                repr(WINDOW_MARGIN_S),
+                self._windows_csv,
+                repr(FEEDBACK_SLACK_S),
                 IDLE_TTL_S * 1000,
             )
         except _LOST as exc:
@@ -450,7 +540,9 @@ class RedisLimiter:
                 self._local_limits,
                 headroom=self.headroom,
                 adaptive=self.adaptive,
-                clock=self._clock,
+                clock=self._local_clock,
+                tolerance_s=self.tolerance_s,
+                windows_s=self.windows_s,
             )
 
     def _local_limits(self, model: str) -> tuple[int, int]:

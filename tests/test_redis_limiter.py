@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis_server import RedisServer, SharedRedis, free_port, redis_binary
 
 from batcher.errors import LimiterError
+from batcher.limiter import DEFAULT_TOLERANCE_S, WINDOW_MARGIN_S, LocalLimiter, ModelSchedule
 from batcher.redis_limiter import (
     FEEDBACK_LUA,
     IDLE_TTL_S,
@@ -28,11 +29,6 @@ from batcher.redis_limiter import (
     RedisLimiter,
     redact_url,
 )
-
-try:
-    from batcher.limiter import LocalLimiter  # type: ignore[attr-defined]
-except ImportError:  # the in-process limiter is written in parallel
-    LocalLimiter = None  # type: ignore[assignment,misc]
 
 MODEL = "gpt-4o-mini"
 HEADROOM = 0.985
@@ -100,11 +96,12 @@ async def server_time(url: str) -> float:
 
 
 def max_in_window(times: list[float], window_s: float) -> int:
-    """Most admissions in any half-open window [t, t + window_s)."""
-    times = sorted(times)
+    """Most admissions in any window (t - window_s, t], counted in whole µs as Redis does."""
+    us = sorted(round(t * 1e6) for t in times)  # epoch seconds as floats blur the last µs
+    width = round(window_s * 1e6)
     best, lo = 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - window_s:
+    for hi, t in enumerate(us):
+        while us[lo] <= t - width:
             lo += 1
         best = max(best, hi - lo + 1)
     return best
@@ -148,7 +145,8 @@ async def test_concurrent_processes_share_the_limit_fairly(
     make_redis: Callable[..., Any], redis_url: str
 ) -> None:
     rpm, processes, workers, run_s = 6000, 4, 2, 3.0
-    lims = [await make_redis(fixed(rpm, 10_000_000)) for _ in range(processes)]
+    # A 1 s window (the server's shortest) so the window cap binds within a short test.
+    lims = [await make_redis(fixed(rpm, 10_000_000), windows_s=(1.0,)) for _ in range(processes)]
     start = await server_time(redis_url)
     admitted: list[tuple[float, int]] = []
 
@@ -166,11 +164,12 @@ async def test_concurrent_processes_share_the_limit_fairly(
 
     rate = rpm / 60 * HEADROOM  # per second
     times = [t for t, _ in admitted]
-    # Tolerance 0: slots are strictly evenly spaced, so no window holds more than its share.
-    gaps = [b - a for a, b in zip(sorted(times), sorted(times)[1:], strict=False)]
-    assert min(gaps) >= 1 / rate - 2e-6  # the script rounds to whole microseconds
-    for window in (0.1, 0.5, 1.0):
-        assert max_in_window(times, window) <= int(rate * window) + 1
+    # The window cap: no 1 s window (plus margin) holds more than the limit's second.
+    assert max_in_window(times, 1.0 + WINDOW_MARGIN_S) <= rpm / 60
+    # The pacing: any window of length T holds at most rate * (T + tolerance) + 1.
+    for window in (0.1, 0.5, 2.0):
+        assert max_in_window(times, window) <= rate * (window + DEFAULT_TOLERANCE_S) + 1
+    assert len(times) <= rate * (run_s + DEFAULT_TOLERANCE_S) + 1
     # The schedule was kept busy (loose: a stalled machine may leave slots unclaimed).
     assert len(times) >= int(rate * run_s * 0.5)
     # Every process got its turn: one reservation outstanding each makes slots interleave.
@@ -189,8 +188,9 @@ async def test_admission_times_come_from_the_server_clock_not_the_local_one(
     make_redis: Callable[..., Any], redis_url: str
 ) -> None:
     # Two "machines" an hour apart on their own clocks still share one smooth schedule.
-    ahead = await make_redis(fixed(3000, 10_000_000), clock=lambda: time.monotonic() + 3600)
-    behind = await make_redis(fixed(3000, 10_000_000), clock=lambda: time.monotonic() - 3600)
+    limits = fixed(3000, 10_000_000)
+    ahead = await make_redis(limits, clock=lambda: time.monotonic() + 3600, tolerance_s=0)
+    behind = await make_redis(limits, clock=lambda: time.monotonic() - 3600, tolerance_s=0)
     before = await server_time(redis_url)
     slots: list[float] = []
     waits: list[float] = []
@@ -256,7 +256,7 @@ async def test_a_non_adaptive_process_pauses_but_keeps_its_full_rate(
 
 
 async def test_own_429_during_a_wait_voids_the_slot(make_redis: Callable[..., Any]) -> None:
-    lim = await make_redis(fixed(120, 1_000_000))  # one slot per ~0.5 s
+    lim = await make_redis(fixed(120, 1_000_000), tolerance_s=0)  # one slot per ~0.5 s
     await lim.acquire(MODEL, 1)
     waiting = asyncio.create_task(lim.acquire(MODEL, 1))  # sleeps toward its slot
     while lim.snapshot()[MODEL]["redis_round_trips"] < 2:  # until it holds the slot
@@ -275,13 +275,15 @@ async def test_state_lives_under_the_workspace_key_and_expires(
     await lim.acquire(MODEL, 100)
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        key = f"batcher:{workspace}:{MODEL}:pace"
-        state = await client.hgetall(key)
-        ttl_ms = await client.pttl(key)
+        key = f"batcher:{workspace}:{MODEL}"
+        state = await client.hgetall(f"{key}:pace")
+        entries = await client.zrange(f"{key}:log", 0, -1)
+        ttls = [await client.pttl(f"{key}:{part}") for part in ("pace", "log")]
     finally:
         await client.aclose()
-    assert {"rtat", "ttat"} <= set(state)
-    assert 0 < ttl_ms <= (IDLE_TTL_S + 120) * 1000
+    assert {"rtat", "ttat", "last"} <= set(state)
+    assert entries == ["1:100"]  # the slot's sequence number and token cost
+    assert all(0 < ttl <= (IDLE_TTL_S + 120) * 1000 for ttl in ttls)
 
 
 async def test_a_flushed_script_cache_is_reloaded(
@@ -364,13 +366,17 @@ async def test_feedback_that_cannot_reach_redis_stops_the_next_acquire(
         await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
 
 
-@pytest.mark.skipif(LocalLimiter is None, reason="batcher.limiter.LocalLimiter not there yet")
 async def test_redis_lost_mid_run_goes_local_at_the_reduced_share(
     own_redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     rpm = 1200
     lim = RedisLimiter(
-        own_redis.url, "ws", fixed(rpm, 10_000_000), on_failure="local", local_share=0.25
+        own_redis.url,
+        "ws",
+        fixed(rpm, 10_000_000),
+        on_failure="local",
+        local_share=0.25,
+        tolerance_s=0,  # strictly paced, so the local rate shows in the elapsed time
     )
     await lim.start()
     try:
@@ -403,8 +409,6 @@ async def limiter_backend(
     request: pytest.FixtureRequest, shared_redis: SharedRedis, workspace: str
 ) -> AsyncIterator[Callable[..., Any]]:
     """A factory for started limiters of either backend, closed afterwards."""
-    if request.param == "local" and LocalLimiter is None:
-        pytest.skip("batcher.limiter.LocalLimiter not there yet")
     if request.param == "redis" and shared_redis.url is None:
         pytest.skip(shared_redis.skip_reason)
     made: list[Any] = []
@@ -443,7 +447,7 @@ async def test_requests_are_spaced_evenly_from_the_first(
     limiter_backend: Callable[..., Any],
 ) -> None:
     rpm, n = 3000, 12
-    lim = await limiter_backend(fixed(rpm, 10_000_000))
+    lim = await limiter_backend(fixed(rpm, 10_000_000), tolerance_s=0)
     began = time.monotonic()
     first = await lim.acquire(MODEL, 1)
     for _ in range(n - 1):
@@ -457,7 +461,7 @@ async def test_the_token_schedule_governs_large_requests(
     limiter_backend: Callable[..., Any],
 ) -> None:
     tpm, cost, n = 120_000, 1000, 4  # ~0.51 s of token budget per request
-    lim = await limiter_backend(fixed(10_000, tpm))
+    lim = await limiter_backend(fixed(10_000, tpm), tolerance_s=0)
     began = time.monotonic()
     for _ in range(n):
         await asyncio.wait_for(lim.acquire(MODEL, cost), HANG_GUARD_S)
@@ -493,3 +497,76 @@ async def test_snapshot_reports_the_common_keys(limiter_backend: Callable[..., A
     assert (snap["rpm"], snap["tpm"]) == (500, 60_000)
     assert 0.0 < snap["paused_until_s"] <= 5.0
     assert snap["backend"] in ("local", "redis")
+
+
+async def test_the_tolerance_allows_a_burst_then_paces(limiter_backend: Callable[..., Any]) -> None:
+    rpm, tolerance, n = 600, 0.5, 10  # 9.85/s: ~5 at once, then one per ~0.1 s
+    lim = await limiter_backend(fixed(rpm, 10_000_000), tolerance_s=tolerance)
+    began = time.monotonic()
+    for _ in range(n):
+        await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    assert time.monotonic() - began >= (n - 1) / (rpm / 60 * HEADROOM) - tolerance - 0.01
+
+
+async def test_a_window_caps_what_the_tolerance_would_let_through(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    # 6000 RPM in a 0.5 s window: 50 requests per 0.5 s (+ margin), though pacing with a 1 s
+    # tolerance would let ~99 go at once. 120 requests need three windows' worth of time.
+    lim = await limiter_backend(fixed(6000, 10_000_000), windows_s=(0.5,))
+    began = time.monotonic()
+    for _ in range(120):
+        await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    assert time.monotonic() - began >= 2 * (0.5 + WINDOW_MARGIN_S) - 0.01
+
+
+NEAR_LIMIT = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "400ms"}
+
+
+async def test_near_limit_headers_pause_and_count_unless_our_own_sending_explains_them(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    # Budget 2 requests per 1 s window. After one request, "0 remaining" means someone else
+    # sends too: slow down. After two more, our own sending explains it: pause only.
+    lim = await limiter_backend(fixed(120, 10_000_000), windows_s=(1.0,))
+    await lim.acquire(MODEL, 1)
+    before = time.monotonic()
+    lim.feedback(MODEL, status=200, headers=NEAR_LIMIT)
+    await settle(lim)
+    await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    assert time.monotonic() - before >= 0.4 - 0.005
+    assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.85, abs=0.01)
+
+    other = await limiter_backend(fixed(120, 10_000_000), windows_s=(1.0,))
+    await other.acquire("gpt-4o", 1)
+    await other.acquire("gpt-4o", 1)
+    other.feedback("gpt-4o", status=200, headers=NEAR_LIMIT)
+    await settle(other)
+    await asyncio.wait_for(other.acquire("gpt-4o", 1), HANG_GUARD_S)
+    assert other.snapshot()["gpt-4o"]["multiplier"] == 1.0
+
+
+async def test_redis_slots_equal_the_local_schedule(
+    make_redis: Callable[..., Any],
+) -> None:
+    """The Lua script and batcher.limiter's pure ModelSchedule give the same slots.
+
+    Reservations are taken back to back without sleeping, and the pure schedule is asked each
+    request at the same (server) time, or at the previous slot as a FIFO waiter would be.
+    """
+    rpm, tpm = 500, 60_000
+    lim = await make_redis(fixed(rpm, tpm))
+    sched = ModelSchedule(rpm, tpm, headroom=HEADROOM, name=MODEL)
+    costs = [150 + (i * 337) % 1400 for i in range(120)]  # 150..1549 tokens, mixed
+    origin: float | None = None
+    prev = -1.0
+    for cost in costs:
+        res = await lim.reserve(MODEL, cost)
+        origin = res.server_now_s if origin is None else origin
+        now = max(res.server_now_s - origin, prev)
+        while (wait := sched.delay(cost, now)) > 0:
+            now += wait
+        sched.commit(cost, now)
+        assert res.admit_at_s - origin == pytest.approx(now, abs=1e-3), cost
+        prev = now
+    assert prev > 60  # the sequence ran into the 10 s and 60 s windows, not just the pacing
