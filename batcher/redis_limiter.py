@@ -9,8 +9,9 @@ semantics of `batcher.limiter` (GCRA pacing with a tolerance, sliding-window cap
         last            the latest slot handed out (slots never go back in time)
         m0, t0, tdec    shared AIMD state: m(t) = min(1, m0 + recovery·(t - t0)); last decrease
         pause           nobody is admitted before this time (429s, near-limit headers)
-    batcher:<workspace>:<model>:log    sorted set: one "<seq>:<cost>" per slot, scored by its
-                                       time; what the 60 s and 10 s window caps count
+    batcher:<workspace>:<model>:log    sorted set: one "<seq>:<cost>:<running token total>"
+                                       per slot, scored by its time; what the 60 s and 10 s
+                                       window caps count
     all times in µs on the Redis server's clock (`TIME`), so machines with skewed clocks agree;
     both keys expire IDLE_TTL_S after the last slot or pause.
 
@@ -79,13 +80,16 @@ IDLE_TTL_S = 600
 
 _US = 1_000_000
 
-# Shared by both scripts. KEYS[1] the model's state hash, KEYS[2] its log of admissions (a
-# sorted set: score = admission time µs, member = "<seq>:<cost>"). Times are Redis TIME in µs.
+# Shared by both scripts. KEYS[1] the model's state hash, KEYS[2] its log of admissions: a
+# sorted set, score = slot time, member = "<seq>:<cost>:<cum>" where cum is the running token
+# total, so a window's token sum is two lookups, not a scan (O(log n) per reservation however
+# high the limits). Times are whole µs of Redis TIME.
 _PRELUDE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local function fmt(x) return string.format('%.0f', x) end
+local function us(seconds) return math.floor(seconds * 1000000 + 0.5) end
 local function multiplier(m0, t0, recovery)
   if not m0 or not t0 then return 1 end
   return math.min(1, tonumber(m0) + recovery * math.max(0, now - tonumber(t0)) / 1000000)
@@ -95,15 +99,20 @@ local function windows(csv)
   for w in string.gmatch(csv, '[^,]+') do out[#out + 1] = tonumber(w) end
   return out
 end
--- The log from `since` (exclusive) on, oldest first: times and costs.
-local function read_log(since)
-  local raw = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. fmt(since), '+inf', 'WITHSCORES')
-  local times, costs = {}, {}
-  for i = 1, #raw, 2 do
-    times[#times + 1] = tonumber(raw[i + 1])
-    costs[#costs + 1] = tonumber(string.match(raw[i], ':(%d+)$'))
-  end
-  return times, costs
+-- The log entry at 0-based rank (oldest first): time, cost, running token total.
+local function entry(rank)
+  local r = redis.call('ZRANGE', KEYS[2], rank, rank, 'WITHSCORES')
+  local _, cost, cum = string.match(r[1], '^(%d+):(%d+):(%d+)$')
+  return tonumber(r[2]), tonumber(cost), tonumber(cum)
+end
+-- The entries after `since`: rank of the first, count, token total, running total before.
+local function window(since)
+  local card = redis.call('ZCARD', KEYS[2])
+  local first = redis.call('ZCOUNT', KEYS[2], '-inf', fmt(since))
+  if card == first then return first, 0, 0, 0 end
+  local _, cost0, cum0 = entry(first)
+  local _, _, cum_last = entry(card - 1)
+  return first, card - first, cum_last - cum0 + cost0, cum0 - cost0
 end
 local function expire(horizon, keep_ms)
   local ttl = math.ceil((math.max(horizon, now) - now) / 1000) + keep_ms
@@ -119,49 +128,54 @@ RESERVE_LUA = (
     + """
 local rpm, tpm, headroom = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local cost, adaptive, recovery = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
-local tol, margin = tonumber(ARGV[7]) * 1000000, tonumber(ARGV[8]) * 1000000
+local tol, margin = us(tonumber(ARGV[7])), tonumber(ARGV[8])
 local wins = windows(ARGV[9])
-local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'pause', 'last')
+local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'pause', 'last', 'cum')
 local rtat, ttat = tonumber(s[1]) or 0, tonumber(s[2]) or 0
 local pause, last = tonumber(s[5]) or 0, tonumber(s[6]) or 0
 local m = 1
 if adaptive then m = multiplier(s[3], s[4], recovery) end
--- Pacing (GCRA with tolerance) and pause; slots never go back in time, so every logged
--- admission lies at or before `base` and a window's content only shrinks as time moves on.
-local base = math.max(now, rtat - tol, ttat - tol, pause, last)
+-- Pacing (GCRA with tolerance) and pause. Slots never go back in time, so every logged
+-- admission lies at or before `base` and a window's content only shrinks as time moves on:
+-- each window's earliest fit can be found on its own, and the latest of them fits all.
+local base = math.ceil(math.max(now, rtat - tol, ttat - tol, pause, last))
 local at = base
 local longest = 0
-for _, w in ipairs(wins) do longest = math.max(longest, w * 1000000 + margin) end
+for _, w in ipairs(wins) do longest = math.max(longest, us(w + margin)) end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. fmt(now - longest))
-local times, costs = read_log(base - longest)
 for _, w in ipairs(wins) do
-  local len = w * 1000000 + margin
-  local first = #times + 1
-  while first > 1 and times[first - 1] > base - len do first = first - 1 end
-  local n, total = #times - first + 1, 0
-  for i = first, #times do total = total + costs[i] end
-  -- Each window admits once enough of its oldest entries have left it.
+  local len = us(w + margin)
+  local first, n, total, before = window(base - len)
+  -- Requests: the k-th oldest entry must leave for one more to fit.
   local excess = n + 1 - rpm * w / 60
   if n > 0 and excess > 0 then
-    at = math.max(at, times[first + math.min(n, math.ceil(excess)) - 1] + len)
+    at = math.max(at, entry(first + math.min(n, math.ceil(excess)) - 1) + len)
   end
+  -- Tokens: the oldest entries up to the first whose running total frees `excess` must
+  -- leave (all of them if even that is not enough: a request bigger than the window's
+  -- budget goes alone).
   excess = total + cost - tpm * w / 60
   if total > 0 and excess > 0 then
-    local freed = 0
-    for i = first, #times do
-      freed = freed + costs[i]
-      if freed >= excess or freed == total then
-        at = math.max(at, times[i] + len)
-        break
-      end
+    local lo, hi = first, first + n - 1
+    while lo < hi do
+      local mid = math.floor((lo + hi) / 2)
+      local _, _, cum = entry(mid)
+      if cum - before >= excess then hi = mid else lo = mid + 1 end
     end
+    at = math.max(at, entry(lo) + len)
   end
 end
 rtat = math.max(rtat, at) + 60000000 / (rpm * headroom * m)
 ttat = math.max(ttat, at) + cost * 60000000 / (tpm * headroom * m)
+local cum = tonumber(s[7])
+if not cum then  -- state hash lost but log kept: go on from the log's running total
+  cum = 0
+  if redis.call('ZCARD', KEYS[2]) > 0 then cum = select(3, entry(-1)) end
+end
+cum = cum + cost
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-redis.call('ZADD', KEYS[2], fmt(at), seq .. ':' .. cost)
-redis.call('HSET', KEYS[1], 'rtat', fmt(rtat), 'ttat', fmt(ttat), 'last', fmt(at))
+redis.call('ZADD', KEYS[2], fmt(at), seq .. ':' .. cost .. ':' .. fmt(cum))
+redis.call('HSET', KEYS[1], 'rtat', fmt(rtat), 'ttat', fmt(ttat), 'last', fmt(at), 'cum', fmt(cum))
 expire(math.max(rtat, ttat, pause, at + longest), tonumber(ARGV[10]))
 return {string.format('%.3f', (at - now) / 1000), fmt(now), string.format('%.6f', m),
         fmt(pause), fmt(at)}
@@ -178,14 +192,14 @@ local is_429, near = ARGV[1] == '1', ARGV[2] == '1'
 local by_req, by_tok, last_cost = ARGV[3] == '1', ARGV[4] == '1', tonumber(ARGV[5])
 local pause_s, adaptive = tonumber(ARGV[6]), ARGV[7] == '1'
 local beta, m_min, recovery = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local cooldown = tonumber(ARGV[11]) * 1000000
-local rpm, tpm, margin = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14]) * 1000000
-local wins, slack = windows(ARGV[15]), tonumber(ARGV[16]) * 1000000
+local cooldown = us(tonumber(ARGV[11]))
+local rpm, tpm, margin = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local wins, slack = windows(ARGV[15]), tonumber(ARGV[16])
 local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause', 'last')
 local pause = tonumber(s[6]) or 0
 local m = multiplier(s[3], s[4], recovery)
-if pause_s > 0 and now + pause_s * 1000000 > pause then
-  pause = now + pause_s * 1000000
+if pause_s > 0 and now + us(pause_s) > pause then
+  pause = now + us(pause_s)
   redis.call('HSET', KEYS[1], 'pause', fmt(pause))
 end
 -- A 429 means someone outside the workspace's accounting uses the quota; so do near-limit
@@ -194,10 +208,8 @@ local decrease = adaptive and is_429
 if adaptive and near and not is_429 then
   local explained = false
   for _, w in ipairs(wins) do
-    local times, costs = read_log(now - w * 1000000 - margin - slack - 1)
-    local total = 0
-    for i = 1, #costs do total = total + costs[i] end
-    if by_req and #times + 1 > rpm * w / 60 then explained = true end
+    local _, n, total = window(now - us(w + margin + slack) - 1)
+    if by_req and n + 1 > rpm * w / 60 then explained = true end
     if by_tok and total + last_cost > tpm * w / 60 then explained = true end
   end
   decrease = not explained
