@@ -444,13 +444,24 @@ class RedisLimiter:
         prefix = f"batcher:{self.workspace}:{model}"
         keys = (f"{prefix}:pace", f"{prefix}:log")
         try:
-            reply = await client.evalsha(sha, 2, *keys, *args)
-        except NoScriptError:
-            # Redis restarted or flushed its script cache since start(): load and run again.
-            self.round_trips += 2
-            self._model_round_trips[model] += 2
-            await client.script_load(source)
-            reply = await client.evalsha(sha, 2, *keys, *args)
+            try:
+                reply = await client.evalsha(sha, 2, *keys, *args)
+            except NoScriptError:
+                # Redis restarted or flushed its script cache since start(): load, run again.
+                self.round_trips += 2
+                self._model_round_trips[model] += 2
+                await client.script_load(source)
+                reply = await client.evalsha(sha, 2, *keys, *args)
+        except _LOST:
+            raise
+        except RedisError as exc:
+            # Redis answers but refuses (out of memory, read-only replica, ...): no fallback
+            # hides that; the operator must fix Redis.
+            raise LimiterError(
+                f"the shared limiter's Redis at {redact_url(self.url)} refused the limiter's "
+                f"script: {_describe(exc, self.url)}. Fix that Redis (memory, replica role, "
+                "permissions) or set limiter.backend: local."
+            ) from exc
         return list(reply)
 
     def _observe(self, model: str, now_us: float, m: float, pause_us: float) -> None:
@@ -597,7 +608,7 @@ class RedisLimiter:
 
 def _describe(exc: BaseException, url: str) -> str:
     """The error's text, short, and never with the URL's password in it."""
-    text = str(exc) or type(exc).__name__
+    text = (str(exc) or type(exc).__name__).rstrip(". ")
     try:
         password = urlsplit(url).password
     except ValueError:

@@ -351,6 +351,30 @@ async def test_a_redis_that_stops_answering_is_noticed_within_the_socket_timeout
         await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
 
 
+async def test_a_redis_that_refuses_the_script_is_a_limiter_error_even_with_local_fallback(
+    own_redis: RedisServer,
+) -> None:
+    # Redis answers but says no (here: an ACL without EVALSHA): no fallback may hide that.
+    admin = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await admin.acl_setuser(
+            "limited", enabled=True, passwords=["+s3cr3t-pw"], keys=["*"],
+            commands=["+@all", "-evalsha"],
+        )  # fmt: skip
+    finally:
+        await admin.aclose()
+    url = own_redis.url.replace("redis://", "redis://limited:s3cr3t-pw@")
+    lim = RedisLimiter(url, "ws", fixed(6000, 10_000_000), on_failure="local")
+    await lim.start()
+    try:
+        with pytest.raises(LimiterError, match="refused") as info:
+            await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+        assert "s3cr3t-pw" not in str(info.value)
+        assert lim.snapshot()[MODEL]["fallback"] is None
+    finally:
+        await asyncio.wait_for(lim.aclose(), HANG_GUARD_S)
+
+
 async def test_feedback_that_cannot_reach_redis_stops_the_next_acquire(
     own_redis: RedisServer,
 ) -> None:
