@@ -255,7 +255,14 @@ class Reservation:
 
 
 class RedisLimiter:
-    """A `Limiter` whose per-model schedules are shared by every process of one workspace."""
+    """A `Limiter` whose per-model schedules are shared by every process of one workspace.
+
+    `limits`, `headroom`, `adaptive`, `tolerance_s` and `windows_s` mean what they mean for
+    LocalLimiter. `clock` (default time.monotonic) only measures the waits returned and turns
+    the shared pause into seconds for `snapshot()`; the schedule itself runs on Redis's clock.
+    `round_trips` counts every Redis round trip of this process, `last_reservation[model]` is
+    the slot its last admission of `model` took.
+    """
 
     backend = "redis"
 
