@@ -454,7 +454,8 @@ class Engine:
         job, opts = self.job, self.options
         total = await asyncio.to_thread(self.scan)
         fingerprint = request_fingerprint(job, await asyncio.to_thread(input_digest, job.input))
-        journal, state = open_journal(
+        journal, state = await asyncio.to_thread(
+            open_journal,
             self.output,
             fingerprint,
             restart=opts.restart,
