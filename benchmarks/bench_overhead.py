@@ -1,0 +1,231 @@
+"""Engine overhead: `batcher run` beside a bare aiohttp loop, and what the journal's fsync costs.
+
+    python benchmarks/bench_overhead.py [--rows 20000] [--rounds 3] [--concurrency 64] [--quick]
+
+One mock server with no limits and no latency runs in its own process. Against it, in one run
+and in rotating order each round:
+
+- bare:          one ClientSession, asyncio.gather over a semaphore, the same bodies (read from
+                 the same JSONL and rendered from the same template), answers parsed as JSON;
+- batcher:       `Engine(job).run()` in-process with the journal fsynced (the default);
+- batcher-nosync: the same with `RunOptions(fsync=False)`.
+
+The job's limits are far beyond what the machine can send (rpm 10,000,000), so only the
+engine's own work is measured. Rows/s is end to end (batcher includes its input scan and the
+Parquet output); "send rows/s" is batcher's sending phase alone. Client CPU per row and the
+server's CPU share tell whether the client or the server bound the run.
+Targets: batcher >= 0.7 of bare; the journal's fsync costs < 15 % of throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from common import (
+    API_KEY,
+    MODEL,
+    MockProcess,
+    add_common_args,
+    emit_json,
+    make_job,
+    quiet_logs,
+    table,
+    verdict,
+    workdir,
+    write_rows,
+)
+
+from batcher.engine import Engine, RunOptions
+from batcher.errors import ExitCode
+from batcher.tokens import encoding_for_model
+
+MODES = ("bare", "batcher", "batcher-nosync")
+TARGET_RATIO = 0.7
+TARGET_FSYNC_COST = 0.15
+
+
+def bare_bodies(input_path: Path, job_messages: list[dict[str, str]], max_tokens: int) -> list:
+    """What a hand-written script sends: the same template filled from each row."""
+    system, user = job_messages
+    bodies = []
+    with input_path.open("rb") as fh:
+        for raw in fh:
+            row = json.loads(raw)
+            bodies.append(
+                {
+                    "model": MODEL,
+                    "max_tokens": max_tokens,
+                    "temperature": 0,
+                    "messages": [
+                        {"role": "system", "content": system["content"]},
+                        {"role": "user", "content": user["content"].replace("{text}", row["text"])},
+                    ],
+                }
+            )
+    return bodies
+
+
+async def bare_loop(url: str, input_path: Path, job: Any, concurrency: int) -> int:
+    bodies = bare_bodies(
+        input_path,
+        [m.model_dump() for m in job.messages],
+        job.params["max_tokens"],
+    )
+    sem = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def one(body: dict[str, Any]) -> bool:
+            async with sem, session.post(f"{url}/chat/completions", json=body) as resp:
+                data = await resp.json()
+                return resp.status == 200 and bool(data["choices"])
+
+        results = await asyncio.gather(*(one(b) for b in bodies))
+    return sum(results)
+
+
+def run_bare(url: str, directory: Path, job: Any, concurrency: int) -> dict[str, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    ok = asyncio.run(bare_loop(url, directory / "input.jsonl", job, concurrency))
+    wall = time.perf_counter() - start
+    return {"ok": ok, "wall_s": wall, "cpu_s": time.process_time() - cpu, "send_s": wall}
+
+
+def run_batcher(url: str, directory: Path, output: str, concurrency: int, fsync: bool) -> dict:
+    job = make_job(directory, url, output=output, concurrency=concurrency)
+    options = RunOptions(base_url=url, api_key=API_KEY, progress="quiet", fsync=fsync)
+
+    async def go() -> Any:
+        return await Engine(job, options).run()
+
+    start, cpu = time.perf_counter(), time.process_time()
+    outcome = asyncio.run(go())
+    wall = time.perf_counter() - start
+    if outcome.exit_code != ExitCode.OK:
+        raise SystemExit(f"batcher run failed ({outcome.exit_code}): {outcome.message}")
+    stats = outcome.stats
+    send_s = (stats.finished or stats.clock()) - stats.first_sent
+    return {"ok": stats.ok, "wall_s": wall, "cpu_s": time.process_time() - cpu, "send_s": send_s}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3, help="each mode runs once per round")
+    parser.add_argument("--concurrency", type=int, default=64)
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.rounds = min(args.rows, 3_000), 1
+    quiet_logs(args.verbose)
+    encoding_for_model(MODEL)  # load the vocabulary before anything is timed
+
+    runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    with workdir(args.keep) as directory, MockProcess("--unlimited") as server:
+        write_rows(directory / "input.jsonl", 200, (4, 12), seed=1)
+        run_batcher(server.url, directory, "warmup.parquet", args.concurrency, True)  # imports
+        run_bare(server.url, directory, make_job(directory, server.url), args.concurrency)
+        write_rows(directory / "input.jsonl", args.rows, (4, 12))
+        job = make_job(directory, server.url)
+        for rnd in range(args.rounds):
+            order = MODES[rnd % 3 :] + MODES[: rnd % 3]  # rotate: no mode always goes first
+            for mode in order:
+                server.reset()
+                server_cpu = server.cpu_s()
+                if mode == "bare":
+                    res = run_bare(server.url, directory, job, args.concurrency)
+                else:
+                    res = run_batcher(
+                        server.url,
+                        directory,
+                        f"out-{mode}-{rnd}.parquet",
+                        args.concurrency,
+                        fsync=mode == "batcher",
+                    )
+                res["server_cpu_s"] = server.cpu_s() - server_cpu
+                if res["ok"] != args.rows:
+                    raise SystemExit(f"{mode}: {res['ok']} of {args.rows} rows answered")
+                runs[mode].append(res)
+                print(
+                    f"round {rnd + 1} {mode:<15} {args.rows / res['wall_s']:8,.0f} rows/s",
+                    file=sys.stderr,
+                )
+
+    summary: dict[str, dict[str, float]] = {}
+    for mode, results in runs.items():
+        wall = statistics.median(r["wall_s"] for r in results)
+        summary[mode] = {
+            "rows_per_s": args.rows / wall,
+            "send_rows_per_s": args.rows / statistics.median(r["send_s"] for r in results),
+            "wall_s": wall,
+            "client_cpu_ms_per_row": 1000
+            * statistics.median(r["cpu_s"] for r in results)
+            / args.rows,
+            "server_cpu_share": statistics.median(r["server_cpu_s"] / r["wall_s"] for r in results),
+            "all_rows_per_s": [round(args.rows / r["wall_s"], 1) for r in results],
+        }
+    bare, durable, nosync = (summary[m]["rows_per_s"] for m in MODES)
+    ratio, ratio_nosync = durable / bare, nosync / bare
+    fsync_cost = 1 - durable / nosync
+    send_ratio = summary["batcher"]["send_rows_per_s"] / summary["bare"]["send_rows_per_s"]
+
+    print(
+        f"\nengine overhead: {args.rows:,} rows, concurrency {args.concurrency}, unlimited "
+        f"zero-latency mock server in its own process; median of {args.rounds} round(s)\n"
+    )
+    print(
+        table(
+            ["mode", "rows/s", "send rows/s", "wall s", "client CPU ms/row", "server CPU share"],
+            [
+                [
+                    m,
+                    s["rows_per_s"],
+                    s["send_rows_per_s"],
+                    s["wall_s"],
+                    s["client_cpu_ms_per_row"],
+                    s["server_cpu_share"],
+                ]
+                for m, s in summary.items()
+            ],
+        )
+    )
+    print()
+    print(
+        f"batcher / bare:        {ratio:.3f}  (target >= {TARGET_RATIO})  "
+        f"{verdict(ratio >= TARGET_RATIO)}"
+    )
+    print(f"batcher-nosync / bare: {ratio_nosync:.3f}")
+    print(f"send phase only:       {send_ratio:.3f}  (batcher / bare, without scan and output)")
+    print(
+        f"fsync cost:            {fsync_cost:.1%} of throughput  (target < "
+        f"{TARGET_FSYNC_COST:.0%})  {verdict(fsync_cost < TARGET_FSYNC_COST)}"
+    )
+    emit_json(
+        args.json,
+        {
+            "benchmark": "overhead",
+            "rows": args.rows,
+            "rounds": args.rounds,
+            "concurrency": args.concurrency,
+            "modes": summary,
+            "batcher_over_bare": ratio,
+            "nosync_over_bare": ratio_nosync,
+            "send_phase_ratio": send_ratio,
+            "fsync_cost": fsync_cost,
+            "pass": ratio >= TARGET_RATIO and fsync_cost < TARGET_FSYNC_COST,
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

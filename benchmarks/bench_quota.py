@@ -1,0 +1,251 @@
+"""Quota use: how close `batcher run` gets to the server's limits without being refused.
+
+    python benchmarks/bench_quota.py [--duration 60] [--warmup 5] [--variants tpm,rpm,...] [--quick]
+
+The mock server runs at 10x Langdock's limits (5,000 RPM / 600,000 TPM per model, enforced over
+sliding 60 s and 10 s windows) in its own process, with 0.05-0.30 s latency per answer. The
+engine runs in-process with concurrency 64 and the same limits in its job file, on more rows
+than it can send in the time; after `--warmup` seconds of sending, the server's counters are
+read, again `--duration` seconds later, and the run is then stopped gracefully (as by Ctrl-C).
+
+Variants (each against a fresh server):
+- tpm:            prompts of ~110-190 tokens + max_tokens 200: tokens bind;
+- rpm:            prompts of ~25 tokens + max_tokens 5: requests bind;
+- *-noheaders:    the same, the server sending neither retry-after nor x-ratelimit-* headers
+                  (Langdock may not pass them through).
+
+Figures come from the server's counters over the measured window: admitted requests and tokens
+per minute against the limits, and the share of requests answered 429 (also over the whole run).
+Targets: >= 0.97 of the binding limit, <= 0.5 % 429s, every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import (
+    API_KEY,
+    MODEL,
+    MockProcess,
+    add_common_args,
+    emit_json,
+    make_job,
+    quiet_logs,
+    table,
+    verdict,
+    workdir,
+    write_rows,
+)
+
+from batcher.engine import Engine, RunOptions
+from batcher.tokens import encoding_for_model
+
+RPM, TPM = 5_000, 600_000  # 10x Langdock's per-model limits
+TARGET_USE = 0.97
+TARGET_429 = 0.005
+
+
+@dataclass(frozen=True)
+class Variant:
+    words: tuple[int, int]  # words of review text per row (about one token each)
+    max_tokens: int
+    headers: bool  # retry-after and x-ratelimit-* on the server's answers
+
+
+VARIANTS = {
+    "tpm": Variant((90, 170), 200, True),
+    "rpm": Variant((3, 8), 5, True),
+    "tpm-noheaders": Variant((90, 170), 200, False),
+    "rpm-noheaders": Variant((3, 8), 5, False),
+}
+
+
+def window(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """Rates between two snapshots of the server's counters."""
+    minutes = (b["uptime_s"] - a["uptime_s"]) / 60.0
+    requests = b["requests"] - a["requests"]
+    limited = b["rate_limited"] - a["rate_limited"]
+    rpm = (b["admitted"] - a["admitted"]) / minutes
+    tpm = (b["admitted_tokens"] - a["admitted_tokens"]) / minutes
+    return {
+        "seconds": minutes * 60.0,
+        "rpm": rpm,
+        "tpm": tpm,
+        "rpm_use": rpm / RPM,
+        "tpm_use": tpm / TPM,
+        "requests": requests,
+        "rate_limited": limited,
+        "share_429": limited / requests if requests else 0.0,
+    }
+
+
+async def measure(
+    server: MockProcess, directory: Path, name: str, variant: Variant, args: argparse.Namespace
+) -> dict[str, Any]:
+    job = make_job(
+        directory,
+        server.url,
+        output=f"out-{name}.parquet",
+        rpm=RPM,
+        tpm=TPM,
+        max_tokens=variant.max_tokens,
+        concurrency=args.concurrency,
+    )
+    engine = Engine(job, RunOptions(base_url=server.url, api_key=API_KEY, progress="quiet"))
+    run = asyncio.create_task(engine.run())
+    while engine.stats.requests_sent == 0 and not run.done():
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(args.warmup)
+    first = await asyncio.to_thread(server.stats)
+    await asyncio.sleep(args.duration)
+    last = await asyncio.to_thread(server.stats)
+    engine.request_stop(signal.SIGINT)
+    outcome = await run
+    final = await asyncio.to_thread(server.stats)
+    stats = outcome.stats
+    steady = window(first, last)
+    binding = "tpm" if steady["tpm_use"] >= steady["rpm_use"] else "rpm"
+    use = steady[f"{binding}_use"]
+    whole_429 = final["rate_limited"] / final["requests"] if final["requests"] else 0.0
+    effective = engine.limiter.snapshot().get(MODEL, {})
+    return {
+        "variant": name,
+        "headers": variant.headers,
+        "max_tokens": variant.max_tokens,
+        "avg_cost": stats.admitted_tokens / max(stats.requests_sent, 1),
+        "binding": binding,
+        "use": use,
+        "steady": steady,
+        "whole_run": {
+            "requests": final["requests"],
+            "rate_limited": final["rate_limited"],
+            "share_429": whole_429,
+            "sending_s": final["uptime_s"] - (final["first_accepted_s"] or 0.0),
+        },
+        "client": {
+            "requests_sent": stats.requests_sent,
+            "rate_limited": stats.rate_limited,
+            "retries": stats.retries,
+            "rows_done": stats.done,
+            "multiplier_at_end": effective.get("multiplier"),
+            "exit_code": int(outcome.exit_code),
+        },
+        "pass": use >= TARGET_USE and steady["share_429"] <= TARGET_429 and whole_429 <= TARGET_429,
+    }
+
+
+def run_variant(directory: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    variant = VARIANTS[name]
+    # Enough rows for the whole run at the request limit, never running dry.
+    rows = int(RPM * (args.warmup + args.duration + 10) / 60 * 1.2)
+    write_rows(directory / "input.jsonl", rows, variant.words, seed=len(name))
+    flags = ["--rpm", str(RPM), "--tpm", str(TPM), "--latency", "0.05", "--jitter", "0.25"]
+    if not variant.headers:
+        flags += ["--no-retry-after", "--no-ratelimit-headers"]
+    with MockProcess(*flags) as server:
+        return asyncio.run(measure(server, directory, name, variant, args))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=60.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--concurrency", type=int, default=64)
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup = min(args.duration, 5.0), min(args.warmup, 1.0)
+        if args.variants == ",".join(VARIANTS):
+            args.variants = "tpm,rpm"
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    quiet_logs(args.verbose)
+    encoding_for_model(MODEL)
+
+    results = []
+    with workdir(args.keep) as directory:
+        for name in names:
+            start = time.perf_counter()
+            res = run_variant(directory, name, args)
+            results.append(res)
+            print(
+                f"{name}: {res['binding']} use {res['use']:.4f}, 429s "
+                f"{res['steady']['share_429']:.2%} ({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+            )
+
+    print(
+        f"\nquota use: mock server at {RPM:,} RPM / {TPM:,} TPM (windows 60 s and 10 s), "
+        f"latency 0.05-0.30 s, concurrency {args.concurrency}; measured over "
+        f"{args.duration:g} s after {args.warmup:g} s of sending\n"
+    )
+    print(
+        table(
+            [
+                "variant",
+                "cost/req",
+                "RPM",
+                "RPM/limit",
+                "TPM",
+                "TPM/limit",
+                "429 share",
+                "429 whole run",
+                "binding",
+                "",
+            ],
+            [
+                [
+                    r["variant"],
+                    round(r["avg_cost"], 1),
+                    r["steady"]["rpm"],
+                    r["steady"]["rpm_use"],
+                    r["steady"]["tpm"],
+                    r["steady"]["tpm_use"],
+                    f"{r['steady']['share_429']:.2%}",
+                    f"{r['whole_run']['share_429']:.2%}",
+                    r["binding"],
+                    verdict(r["pass"]),
+                ]
+                for r in results
+            ],
+        )
+    )
+    print(
+        f"\ntargets: binding limit use >= {TARGET_USE}, 429s <= {TARGET_429:.1%} of requests "
+        "(both over the window and the whole run)"
+    )
+    for r in results:
+        c = r["client"]
+        print(
+            f"  {r['variant']}: client sent {c['requests_sent']:,} requests, saw "
+            f"{c['rate_limited']} 429s, {c['retries']} retries; limiter multiplier at end "
+            f"{c['multiplier_at_end']}"
+        )
+    emit_json(
+        args.json,
+        {
+            "benchmark": "quota",
+            "rpm_limit": RPM,
+            "tpm_limit": TPM,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "concurrency": args.concurrency,
+            "variants": results,
+            "pass": all(r["pass"] for r in results),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
