@@ -555,9 +555,11 @@ class Engine:
         message = f"wrote {rows} rows to {self.output}"
         if errors:
             message += (
-                f"; {errors} rows are errors (see the error column; `batcher inspect "
-                f"{self.output.name}`; retry them with --retry-errors)"
+                f"; {errors} rows are errors (`batcher inspect {self.output}` groups them; "
+                "send just those again with --retry-errors)"
             )
+        else:
+            message += f" (`batcher inspect {self.output}` summarises it)"
         return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}", rows)
 
     def _saved(self) -> str:
