@@ -453,6 +453,7 @@ class Engine:
     async def _run_locked(self, api_key: str) -> RunOutcome:
         job, opts = self.job, self.options
         total = await asyncio.to_thread(self.scan)
+        self._clean_leftovers(opts.restart)
         fingerprint = request_fingerprint(job, await asyncio.to_thread(input_digest, job.input))
         journal, state = await asyncio.to_thread(
             open_journal,
@@ -464,6 +465,10 @@ class Engine:
         )
         self._journal = journal
         try:
+            if state.ok_count:
+                # This job already had answers: the endpoint, key and model work. The rows
+                # left (--retry-errors especially) may fail for their own reasons.
+                self._opened.set()
             return await self._run_journaled(
                 journal, state.done_ids(opts.retry_errors), total, api_key
             )
@@ -561,6 +566,14 @@ class Engine:
         else:
             message += f" (`batcher inspect {self.output}` summarises it)"
         return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}", rows)
+
+    def _clean_leftovers(self, restart: bool) -> None:
+        """We hold the job lock: temp files of a crashed final write are ours to remove, and
+        after --restart the old output belongs to the old job."""
+        for tmp in self.output.parent.glob(f".{self.output.name}.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        if restart:
+            self.output.unlink(missing_ok=True)
 
     def _saved(self) -> str:
         done = self.stats.done_before + self.stats.done

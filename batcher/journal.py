@@ -16,6 +16,7 @@ tear the last line, which `open_journal` drops with a warning. The last record f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import json
@@ -284,7 +285,11 @@ class Journal:
             await asyncio.gather(self._flusher, return_exceptions=True)
 
     def close(self) -> None:
-        self._fh.close()
+        # After a failed write (disk full) the buffer still holds those bytes and closing
+        # tries to flush them again: that failure is already reported as a StorageError, and
+        # those rows were never counted as saved.
+        with contextlib.suppress(OSError):
+            self._fh.close()
 
 
 def open_journal(

@@ -1183,6 +1183,18 @@ class ThreadedMockServer:
         self._loop = self._thread = None
         if loop is None:
             return
+
+        async def cancel_pending() -> None:
+            # Slow answers (the [[slow]] marker, long latencies) still sleeping: end them so
+            # closing the loop does not warn about destroyed pending tasks.
+            me = asyncio.current_task()
+            pending = [t for t in asyncio.all_tasks() if t is not me]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_pending(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         if thread is not None:
             thread.join(timeout=30)

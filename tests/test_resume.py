@@ -406,11 +406,6 @@ def test_retry_errors_resends_only_error_rows(tmp_path: Path, mock_server) -> No
     assert requests_since(srv, before) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: --retry-errors with >= 3 rows that still fail trips the first-requests probe "
-    "(engine.py _process, PROBE_FAILURES_FATAL): exit 2 'Check endpoint' and no output",
-)
 def test_retry_errors_with_persistent_row_errors_finishes(tmp_path: Path, mock_server) -> None:
     srv = mock_server(**SERVER)
     marker = dict.fromkeys((3, 9, 14, 20), "[[fail-400]]")
@@ -569,11 +564,6 @@ def _fill_tiny_disk(tmp_path: Path, srv: Any, tiny_disk: Path) -> tuple[Path, Pa
     return new_job(tmp_path, srv.url, output=str(output)), output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: on ENOSPC Journal.close() re-raises the buffered write's OSError "
-    "(journal.py close, engine.py _run_locked finally): traceback and exit 1 instead of exit 4",
-)
 def test_disk_full_stops_with_exit_4_and_says_what_to_do(
     tmp_path: Path, mock_server, tiny_disk: Path
 ) -> None:
