@@ -88,6 +88,22 @@ class MockProcess:
         with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=30):
             pass
 
+    def warm(self, model: str = MODEL) -> None:
+        """Answer one request, then forget it: the server loads its token vocabulary lazily.
+
+        A cold server admits the run's first request ~0.4 s after it was sent, longer than the
+        limiter's window margin; that alone can cost a 429 a window later (see the README).
+        """
+        body = {"model": model, "messages": [{"role": "user", "content": "warm"}], "max_tokens": 1}
+        request = urllib.request.Request(
+            f"{self.url}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60):
+            pass
+        self.reset(quota=True)
+
     def cpu_s(self) -> float:
         """CPU seconds the server process has used so far (user + system)."""
         assert self.proc is not None
