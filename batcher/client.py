@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from batcher.errors import APIConnectionError, APIError, APITimeout, classify
+from batcher.errors import APIConnectionError, APITimeout, classify
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,7 @@ class ChatClient:
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._key = api_key
+        self._key_bytes = api_key.encode()
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
@@ -51,12 +52,6 @@ class ChatClient:
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
             await self._session.close()
-
-    def _redact(self, err: APIError) -> APIError:
-        # Some gateways echo the key back in a 401 body; it must not reach logs or outputs.
-        if self._key and self._key in str(err):
-            err.args = (str(err).replace(self._key, "***"),)
-        return err
 
     async def complete(self, body: dict[str, Any]) -> Answer:
         """One attempt. Returns the parsed answer or raises an APIError subclass."""
@@ -76,13 +71,15 @@ class ChatClient:
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise APIConnectionError(f"connection failed: {type(exc).__name__}: {exc}") from None
         latency = time.monotonic() - start
+        if self._key_bytes in raw:  # some gateways echo the key back in a 401 body
+            raw = raw.replace(self._key_bytes, b"***")
         try:
             parsed: Any = json.loads(raw) if raw else None
         except ValueError:
             parsed = raw
         error = classify(status, headers, parsed)
         if error is not None:
-            raise self._redact(error)
+            raise error
         if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
             raise APIConnectionError(
                 f"answer {status} is not a chat completion: {str(raw[:200])!r}"

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from batcher.client import Answer, ChatClient
 from batcher.errors import (
+    APIConnectionError,
     AuthenticationError,
     BadRequest,
     BatcherError,
@@ -74,7 +75,6 @@ class RunOutcome:
     stats: RunStats
     output: Path
     message: str
-    rows_written: int | None = None
 
 
 def make_limiter(job: Job) -> Limiter:
@@ -108,6 +108,17 @@ def resolve_api_key(job: Job) -> str:
     return key
 
 
+def _no_content_reason(finish_reason: str | None) -> str:
+    if finish_reason == "length":
+        return (
+            "the answer was cut off before any text (finish_reason: length); raise max_tokens "
+            "(reasoning models spend max_completion_tokens on thinking first)"
+        )
+    if finish_reason == "content_filter":
+        return "the content filter withheld the answer (finish_reason: content_filter)"
+    return f"the answer has no content (finish_reason: {finish_reason})"
+
+
 class Engine:
     """One `batcher run`. Build it, then `await run()`; it never raises for row-level trouble."""
 
@@ -120,10 +131,16 @@ class Engine:
         self.structured = self._structured()
         self.reader: InputReader = open_input(job)
         self.builder = RequestBuilder(job, batch_format=self.reader.format == "batch")
+        needed = {*self.builder.template_columns, *job.keep_columns}
+        if job.id_column:
+            needed.add(job.id_column)
+        if self.builder.templates is None:
+            needed.add("messages")
+        self.reader.select(needed)
         self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=job.concurrency * 2)
         self._journal: Journal | None = None
         self._client: ChatClient | None = None
-        self._done_ids: pa.Array = pa.array([], pa.string())
+        self._done_ids: frozenset[str] = frozenset()
         self._stopping = False
         self._stop_signal: int | None = None
         self._workers: list[asyncio.Task[None]] = []
@@ -154,17 +171,30 @@ class Engine:
         if known is not None:
             self.builder.check_columns(known)
         chunks: list[pa.Array] = []
-        total = 0
+        total = failed = 0
+        first_failure: InputDataError | None = None
         for batch in self.reader.iter_batches(4096):
             ids = []
             for row in batch:
                 if not self._in_shard(row.id):
                     continue
-                if row.error is None and self.job.on_bad_row == "fail":
-                    self.builder.build_body(row)
                 ids.append(row.id)
+                if row.error is not None:
+                    continue
+                try:
+                    self.builder.build_body(row)
+                except InputDataError as exc:
+                    if self.job.on_bad_row == "fail":
+                        raise InputDataError(
+                            f"{exc} (set on_bad_row: skip to record such rows as errors)"
+                        ) from None
+                    failed += 1
+                    first_failure = first_failure or exc
             chunks.append(pa.array(ids, pa.string()))
             total += len(ids)
+        if total and failed == total and first_failure is not None:
+            # Not a few bad rows: the template itself is wrong (a typo in a {column}).
+            raise InputDataError(f"every row is unusable, e.g. {first_failure}")
         if total:
             counts = pc.value_counts(pa.chunked_array(chunks, pa.string()))
             dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
@@ -184,10 +214,8 @@ class Engine:
         batch = next(it, None)
         if batch is None:
             return None
-        rows = [r for r in batch if self._in_shard(r.id)]
-        if rows and len(self._done_ids):
-            done = pc.is_in(pa.array([r.id for r in rows], pa.string()), self._done_ids)
-            rows = [r for r, d in zip(rows, done.to_pylist(), strict=True) if not d]
+        done = self._done_ids
+        rows = [r for r in batch if r.id not in done and self._in_shard(r.id)]
         errors: list[Result] = []
         pending: list[tuple[Row, dict[str, Any]]] = []
         for row in rows:
@@ -205,7 +233,6 @@ class Engine:
         for model, items in by_model.items():
             prompts = count_prompt_tokens_batch([b["messages"] for _, b in items], model, 1)
             limit = self.job.limit_for(model)
-            self.stats.limits.setdefault(model, (limit.rpm, limit.tpm))
             for (row, body), prompt in zip(items, prompts, strict=True):
                 out, default = max_output_tokens(body, self.job.assumed_max_tokens)
                 if default and not self._warned_default_max:
@@ -240,6 +267,10 @@ class Engine:
             if prepared is None:
                 break
             requests, errors = prepared
+            for req in requests:  # here, not in the thread: displays read stats on the loop
+                if req.model not in self.stats.limits:
+                    limit = self.job.limit_for(req.model)
+                    self.stats.limits[req.model] = (limit.rpm, limit.tpm)
             if errors:
                 await asyncio.gather(*(self._finish(r) for r in errors))
             for req in requests:
@@ -268,29 +299,49 @@ class Engine:
                 self._busy.discard(me)
 
     async def _process(self, req: Request) -> Result:
-        """The first request of a run goes alone: a wrong key, URL or model costs one request."""
+        """Until the server has answered once (any 2xx), requests go one at a time, so a wrong
+        key, URL or model costs one request, not a wave of `concurrency` requests."""
         if not self._opened.is_set():
             async with self._probe_lock:
                 if not self._opened.is_set():
-                    result = await self._send(req)
-                    if result.ok:
-                        self._opened.set()
-                    else:
-                        self._probe_failures += 1
-                        if self._probe_failures >= PROBE_FAILURES_FATAL:
-                            raise JobSpecError(
-                                f"the first {PROBE_FAILURES_FATAL} requests all failed, the "
-                                f"last with: {result.error}. Check endpoint (region/base_url), "
-                                "model and params before sending the rest."
-                            )
-                    return result
+                    return await self._probe(req)
         return await self._send(req)
 
-    async def _send(self, req: Request) -> Result:
+    async def _probe(self, req: Request) -> Result:
+        where = "check endpoint.region / endpoint.base_url and model"
+        try:
+            result = await self._send(req, probing=True)
+        except BadRequest as exc:  # only a 404 gets here: the route or the model is wrong
+            raise JobSpecError(f"the first request failed: {exc}; {where}") from None
+        except APIConnectionError as exc:
+            raise JobSpecError(f"the first request failed: {exc}; {where}") from None
+        if not self._opened.is_set():
+            self._probe_failures += 1
+            if self._probe_failures >= PROBE_FAILURES_FATAL:
+                raise JobSpecError(
+                    f"the first {PROBE_FAILURES_FATAL} requests all failed, the last with: "
+                    f"{result.error}; {where}, and params"
+                )
+        return result
+
+    async def _send(self, req: Request, *, probing: bool = False) -> Result:
+        """All attempts for one row; row-level trouble becomes an error Result.
+
+        While probing, a 404 or an unreachable server is raised instead (the setup is wrong,
+        the row is not to blame) after fewer attempts.
+        """
         attempts = 0
         answer: Answer | None = None
+        policy = self.job.retry
+        if probing:
+            policy = policy.model_copy(
+                update={
+                    "max_attempts": min(policy.max_attempts, 3),
+                    "max_wait_s": min(policy.max_wait_s, 5.0),
+                }
+            )
         try:
-            async for attempt in retry_policy(self.job.retry):
+            async for attempt in retry_policy(policy):
                 with attempt:
                     if self._stopping:  # no retries once a stop was asked for
                         raise asyncio.CancelledError
@@ -301,6 +352,8 @@ class Engine:
             exc.args = (f"{exc} (the key came from {source})",)
             raise
         except RetryableAPIError as exc:
+            if probing and isinstance(exc, APIConnectionError):
+                raise
             return Result(
                 req.row_id,
                 STATUS_ERROR,
@@ -309,6 +362,8 @@ class Engine:
                 keep=req.keep,
             )
         except BadRequest as exc:
+            if probing and exc.status == 404:
+                raise
             return Result(
                 req.row_id, STATUS_ERROR, attempts=attempts, error=str(exc), keep=req.keep
             )
@@ -342,6 +397,7 @@ class Engine:
         finally:
             self.stats.in_flight -= 1
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
+        self._opened.set()  # the endpoint, key and model work: let the others go
         return answer
 
     def _result(self, req: Request, answer: Answer, attempts: int) -> Result:
@@ -353,8 +409,11 @@ class Engine:
             content = json.dumps(message["tool_calls"], ensure_ascii=False)
         usage = body.get("usage") or {}
         status, error, parsed = STATUS_OK, None, None
+        finish = choice.get("finish_reason")
         if message.get("refusal"):
             status, error = STATUS_ERROR, f"the model refused: {message['refusal']}"
+        elif not content:
+            status, error = STATUS_ERROR, _no_content_reason(finish)
         elif self.structured is not None:
             try:
                 parsed = self.structured.parse(content or "")
@@ -364,7 +423,7 @@ class Engine:
             id=req.row_id,
             status=status,
             content=content,
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=finish,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             total_tokens=usage.get("total_tokens"),
@@ -479,7 +538,7 @@ class Engine:
         self, journal: Journal, done_ids: pa.Array, total: int, api_key: str
     ) -> RunOutcome:
         job, opts = self.job, self.options
-        self._done_ids = done_ids
+        self._done_ids = frozenset(done_ids.to_pylist())
         self.stats.total_rows = total
         self.stats.done_before = len(self._done_ids)
         if self.stats.done_before:
@@ -549,13 +608,8 @@ class Engine:
                 message = f"interrupted. {self._saved()} To continue, {rerun}."
             return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}")
 
-        rows, errors = await asyncio.to_thread(self._write_output)
+        rows, errors = await asyncio.to_thread(self._write_output, total)
         journal.write_meta(end_record(True, **self._end_counts()))
-        if rows != total:
-            raise BatcherError(
-                f"internal error: the output has {rows} rows but the input has {total}; "
-                f"the journal {journal_path(self.output)} is intact, please report this"
-            )
         code = ExitCode.ROW_ERRORS if errors else ExitCode.OK
         message = f"wrote {rows} rows to {self.output}"
         if errors:
@@ -565,7 +619,7 @@ class Engine:
             )
         else:
             message += f" (`batcher inspect {self.output}` summarises it)"
-        return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}", rows)
+        return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}")
 
     def _clean_leftovers(self, restart: bool) -> None:
         """We hold the job lock: temp files of a crashed final write are ours to remove, and
@@ -582,7 +636,7 @@ class Engine:
     def _end_counts(self) -> dict[str, Any]:
         return {"ok": self.stats.ok, "error": self.stats.error, "sent": self.stats.requests_sent}
 
-    def _write_output(self) -> tuple[int, int]:
+    def _write_output(self, expected_rows: int) -> tuple[int, int]:
         keep_types = None
         if self.job.keep_columns and self.reader.format == "parquet":
             schema = self.reader.arrow_schema()
@@ -593,4 +647,5 @@ class Engine:
             keep_names=list(self.job.keep_columns),
             keep_types=keep_types,
             parsed_type=self.structured.arrow_type if self.structured else None,
+            expected_rows=expected_rows,
         )

@@ -16,6 +16,7 @@ tear the last line, which `open_journal` drops with a warning. The last record f
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import fcntl
@@ -24,17 +25,27 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batcher.errors import FingerprintMismatch, JobLocked, JournalError, StorageError
 from batcher.records import STATUS_OK, Result
 
 log = logging.getLogger("batcher")
 VERSION = 1
+
+
+def _json_default(value: Any) -> Any:
+    """Kept Parquet values JSON has no type for: dates and times as ISO text, the rest as text."""
+    if isinstance(value, (datetime, date, time)):
+        return value.isoformat()
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode()
+    return str(value)  # Decimal, timedelta, ...
 
 
 def journal_path(output: Path) -> Path:
@@ -113,7 +124,7 @@ class JournalState:
 
     @property
     def ok_count(self) -> int:
-        return int(pa.compute.sum(self.ok).as_py() or 0) if len(self.ok) else 0
+        return int(pc.sum(self.ok).as_py() or 0) if len(self.ok) else 0
 
     @property
     def error_count(self) -> int:
@@ -122,7 +133,7 @@ class JournalState:
     def done_ids(self, retry_errors: bool) -> pa.Array:
         """Ids not to send again: all finished rows, or only the ok ones with --retry-errors."""
         if retry_errors:
-            return pa.compute.filter(self.ids, self.ok)
+            return pc.filter(self.ids, self.ok)
         return self.ids
 
 
@@ -241,7 +252,8 @@ class Journal:
         if self._failed is not None:
             raise self._failed
         rec = {"t": "r", **result.to_record()}
-        self._pending.append(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+        line = json.dumps(rec, ensure_ascii=False, default=_json_default)
+        self._pending.append(line.encode() + b"\n")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if self._flusher is None or self._flusher.done():
@@ -254,8 +266,12 @@ class Journal:
             waiters, self._waiters = self._waiters, []
             try:
                 await asyncio.to_thread(self._write_sync, b"".join(lines))
-            except OSError as exc:
-                self._failed = storage_error(self.path, exc, "write the journal")
+            except Exception as exc:  # anything: waiters must never hang on a dead flusher
+                self._failed = (
+                    storage_error(self.path, exc, "write the journal")
+                    if isinstance(exc, OSError)
+                    else StorageError(f"cannot write the journal {self.path}: {exc}")
+                )
                 for w in waiters + self._waiters:
                     if not w.done():
                         w.set_exception(self._failed)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from batcher.errors import InputDataError
-from batcher.readers import open_input
+from batcher.readers import count_rows
 from batcher.sharding import shard_outputs
 from batcher.spec import Job
 from batcher.writer import merge_outputs
@@ -18,12 +18,4 @@ def merge_shards(job: Job, n: int) -> tuple[int, int]:
             f"merge: shard outputs missing: {', '.join(missing)}; run "
             f"`batcher run JOB --shard K/{n}` for each missing shard first"
         )
-    expected = sum(len(batch) for batch in open_input(job).iter_batches(8192))
-    rows, errors = merge_outputs(paths, job.output)
-    if rows != expected:
-        job.output.unlink(missing_ok=True)
-        raise InputDataError(
-            f"merge: the shards hold {rows} rows but the input has {expected}; "
-            f"were all {n} shards run to completion with --shard K/{n}?"
-        )
-    return rows, errors
+    return merge_outputs(paths, job.output, expected_rows=count_rows(job))

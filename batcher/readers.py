@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batcher.errors import InputDataError
+from batcher.sharding import shard_of
 from batcher.spec import Job
 
 Format = Literal["jsonl", "parquet", "batch"]
@@ -94,6 +95,11 @@ class InputReader:
         if self.format == "parquet":
             return list(self._pq.schema_arrow.names)
         return None
+
+    def select(self, columns: set[str]) -> None:
+        """Parquet: read only these columns (wide inputs: embeddings, images, ...)."""
+        if self.format == "parquet":
+            self._columns = [c for c in self._pq.schema_arrow.names if c in columns]
 
     def arrow_schema(self) -> pa.Schema:
         """The Parquet input's schema (kept columns keep their types in the output)."""
@@ -192,3 +198,13 @@ def _batch_line_problem(obj: dict[str, Any]) -> str | None:
 
 def open_input(job: Job, columns: list[str] | None = None) -> InputReader:
     return InputReader(job, columns)
+
+
+def count_rows(job: Job, shard: tuple[int, int] | None = None) -> int:
+    """Rows of the input (of one shard), without building requests."""
+    reader = open_input(job)
+    reader.select({job.id_column} if job.id_column else set())
+    total = 0
+    for batch in reader.iter_batches(8192):
+        total += sum(1 for r in batch if shard is None or shard_of(r.id, shard[1]) == shard[0])
+    return total

@@ -65,9 +65,3 @@ class Result:
         if self.parsed is not None:
             rec["parsed"] = self.parsed
         return rec
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> Result:
-        kwargs = {name: rec.get(name) for name in RESULT_FIELDS}
-        kwargs["attempts"] = kwargs["attempts"] or 0
-        return cls(**kwargs, keep=rec.get("keep") or {}, parsed=rec.get("parsed"))

@@ -39,6 +39,15 @@ class Endpoint(_Strict):
     timeout_s: float = Field(600.0, gt=0)  # per attempt; reasoning models can take minutes
     connect_timeout_s: float = Field(30.0, gt=0)
 
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base_url {url!r} must start with https:// (or http:// for a local server)"
+            )
+        return url
+
     @property
     def url(self) -> str:
         base = self.base_url or f"{LANGDOCK_HOST}/openai/{self.region}/v1"
@@ -185,7 +194,10 @@ def load_job(path: str | Path) -> Job:
         job = Job.model_validate({**raw, "job_dir": job_dir})
     except ValidationError as exc:
         raise JobSpecError(_format_validation_error(path, exc)) from None
-    return job.model_copy(update={"input": job_dir / job.input, "output": job_dir / job.output})
+    job = job.model_copy(update={"input": job_dir / job.input, "output": job_dir / job.output})
+    if job.output.resolve() == job.input.resolve():
+        raise JobSpecError(f"{path}: output is the input file; choose another output path")
+    return job
 
 
 def request_fingerprint(job: Job, input_digest: str) -> str:

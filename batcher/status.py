@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from batcher.journal import journal_path, lock_path, read_state
-from batcher.readers import open_input
-from batcher.sharding import shard_of, shard_output
+from batcher.readers import count_rows
+from batcher.sharding import shard_output
 from batcher.spec import Job
 
 
@@ -29,9 +29,7 @@ def _running(output: Path) -> str | None:
 def job_status(job: Job, shard: tuple[int, int] | None = None) -> dict[str, Any]:
     output = shard_output(job.output, *shard) if shard else job.output
     state = read_state(journal_path(output))
-    total = 0
-    for batch in open_input(job).iter_batches(8192):
-        total += sum(1 for r in batch if shard is None or shard_of(r.id, shard[1]) == shard[0])
+    total = count_rows(job, shard)
     done = len(state.ids)
     return {
         "job_output": str(output),

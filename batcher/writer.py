@@ -6,8 +6,9 @@ reader never sees a half-written output and a crash never loses a finished row.
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batcher.errors import InputDataError
+from batcher.errors import BatcherError, InputDataError
 from batcher.journal import fsync_dir, read_results, storage_error
 from batcher.records import RESULT_FIELDS
 
@@ -49,58 +50,115 @@ def _chunks(records: Iterable[dict[str, Any]], size: int = CHUNK_ROWS) -> Iterat
         yield chunk
 
 
-def _flatten(rec: dict[str, Any], keep_names: list[str]) -> dict[str, Any]:
+def _json_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _flatten(rec: dict[str, Any], keep_names: list[str], as_text: set[str]) -> dict[str, Any]:
     out = {name: rec.get(name) for name in RESULT_FIELDS}
     keep = rec.get("keep") or {}
     for name in keep_names:
-        out[name] = keep.get(name)
+        value = keep.get(name)
+        out[name] = _json_text(value) if name in as_text else value
     if "parsed" in rec:
         out["parsed"] = rec["parsed"]
     return out
+
+
+def _json_native(typ: pa.DataType) -> bool:
+    """Types whose values survive the journal's JSON unchanged (others are kept as text)."""
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        return _json_native(typ.value_type)
+    if pa.types.is_struct(typ):
+        return all(_json_native(typ.field(i).type) for i in range(typ.num_fields))
+    return (
+        pa.types.is_integer(typ)
+        or pa.types.is_floating(typ)
+        or pa.types.is_boolean(typ)
+        or pa.types.is_string(typ)
+        or pa.types.is_large_string(typ)
+    )
+
+
+def _infer_keep_type(name: str, sample: Iterable[dict[str, Any]]) -> pa.DataType:
+    """One type for a JSONL column across all rows; mixed or odd values make it text."""
+    found: pa.DataType | None = None
+    for chunk in _chunks(sample):
+        values = [(r.get("keep") or {}).get(name) for r in chunk]
+        try:
+            typ = pa.array(values).type
+            found = (
+                typ
+                if found is None
+                else pa.unify_schemas(
+                    [pa.schema([("v", found)]), pa.schema([("v", typ)])],
+                    promote_options="permissive",
+                )
+                .field("v")
+                .type
+            )
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return pa.string()
+    if found is None or pa.types.is_null(found):
+        return pa.string()
+    return found
 
 
 def output_schema(
     keep_names: list[str],
     keep_types: pa.Schema | None,
     parsed_type: pa.DataType | None,
-    sample: Iterable[dict[str, Any]] = (),
+    sample: Callable[[], Iterable[dict[str, Any]]] = lambda: (),
 ) -> pa.Schema:
-    """Result columns, then kept input columns (typed from the input when known), then parsed."""
+    """Result columns, then kept input columns, then `parsed`.
+
+    Kept columns take the Parquet input's type when JSON carries it unchanged (numbers,
+    strings, booleans, lists and structs of those); timestamps, dates, decimals and binary are
+    kept as text (ISO form). JSONL columns are typed from their values.
+    """
     fields = list(RESULT_SCHEMA)
-    inferred: pa.Schema | None = None
-    if keep_names and (keep_types is None):
-        schemas = []
-        for chunk in _chunks(sample):
-            rows = [{n: (r.get("keep") or {}).get(n) for n in keep_names} for r in chunk]
-            schemas.append(pa.Table.from_pylist(rows).schema)
-        if schemas:
-            inferred = pa.unify_schemas(schemas, promote_options="permissive")
     for name in keep_names:
         if name in RESULT_SCHEMA.names:
             raise InputDataError(
                 f"keep_columns: {name!r} clashes with a result column; rename it in the input"
             )
-        src = keep_types if keep_types is not None else inferred
-        typ = src.field(name).type if src is not None and name in src.names else pa.string()
-        fields.append(pa.field(name, pa.string() if pa.types.is_null(typ) else typ))
+        if keep_types is not None and name in keep_types.names:
+            typ = keep_types.field(name).type
+            typ = typ if _json_native(typ) else pa.string()
+        else:
+            typ = _infer_keep_type(name, sample())
+        fields.append(pa.field(name, typ))
     if parsed_type is not None:
         fields.append(pa.field("parsed", parsed_type))
     return pa.schema(fields)
 
 
-def _latest_seqs(journal: Path) -> pa.Array:
-    """Position (in result order) of the last record of each id: earlier ones are superseded."""
+def _latest_mask(journal: Path) -> bytearray | None:
+    """1 for each record (in journal order) that is its id's last; None if none is superseded."""
     ids = pa.array((rec["id"] for rec in read_results(journal)), pa.string())
     table = pa.table({"id": ids, "seq": pa.array(range(len(ids)), pa.int64())})
-    return table.group_by("id", use_threads=False).aggregate([("seq", "max")]).column("seq_max")
+    latest = table.group_by("id", use_threads=False).aggregate([("seq", "max")])
+    if latest.num_rows == len(ids):
+        return None
+    mask = bytearray(len(ids))
+    for seq in latest.column("seq_max").to_pylist():
+        mask[seq] = 1
+    return mask
 
 
 def write_parquet_atomic(
-    output: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch | pa.Table]
+    output: Path,
+    schema: pa.Schema,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    *,
+    expected_rows: int | None = None,
 ) -> tuple[int, int]:
     """Write batches to `output` via a temp file + fsync + rename.
 
-    Returns (rows written, rows whose status is error).
+    Returns (rows written, rows whose status is error). With `expected_rows`, a different
+    count is an error raised before anything is published.
     """
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     rows = errors = 0
@@ -112,6 +170,12 @@ def write_parquet_atomic(
                 writer.write_table(table.cast(schema))
                 rows += table.num_rows
                 errors += pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0
+        if expected_rows is not None and rows != expected_rows:
+            raise BatcherError(
+                f"internal error: {output.name} would hold {rows} rows but the input has "
+                f"{expected_rows}; nothing was published and the journal is intact. Please "
+                "report this."
+            )
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, output)
@@ -119,6 +183,12 @@ def write_parquet_atomic(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise storage_error(output, exc, "write the output") from None
+    except pa.ArrowException as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputDataError(
+            f"cannot write {output}: {exc}. A kept column with values of mixed types? "
+            "Remove it from keep_columns; the journal is intact, run again to retry."
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -132,26 +202,32 @@ def write_output_from_journal(
     keep_names: list[str],
     keep_types: pa.Schema | None = None,
     parsed_type: pa.DataType | None = None,
+    expected_rows: int | None = None,
 ) -> tuple[int, int]:
     """Publish the journal's latest result per id as the Parquet output: (rows, error rows)."""
-    latest = _latest_seqs(journal)
-    schema = output_schema(
-        keep_names, keep_types, parsed_type, read_results(journal) if keep_names else ()
-    )
+    latest = _latest_mask(journal)
+    schema = output_schema(keep_names, keep_types, parsed_type, lambda: read_results(journal))
+    as_text = {n for n in keep_names if pa.types.is_string(schema.field(n).type)}
 
     def batches() -> Iterator[pa.Table]:
         seq = 0
         for chunk in _chunks(read_results(journal)):
-            table = pa.Table.from_pylist([_flatten(r, keep_names) for r in chunk], schema=schema)
-            seqs = pa.array(range(seq, seq + len(chunk)), pa.int64())
+            flat = [_flatten(r, keep_names, as_text) for r in chunk]
+            table = pa.Table.from_pylist(flat, schema=schema)
+            if latest is not None:  # --retry-errors left superseded records: drop them
+                keep = pa.array(latest[seq : seq + len(chunk)], pa.uint8())
+                table = table.filter(pc.equal(keep, 1))
             seq += len(chunk)
-            yield table.filter(pc.is_in(seqs, value_set=latest))
+            yield table
 
-    return write_parquet_atomic(output, schema, batches())
+    return write_parquet_atomic(output, schema, batches(), expected_rows=expected_rows)
 
 
-def merge_outputs(inputs: list[Path], output: Path) -> tuple[int, int]:
-    """Combine shard outputs into one Parquet, checking that every id appears exactly once."""
+def merge_outputs(
+    inputs: list[Path], output: Path, *, expected_rows: int | None = None
+) -> tuple[int, int]:
+    """Combine shard outputs into one Parquet, checking that every id appears exactly once
+    (and, with `expected_rows`, that none is missing) before anything is published."""
     if not inputs:
         raise InputDataError("merge: no shard outputs given")
     files = []
@@ -172,6 +248,11 @@ def merge_outputs(inputs: list[Path], output: Path) -> tuple[int, int]:
         raise InputDataError(
             f"merge: {len(dups)} ids appear in more than one shard output (e.g. {sample}); "
             "were the shards run with different --shard N or different inputs?"
+        )
+    if expected_rows is not None and len(ids) != expected_rows:
+        raise InputDataError(
+            f"merge: the shards hold {len(ids)} rows but the input has {expected_rows}; were "
+            "all shards run to completion with the same --shard K/N?"
         )
 
     def batches() -> Iterator[pa.RecordBatch]:

@@ -176,8 +176,45 @@ def test_wrong_model_or_url_costs_few_requests(tmp_path: Path, mock_server) -> N
     job = write_job(tmp_path, srv.url.replace("/openai/eu/v1", "/openai/xx/v1"), concurrency=32)
     res = run_batcher("run", job)
     assert res.returncode == 2, res.stderr
-    assert "first 3 requests all failed" in res.stderr
-    assert srv.stats()["requests"] == 3
+    assert "the first request failed" in res.stderr and "404" in res.stderr
+    assert srv.stats()["requests"] == 1
+
+
+def test_model_the_workspace_lacks_costs_one_request(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(models=("gpt-4o",), **FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(100))
+    job = write_job(tmp_path, srv.url, model="my-deployment", allow_any_model=True)
+    res = run_batcher("run", job)
+    assert res.returncode == 2, res.stderr
+    assert "check endpoint.region / endpoint.base_url and model" in res.stderr
+    assert srv.stats()["requests"] == 1
+    assert not (tmp_path / "out/result.parquet").exists()
+
+
+def test_unreachable_server_stops_with_a_clear_message(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    write_jsonl(tmp_path / "input.jsonl", review_rows(50))
+    job = write_job(tmp_path, f"http://127.0.0.1:{port}/openai/eu/v1")
+    start = time.monotonic()
+    res = run_batcher("run", job)
+    assert res.returncode == 2, res.stderr
+    assert f"127.0.0.1:{port}" in res.stderr and "first request failed" in res.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_first_rows_failing_for_their_own_reasons_do_not_stop_the_job(
+    tmp_path: Path, mock_server
+) -> None:
+    srv = mock_server(**FAST)
+    marker = {0: "[[fail-400]]", 1: "[[fail-400]]"}
+    write_jsonl(tmp_path / "input.jsonl", review_rows(40, marker=marker))
+    res = run_batcher("run", write_job(tmp_path, srv.url))
+    assert res.returncode == 3, res.stderr
+    assert len(read_output(tmp_path / "out/result.parquet")) == 40
 
 
 def test_o_series_max_tokens_is_translated(tmp_path: Path, mock_server) -> None:
@@ -306,3 +343,47 @@ def test_missing_input_file(tmp_path: Path, mock_server) -> None:
     job = write_job(tmp_path, srv.url, input="nope.jsonl")
     res = run_batcher("run", job)
     assert res.returncode == 2 and "nope.jsonl: input file not found" in res.stderr
+
+
+def test_kept_columns_of_any_type_survive(tmp_path: Path, mock_server) -> None:
+    import datetime as dt
+    from decimal import Decimal
+
+    srv = mock_server(**FAST)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5)
+    table = pa.table(
+        {
+            "id": [f"d{i}" for i in range(5)],
+            "text": ["hello"] * 5,
+            "created": pa.array([when] * 5, pa.timestamp("us")),
+            "price": pa.array([Decimal("1.25")] * 5, pa.decimal128(5, 2)),
+            "tags": [["a", "b"]] * 5,
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    job = write_job(
+        tmp_path, srv.url, input="in.parquet", keep_columns=["created", "price", "tags"]
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    out = pq.read_table(tmp_path / "out/result.parquet")
+    row = out.to_pylist()[0]
+    assert row["created"] == "2026-01-02T03:04:05" and row["price"] == "1.25"
+    assert row["tags"] == ["a", "b"]
+
+
+def test_jsonl_kept_column_with_mixed_types(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    rows = [{"id": f"m{i}", "text": "x", "meta": i if i % 2 else "s"} for i in range(10)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    res = run_batcher("run", write_job(tmp_path, srv.url, keep_columns=["meta"]))
+    assert res.returncode == 0, res.stderr
+    out = {r["id"]: r["meta"] for r in read_output(tmp_path / "out/result.parquet")}
+    assert out["m1"] == "1" and out["m2"] == "s"
+
+
+def test_output_must_not_be_the_input(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    res = run_batcher("run", write_job(tmp_path, srv.url, output="input.jsonl"))
+    assert res.returncode == 2 and "output is the input file" in res.stderr
