@@ -1,0 +1,284 @@
+"""Foreign load: one `batcher run` while invisible others use 40 % of the quota.
+
+    python benchmarks/bench_foreign.py [--variants 10x,langdock] [--duration 60] [--quick]
+
+The mock server runs with `--foreign-share 0.4`: every sliding window (60 s and 10 s) keeps 40 %
+of its allowance for other users of the workspace, which no client can see; only 60 % is left.
+One CLI run (`python -m batcher run job.yaml --log-format json`, local limiter) has the full
+quota in its job file, as a user who does not know about the others would write it, and must
+find the remaining 60 % from the server's answers alone (429s, x-ratelimit-* headers: the
+adaptive multiplier of batcher.limiter). Prompts of ~110-190 tokens + `max_tokens: 200`: tokens
+bind.
+
+Variants (each against a fresh server):
+- 10x:      5,000 RPM / 600,000 TPM (10x Langdock's limits), latency 0.05-0.30 s;
+- langdock: Langdock's real 500 RPM / 60,000 TPM.
+
+After the first answered row and `--warmup` seconds, the server's counters are read, again
+`--duration` seconds later; then the run gets SIGINT (exit 130). Figures over that window: the
+share of requests answered 429 and accepted tokens per minute against the remaining 60 % of the
+TPM limit; the client's multiplier (one JSON progress line per second) and 429s. The whole run's
+429 share (the adaptation from the full quota down included) is shown too.
+Targets: 429s <= 3 %, accepted >= 0.90 of the remaining quota.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from bench_shared import (
+    COST_GUESS,
+    LATENCY,
+    MAX_TOKENS,
+    START_TIMEOUT_S,
+    WORDS,
+    CliRun,
+    wait_until,
+    warm_server,
+    window,
+)
+from common import (
+    MODEL,
+    MockProcess,
+    add_common_args,
+    emit_json,
+    job_dict,
+    table,
+    verdict,
+    workdir,
+    write_rows,
+)
+
+from batcher.limiter import DEFAULT_HEADROOM
+
+FOREIGN_SHARE = 0.4
+TARGET_429 = 0.03
+TARGET_USE = 0.90
+
+
+@dataclass(frozen=True)
+class Variant:
+    rpm: int
+    tpm: int
+
+
+VARIANTS = {"10x": Variant(5_000, 600_000), "langdock": Variant(500, 60_000)}
+
+
+def _epoch(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def multiplier_trace(run: CliRun, start: float, end: float) -> list[float]:
+    """The limiter's multiplier from the progress lines written between two wall-clock times."""
+    out = []
+    for rec in run.progress():
+        if start <= _epoch(rec["ts"]) <= end:
+            m = (rec.get("effective") or {}).get(MODEL, {}).get("multiplier")
+            if m is not None:
+                out.append(float(m))
+    return out
+
+
+def run_variant(directory: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    v = VARIANTS[name]
+    remaining_tpm = v.tpm * (1 - FOREIGN_SHARE)
+    rows = int(remaining_tpm / COST_GUESS * (args.warmup + args.duration + 20) / 60 * 2)
+    d = directory / name
+    d.mkdir(parents=True, exist_ok=True)
+    write_rows(d / "input.jsonl", rows, WORDS, seed=7)
+    flags = ["--rpm", str(v.rpm), "--tpm", str(v.tpm), "--foreign-share", str(FOREIGN_SHARE)]
+    with MockProcess(*flags, *LATENCY) as srv:
+        warm_server(srv)
+        job = job_dict(
+            d,
+            srv.url,
+            output="out.parquet",
+            rpm=v.rpm,
+            tpm=v.tpm,
+            max_tokens=MAX_TOKENS,
+            concurrency=args.concurrency,
+            progress_interval_s=1.0,
+        )
+        run = CliRun(d, job)
+        print(f"{name}: {run.command}", file=sys.stderr)
+        try:
+            run.start()
+            wait_until(lambda: run.rows_ok() > 0, START_TIMEOUT_S, "the first row", [run])
+            time.sleep(args.warmup)
+            first, t_first = srv.stats(), time.time()
+            time.sleep(args.duration / 2)
+            mid = srv.stats()
+            time.sleep(args.duration / 2)
+            last, t_last = srv.stats(), time.time()
+            ran_dry = not run.running()
+            run.interrupt()
+            code = run.finish()
+        finally:
+            run.stop()
+        final = srv.stats()
+
+    steady = window(first, last)
+    use = steady["accepted_tpm"] / remaining_tpm
+    # The second half alone: how well it holds once adapted, without the descent from the full
+    # quota (whose overshoot the first half pays back with pauses).
+    settled = window(mid, last)
+    trace = multiplier_trace(run, t_first, t_last)
+    summary = run.summary
+    whole_429 = final["rate_limited"] / max(1, final["requests"])
+    ok = use >= TARGET_USE and steady["share_429"] <= TARGET_429 and not ran_dry and code == 130
+    return {
+        "variant": name,
+        "command": run.command,
+        "server": f"batcher serve-mock {' '.join(flags + list(LATENCY))}",
+        "rpm_limit": v.rpm,
+        "tpm_limit": v.tpm,
+        "remaining_tpm": remaining_tpm,
+        "steady": steady,
+        "use": use,
+        "rpm_use_of_remaining": steady["accepted_rpm"] / (v.rpm * (1 - FOREIGN_SHARE)),
+        "settled": settled,
+        "settled_use": settled["accepted_tpm"] / remaining_tpm,
+        "whole_run": {
+            "requests": final["requests"],
+            "rate_limited": final["rate_limited"],
+            "share_429": whole_429,
+        },
+        "client": {
+            "requests_sent": summary.get("requests_sent"),
+            "rate_limited": summary.get("rate_limited_429"),
+            "retries": summary.get("retries"),
+            "rows_ok": summary.get("rows_ok"),
+            "multiplier_at_end": run.limiter_row().get("multiplier", float("nan")),
+            "multiplier_window": {
+                "min": min(trace, default=None),
+                "mean": fmean(trace) if trace else None,
+                "max": max(trace, default=None),
+                "samples": len(trace),
+            },
+            # What the multiplier should settle at: the remaining share over the headroom.
+            "multiplier_ideal": (1 - FOREIGN_SHARE) / DEFAULT_HEADROOM,
+            "exit_code": code,
+        },
+        "ran_dry": ran_dry,
+        "pass": ok,
+    }
+
+
+def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"\nforeign load: {FOREIGN_SHARE:.0%} of every limit used by invisible others; one "
+        f"`batcher run` (local limiter, the full quota in its job, concurrency "
+        f"{args.concurrency}); ~{MAX_TOKENS} max_tokens + ~110-190 prompt tokens per request; "
+        f"measured over {args.duration:g} s after the first answered row + {args.warmup:g} s, "
+        "then SIGINT"
+    )
+    for r in results:
+        print(f"  {r['variant']}: server `{r['server']}`, run `{r['command']}`")
+    print()
+    print(
+        table(
+            [
+                "variant",
+                "TPM",
+                "of remaining",
+                "RPM",
+                "429 share",
+                "429 whole run",
+                "multiplier min/mean/max",
+                "ideal",
+                "",
+            ],
+            [
+                [
+                    r["variant"],
+                    r["steady"]["accepted_tpm"],
+                    r["use"],
+                    r["steady"]["accepted_rpm"],
+                    f"{r['steady']['share_429']:.2%} ({r['steady']['rate_limited']}/"
+                    f"{r['steady']['requests']})",
+                    f"{r['whole_run']['share_429']:.2%} ({r['whole_run']['rate_limited']}/"
+                    f"{r['whole_run']['requests']})",
+                    "/".join(
+                        "-" if x is None else f"{x:.3f}"
+                        for x in (
+                            r["client"]["multiplier_window"]["min"],
+                            r["client"]["multiplier_window"]["mean"],
+                            r["client"]["multiplier_window"]["max"],
+                        )
+                    ),
+                    round(r["client"]["multiplier_ideal"], 3),
+                    verdict(r["pass"]),
+                ]
+                for r in results
+            ],
+        )
+    )
+    for r in results:
+        c = r["client"]
+        print(
+            f"  {r['variant']}: remaining quota {r['remaining_tpm']:,.0f} TPM; client sent "
+            f"{c['requests_sent']:,} requests, saw {c['rate_limited']} 429s, {c['retries']} "
+            f"retries; multiplier at end {c['multiplier_at_end']:.3f}; exit {c['exit_code']}\n"
+            f"  {' ' * len(r['variant'])}  second half of the window alone: "
+            f"{r['settled_use']:.3f} of the remaining quota, 429s "
+            f"{r['settled']['share_429']:.2%} ({r['settled']['rate_limited']}/"
+            f"{r['settled']['requests']})"
+            + ("; WARNING: the input ran out before the window ended" if r["ran_dry"] else "")
+        )
+    print(
+        f"\ntargets: 429s <= {TARGET_429:.0%} of requests in the window, accepted TPM >= "
+        f"{TARGET_USE} of the remaining {1 - FOREIGN_SHARE:.0%} of the quota"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--duration", type=float, default=60.0, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds before measuring")
+    parser.add_argument("--concurrency", type=int, default=32)
+    add_common_args(parser)
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup = min(args.duration, 12.0), min(args.warmup, 3.0)
+        if args.variants == ",".join(VARIANTS):
+            args.variants = "10x"
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    results = []
+    with workdir(args.keep) as directory:
+        for name in names:
+            res = run_variant(directory, name, args)
+            results.append(res)
+            print(
+                f"{name}: {res['use']:.3f} of the remaining quota, 429s "
+                f"{res['steady']['share_429']:.2%}",
+                file=sys.stderr,
+            )
+    report(results, args)
+    emit_json(
+        args.json,
+        {
+            "benchmark": "foreign",
+            "foreign_share": FOREIGN_SHARE,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "variants": results,
+            "pass": all(r["pass"] for r in results),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
