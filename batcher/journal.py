@@ -163,12 +163,12 @@ def read_state(path: Path, *, repair: bool = False) -> JournalState:
         torn_at = prev[1]
     if torn_at is not None:
         state.dropped_tail = True
-        log.warning(
-            "journal %s: the last record was cut off by a crash; it is dropped and that row "
-            "will be sent again",
-            path,
-        )
-        if repair:
+        if repair:  # (a reader like `status` may just be seeing a line being written)
+            log.warning(
+                "journal %s: the last record was cut off by a crash; it is dropped and that "
+                "row will be sent again",
+                path,
+            )
             with path.open("r+b") as fh:
                 fh.truncate(torn_at)
                 os.fsync(fh.fileno())
