@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -26,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batcher.answers import result_from_answer
 from batcher.client import Answer, ChatClient
 from batcher.errors import (
     APIConnectionError,
@@ -41,7 +41,7 @@ from batcher.errors import (
 from batcher.journal import JobLock, Journal, end_record, journal_path, open_journal
 from batcher.limiter import Limiter, LocalLimiter
 from batcher.readers import InputReader, Row, input_digest, open_input
-from batcher.records import STATUS_ERROR, STATUS_OK, Request, Result
+from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
 from batcher.retrying import retry_policy
 from batcher.sharding import shard_of, shard_output
@@ -106,17 +106,6 @@ def resolve_api_key(job: Job) -> str:
             "your Langdock API key (or name another variable in endpoint.api_key_env)"
         )
     return key
-
-
-def _no_content_reason(finish_reason: str | None) -> str:
-    if finish_reason == "length":
-        return (
-            "the answer was cut off before any text (finish_reason: length); raise max_tokens "
-            "(reasoning models spend max_completion_tokens on thinking first)"
-        )
-    if finish_reason == "content_filter":
-        return "the content filter withheld the answer (finish_reason: content_filter)"
-    return f"the answer has no content (finish_reason: {finish_reason})"
 
 
 class Engine:
@@ -368,7 +357,7 @@ class Engine:
                 req.row_id, STATUS_ERROR, attempts=attempts, error=str(exc), keep=req.keep
             )
         assert answer is not None
-        return self._result(req, answer, attempts)
+        return result_from_answer(req, answer, attempts, self.structured)
 
     async def _attempt(self, req: Request, attempt: int) -> Answer:
         assert self._client is not None
@@ -399,41 +388,6 @@ class Engine:
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._opened.set()  # the endpoint, key and model work: let the others go
         return answer
-
-    def _result(self, req: Request, answer: Answer, attempts: int) -> Result:
-        body = answer.body
-        choice = body["choices"][0] if body["choices"] else {}
-        message = choice.get("message") or {}
-        content = message.get("content")
-        if content is None and message.get("tool_calls"):
-            content = json.dumps(message["tool_calls"], ensure_ascii=False)
-        usage = body.get("usage") or {}
-        status, error, parsed = STATUS_OK, None, None
-        finish = choice.get("finish_reason")
-        if message.get("refusal"):
-            status, error = STATUS_ERROR, f"the model refused: {message['refusal']}"
-        elif not content:
-            status, error = STATUS_ERROR, _no_content_reason(finish)
-        elif self.structured is not None:
-            try:
-                parsed = self.structured.parse(content or "")
-            except ValueError as exc:
-                status, error = STATUS_ERROR, str(exc)
-        return Result(
-            id=req.row_id,
-            status=status,
-            content=content,
-            finish_reason=finish,
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-            total_tokens=usage.get("total_tokens"),
-            attempts=attempts,
-            latency_s=round(answer.latency_s, 4),
-            error=error,
-            model=body.get("model"),
-            keep=req.keep,
-            parsed=parsed,
-        )
 
     async def _finish(self, result: Result) -> None:
         assert self._journal is not None
