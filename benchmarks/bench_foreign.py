@@ -41,7 +41,6 @@ from bench_shared import (
     WORDS,
     CliRun,
     wait_until,
-    warm_server,
     window,
 )
 from common import (
@@ -96,7 +95,7 @@ def run_variant(directory: Path, name: str, args: argparse.Namespace) -> dict[st
     write_rows(d / "input.jsonl", rows, WORDS, seed=7)
     flags = ["--rpm", str(v.rpm), "--tpm", str(v.tpm), "--foreign-share", str(FOREIGN_SHARE)]
     with MockProcess(*flags, *LATENCY) as srv:
-        warm_server(srv)
+        srv.warm()
         job = job_dict(
             d,
             srv.url,
@@ -237,6 +236,11 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"\ntargets: 429s <= {TARGET_429:.0%} of requests in the window, accepted TPM >= "
         f"{TARGET_USE} of the remaining {1 - FOREIGN_SHARE:.0%} of the quota"
     )
+    if args.quick:
+        print(
+            "(--quick: the window covers mostly the descent from the full quota, whose 429s and "
+            "pauses the targets are not meant for; it checks that the script works)"
+        )
 
 
 def main() -> int:
