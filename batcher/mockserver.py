@@ -46,7 +46,7 @@ from batcher.models import (
     UNSUPPORTED_PARAMS,
     is_o_series,
 )
-from batcher.tokens import count_prompt_tokens
+from batcher.tokens import count_prompt_tokens, get_encoding
 
 REGIONS: tuple[str, ...] = ("eu", "us", "global", "ch")
 
@@ -862,6 +862,9 @@ class MockServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen on host:port (0 picks a free port); returns the client base URL."""
+        # Load both encodings before the first request: loading on demand blocked the loop for
+        # up to a second, bunching the requests that arrived meanwhile into one window.
+        await asyncio.to_thread(lambda: [get_encoding(n) for n in ("o200k_base", "cl100k_base")])
         # A short shutdown grace: slow answers must not hold up a test's teardown.
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
