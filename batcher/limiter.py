@@ -306,7 +306,14 @@ class ModelSchedule:
         self.last_cost = cost
 
     def pause(self, seconds: float, now: float) -> None:
+        """Admit nothing before `now + seconds`, then resume at the paced rate.
+
+        During a pause `tat` falls into the past; without moving it the tolerance would let a
+        second's worth go at once when the pause ends, into a window that just freed one entry.
+        """
         self.paused_until = max(self.paused_until, now + seconds)
+        for p in (self.requests, self.tokens):
+            p.tat = max(p.tat, self.paused_until + p.tolerance)
 
     def _explained_by_us(self, signal: FeedbackSignal, now: float) -> bool:
         """Does our own recent sending alone leave no room for another request like the last?"""

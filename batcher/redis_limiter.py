@@ -184,7 +184,8 @@ return {string.format('%.3f', (at - now) / 1000), fmt(now), string.format('%.6f'
 
 # ARGV: is 429 (0/1), near limit (0/1), by requests (0/1), by tokens (0/1), last cost,
 # pause s, adaptive (0/1), beta, m_min, recovery/s, cooldown s, rpm, tpm, window margin s,
-# windows s (csv), slack s, idle ttl ms. Returns {decreased (0/1), now µs, multiplier, pause µs}.
+# windows s (csv), slack s, idle ttl ms, tolerance s.
+# Returns {decreased (0/1), now µs, multiplier, pause µs}.
 FEEDBACK_LUA = (
     _PRELUDE
     + """
@@ -195,12 +196,18 @@ local beta, m_min, recovery = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARG
 local cooldown = us(tonumber(ARGV[11]))
 local rpm, tpm, margin = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local wins, slack = windows(ARGV[15]), tonumber(ARGV[16])
+local tol = us(tonumber(ARGV[18]))
 local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause', 'last')
 local pause = tonumber(s[6]) or 0
 local m = multiplier(s[3], s[4], recovery)
 if pause_s > 0 and now + us(pause_s) > pause then
   pause = now + us(pause_s)
-  redis.call('HSET', KEYS[1], 'pause', fmt(pause))
+  -- Resume at the paced rate: a pacing left in the past would let the tolerance's burst go at
+  -- once when the pause ends (batcher.limiter.ModelSchedule.pause).
+  local rtat = math.max(tonumber(s[1]) or 0, pause + tol)
+  local ttat = math.max(tonumber(s[2]) or 0, pause + tol)
+  s[1], s[2] = fmt(rtat), fmt(ttat)
+  redis.call('HSET', KEYS[1], 'pause', fmt(pause), 'rtat', s[1], 'ttat', s[2])
 end
 -- A 429 means someone outside the workspace's accounting uses the quota; so do near-limit
 -- headers, unless the workspace's own recent sending leaves no room for one more request.
@@ -531,6 +538,7 @@ class RedisLimiter:
                 self._windows_csv,
                 repr(FEEDBACK_SLACK_S),
                 IDLE_TTL_S * 1000,
+                repr(self.tolerance_s),
             )
         except _LOST as exc:
             try:

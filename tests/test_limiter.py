@@ -268,6 +268,23 @@ def test_429_pauses_and_decreases_once_per_cooldown() -> None:
     assert sched.delay(100, 10.5) == pytest.approx(2.5)
 
 
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 2.0])
+def test_sending_resumes_at_the_paced_rate_when_a_pause_ends(tolerance: float) -> None:
+    # Idle during the pause, the pacing would otherwise owe a tolerance's burst at its end.
+    sched = ModelSchedule(60, 10**9, headroom=1.0, tolerance_s=tolerance, adaptive=False)
+    sched.commit(1, 0.0)
+    sched.pause(5.0, 10.0)
+    now, sends = 10.0, []
+    while len(sends) < 4:
+        wait = sched.delay(1, now)
+        if wait > 0:
+            now += wait
+            continue
+        sched.commit(1, now)
+        sends.append(now)
+    assert sends == [15.0, 16.0, 17.0, 18.0]
+
+
 def test_non_adaptive_schedule_only_pauses() -> None:
     sched = ModelSchedule(*LANGDOCK, adaptive=False)
     assert sched.feedback(read_feedback(429, {}), 1.0) is False

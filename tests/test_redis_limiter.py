@@ -510,6 +510,20 @@ async def test_a_429_pauses_for_retry_after_and_shrinks_the_multiplier(
     assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.85, abs=0.01)
 
 
+async def test_sending_resumes_paced_after_a_pause(limiter_backend: Callable[..., Any]) -> None:
+    # A 1 s tolerance would let ~10 go at once when the pause ends; paced, 6 need 5 intervals.
+    rpm, n = 600, 6
+    lim = await limiter_backend(fixed(rpm, 10_000_000), adaptive=False)
+    await lim.acquire(MODEL, 1)
+    lim.feedback(MODEL, status=429, headers={"retry-after-ms": "300"})
+    await settle(lim)
+    await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    began = time.monotonic()  # the pause has ended
+    for _ in range(n - 1):
+        await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
+    assert time.monotonic() - began >= (n - 1) / (rpm / 60 * HEADROOM) - 0.01
+
+
 async def test_snapshot_reports_the_common_keys(limiter_backend: Callable[..., Any]) -> None:
     lim = await limiter_backend(fixed(500, 60_000))
     await lim.acquire(MODEL, 10)
