@@ -14,9 +14,9 @@ Variants (each against a fresh server):
 - *-noheaders:    the same, the server sending neither retry-after nor x-ratelimit-* headers
                   (Langdock may not pass them through).
 
-Each server answers one request (then forgets it) before the run: a cold mock loads its token
-vocabulary on the first request, which delays that request's admission by ~0.4 s, more than
-the limiter's window margin (--cold keeps that effect).
+Each server answers one request (then forgets it) before the run, so the run's first request
+pays no one-time server costs (--cold skips that; see the README for what a slow first
+admission did).
 
 Figures come from the server's counters over the measured window: admitted requests and tokens
 per minute against the limits, and the share of requests answered 429 (also over the whole run).
@@ -168,8 +168,7 @@ def main() -> int:
     parser.add_argument(
         "--cold",
         action="store_true",
-        help="do not warm the server first (its first answer then waits ~0.4 s for its "
-        "token vocabulary)",
+        help="do not warm the server with one request first",
     )
     add_common_args(parser)
     args = parser.parse_args()

@@ -8,6 +8,7 @@ over HTTP from `/_mock/stats`.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ class MockProcess:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
@@ -89,10 +91,11 @@ class MockProcess:
             pass
 
     def warm(self, model: str = MODEL) -> None:
-        """Answer one request, then forget it: the server loads its token vocabulary lazily.
+        """Answer one request, then forget it (counters and quota windows).
 
-        A cold server admits the run's first request ~0.4 s after it was sent, longer than the
-        limiter's window margin; that alone can cost a 429 a window later (see the README).
+        The first answer pays one-time costs; before ce58b95 the mock loaded its vocabulary
+        then, admitting the run's first request ~0.4 s late (more than the limiter's window
+        margin), which alone cost a 429 one window later (see the README).
         """
         body = {"model": model, "messages": [{"role": "user", "content": "warm"}], "max_tokens": 1}
         request = urllib.request.Request(
@@ -114,6 +117,12 @@ class MockProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the benchmark dies, so no server is left over."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def proc_cpu_s(pid: int) -> float:
