@@ -21,7 +21,14 @@ reuses them):
   still has room for it; the pacing keeps the sending smooth inside that cap.
 - `Adaptive`: AIMD multiplier on the pacing rates, a pure function of time. A 429 that our
   own accounting let through means someone else uses the quota: multiply by `AIMD_BETA`
-  (at most once per `AIMD_COOLDOWN_S`), then recover linearly.
+  (at most once per `AIMD_COOLDOWN_S`), then recover linearly. Used only while answers carry
+  no `x-ratelimit-remaining-*` headers (Langdock may not pass them through).
+- `Share`: the share of the quota others leave us, as the headers reveal it. The server's
+  window holds our sends and others'; `remaining` is what is left, so our usage over the
+  window plus `remaining` is what the window allows us. Every answer with the header sets it
+  (up or down: no AIMD guessing, no compounding of signals about sends made before a cut);
+  it scales both the pacing and the window caps, so we fill exactly the allowed share. It
+  recovers linearly like the multiplier if the headers stop.
 - `ModelSchedule`: one model's pieces together, plus the pause a 429 or near-limit headers set.
 - `read_feedback`, `parse_duration`: what an answer's status and headers ask of us.
 
@@ -62,6 +69,13 @@ AIMD_BETA = 0.85  # multiplicative decrease on an unexpected 429
 AIMD_RECOVERY_PER_S = 0.01  # linear recovery of the multiplier per second
 AIMD_M_MIN = 0.05  # never slower than this fraction of the limits
 AIMD_COOLDOWN_S = 2.0  # 429s for requests sent before the last decrease do not compound
+# The revealed share is estimated against the server's window lengths; a window whose estimate
+# exceeds 1 by more than this cannot be the one the header reports (see `Share`).
+SHARE_SLACK = 0.02
+# Each estimate is off by the sends made while the answer travelled (at Langdock's limits one
+# request is 3.6 % of a 10 s window): the share follows the estimates with this time constant.
+# The first estimate is taken as it is, so the start-up does not overshoot.
+SHARE_SMOOTHING_S = 2.0
 
 DEFAULT_PAUSE_S = 1.0  # a 429 without retry-after pauses the model this long
 MAX_HEADER_PAUSE_S = 60.0  # a per-minute limit never needs a longer pause than the minute
@@ -123,10 +137,10 @@ class SlidingWindow:
         while entries and entries[0][0] <= cutoff:
             self.total -= entries.popleft()[1]
 
-    def delay(self, cost: int, now: float) -> float:
-        """Seconds until `cost` fits: after enough of the oldest entries have left."""
+    def delay(self, cost: int, now: float, scale: float = 1.0) -> float:
+        """Seconds until `cost` fits `scale` of the budget: after the oldest entries have left."""
         self._expire(now)
-        excess = self.total + cost - self.budget
+        excess = self.total + cost - self.budget * scale
         if excess <= 0 or self.total == 0:
             return 0.0
         freed = 0
@@ -141,6 +155,16 @@ class SlidingWindow:
         if cost:
             self.entries.append((now, cost))
             self.total += cost
+
+    def used_within(self, length: float, now: float) -> int:
+        """Cost sent in (now - length, now], `length` at most this window's."""
+        self._expire(now)
+        cutoff, total = now - length + _EPS, self.total
+        for t, c in self.entries:  # only the few oldest lie between the two lengths
+            if t > cutoff:
+                break
+            total -= c
+        return total
 
     def used_since(self, start: float) -> int:
         """Cost sent at or after `start` (which may lie before the window: then all we hold)."""
@@ -172,6 +196,47 @@ class Adaptive:
         self.m0 = max(self.m_min, self.value(now) * self.beta)
         self.t0 = self.last_decrease = now
         return True
+
+
+@dataclass(slots=True)
+class Share:
+    """s(t) = min(1, s0 + recovery_per_s * (t - t0)): the quota share the headers revealed.
+
+    Each estimate moves s0 toward it by 1 - exp(-dt / smoothing_s), dt since the last one.
+    """
+
+    recovery_per_s: float = AIMD_RECOVERY_PER_S
+    smoothing_s: float = SHARE_SMOOTHING_S
+    s0: float = 1.0
+    t0: float = -math.inf  # no estimate yet
+
+    def value(self, now: float) -> float:
+        if self.t0 == -math.inf:
+            return self.s0
+        return min(1.0, self.s0 + self.recovery_per_s * max(0.0, now - self.t0))
+
+    def reveal(self, share: float, now: float) -> None:
+        share = min(1.0, max(AIMD_M_MIN, share))
+        if self.t0 != -math.inf and self.smoothing_s > 0:
+            current = self.value(now)
+            weight = 1.0 - math.exp(-max(0.0, now - self.t0) / self.smoothing_s)
+            share = current + weight * (share - current)
+        self.s0, self.t0 = share, now
+
+
+def revealed_share(windows: list[tuple[float, int, float]], remaining: int) -> float | None:
+    """The share of the quota a `remaining` header leaves us; None if no window explains it.
+
+    `windows`: (the server's length, our usage over it, its full budget) per window. The header
+    reports the server's tightest window, which one we cannot tell. For that window, (usage +
+    remaining) / budget is the true share; for the others the estimate is lower, unless the
+    reported window is longer than theirs (then theirs may exceed 1: impossible, left out).
+    So the largest plausible estimate is the share when others' load is even, as it is at
+    a steady rate.
+    """
+    estimates = [(used + remaining) / budget for _, used, budget in windows if budget > 0]
+    plausible = [e for e in estimates if e <= 1.0 + SHARE_SLACK]
+    return min(1.0, max(plausible)) if plausible else None
 
 
 # -- pure feedback -----------------------------------------------------------------------------
@@ -216,6 +281,8 @@ class FeedbackSignal:
     pause_s: float  # pause admission this long from now; 0 for none
     near_limit: bool  # headers say the next request like the last one would be refused
     limited_by: tuple[str, ...] = ()  # "requests" / "tokens": which headers said so
+    remaining_requests: int | None = None  # x-ratelimit-remaining-*, when sent
+    remaining_tokens: int | None = None
 
 
 def read_feedback(status: int, headers: Mapping[str, str], *, last_cost: int = 1) -> FeedbackSignal:
@@ -224,22 +291,24 @@ def read_feedback(status: int, headers: Mapping[str, str], *, last_cost: int = 1
     A 429 pauses for `retry-after(-ms)`, else `DEFAULT_PAUSE_S`. Any answer whose
     `x-ratelimit-remaining-requests` is 0, or whose `x-ratelimit-remaining-tokens` is below
     `last_cost`, is near the limit: pause until the matching `x-ratelimit-reset-*`.
-    Absent headers mean no signal.
+    The remaining counts are passed on (on 429s too). Absent headers mean no signal.
     """
     lower = {k.lower(): v for k, v in headers.items()}
+    left = {r: _parse_int(lower.get(f"x-ratelimit-remaining-{r}")) for r in ("requests", "tokens")}
+    rem = {f"remaining_{r}": None if v is None else max(0, v) for r, v in left.items()}
     if status == 429:
         retry = parse_retry_after(lower)
-        return FeedbackSignal(True, DEFAULT_PAUSE_S if retry is None else retry, False)
+        return FeedbackSignal(True, DEFAULT_PAUSE_S if retry is None else retry, False, **rem)
     limited: list[str] = []
     pause = 0.0
     for resource, threshold in (("requests", 1), ("tokens", max(1, last_cost))):
-        remaining = _parse_int(lower.get(f"x-ratelimit-remaining-{resource}"))
+        remaining = left[resource]
         if remaining is None or remaining >= threshold:
             continue
         limited.append(resource)
         reset = parse_duration(lower.get(f"x-ratelimit-reset-{resource}"))
         pause = max(pause, min(MAX_HEADER_PAUSE_S, DEFAULT_PAUSE_S if reset is None else reset))
-    return FeedbackSignal(False, pause, bool(limited), tuple(limited))
+    return FeedbackSignal(False, pause, bool(limited), tuple(limited), **rem)
 
 
 # -- one model's schedule ----------------------------------------------------------------------
@@ -267,6 +336,8 @@ class ModelSchedule:
         self.name = name  # for messages only
         self.rpm, self.tpm, self.headroom = rpm, tpm, headroom
         self.adaptive = Adaptive() if adaptive else None
+        self.share = Share() if adaptive else None
+        self.window_margin_s = window_margin_s
         self.requests = Pace(rpm / 60.0 * headroom, tolerance_s)
         self.tokens = Pace(tpm / 60.0 * headroom, tolerance_s)
         self.request_windows = [
@@ -277,7 +348,20 @@ class ModelSchedule:
         self.last_cost = 0
 
     def multiplier(self, now: float) -> float:
-        return self.adaptive.value(now) if self.adaptive else 1.0
+        """The pacing's fraction of the limits: AIMD's guess, or less if headers say so."""
+        if self.adaptive is None or self.share is None:
+            return 1.0
+        return min(self.adaptive.value(now), self.share.value(now))
+
+    def share_of_windows(self, now: float) -> float:
+        """The fraction of every window's budget we may fill: the revealed share.
+
+        Alone (share 1) our log is exact; a revealed share below 1 is an estimate that may
+        run a request high at Langdock's limits (a 10 s window holds ~25 requests), so it keeps
+        the headroom the pacing keeps.
+        """
+        share = self.share.value(now) if self.share is not None else 1.0
+        return share if share >= 1.0 else share * self.headroom
 
     def _set_rates(self, now: float) -> None:
         m = self.multiplier(now)
@@ -289,8 +373,9 @@ class ModelSchedule:
         check_cost(self.name, cost, self.tpm)
         self._set_rates(now)
         waits = [self.paused_until - now, self.requests.delay(1, now), self.tokens.delay(cost, now)]
-        waits += [w.delay(1, now) for w in self.request_windows]
-        waits += [w.delay(cost, now) for w in self.token_windows]
+        scale = self.share_of_windows(now)
+        waits += [w.delay(1, now, scale) for w in self.request_windows]
+        waits += [w.delay(cost, now, scale) for w in self.token_windows]
         wait = max(waits)
         return wait if wait > _EPS else 0.0
 
@@ -322,19 +407,49 @@ class ModelSchedule:
             pairs += [(w, 1) for w in self.request_windows]
         if "tokens" in signal.limited_by:
             pairs += [(w, self.last_cost) for w in self.token_windows]
+        scale = self.share_of_windows(now)
         return any(
-            w.used_since(now - w.length - FEEDBACK_SLACK_S) + cost > w.budget for w, cost in pairs
+            w.used_since(now - w.length - FEEDBACK_SLACK_S) + cost > w.budget * scale
+            for w, cost in pairs
         )
 
+    def revealed(self, signal: FeedbackSignal, now: float) -> float | None:
+        """The share of the quota the answer's remaining-* headers reveal, if they do."""
+        shares = []
+        for windows, remaining in (
+            (self.request_windows, signal.remaining_requests),
+            (self.token_windows, signal.remaining_tokens),
+        ):
+            if remaining is None or not windows:
+                continue
+            server = [
+                (length, w.used_within(length, now), w.budget)
+                for w in windows
+                for length in [w.length - self.window_margin_s]
+            ]
+            share = revealed_share(server, remaining)
+            if share is not None:
+                shares.append(share)
+        return min(shares, default=None)
+
     def feedback(self, signal: FeedbackSignal, now: float) -> bool:
-        """Apply an answer's signal; True if the multiplier was decreased."""
-        if signal.pause_s > 0:
-            self.pause(signal.pause_s, now)
-        if self.adaptive is None:
-            return False
+        """Apply an answer's signal; True if the multiplier was decreased.
+
+        With remaining-* headers the share they reveal sets the pace, 429s included (no AIMD
+        guess on top). Without, a 429 decreases the AIMD multiplier.
+        """
+        before = self.multiplier(now)
+        share = self.revealed(signal, now) if self.share is not None else None
+        if share is not None and self.share is not None:
+            self.share.reveal(share, now)
+        # A near-limit signal our own sending (within the share) explains needs no pause: our
+        # windows hold the next request back until it fits.
         if signal.is_429 or (signal.near_limit and not self._explained_by_us(signal, now)):
-            return self.adaptive.on_rate_limited(now)
-        return False
+            if signal.pause_s > 0:
+                self.pause(signal.pause_s, now)
+            if self.adaptive is not None and share is None:
+                self.adaptive.on_rate_limited(now)
+        return self.multiplier(now) < before - _EPS
 
 
 # -- the async wrapper -------------------------------------------------------------------------
@@ -432,7 +547,12 @@ class LocalLimiter:
         """Report an answer of `model`: 429s and near-limit headers pause and slow it."""
         sched = self.schedule(model)
         signal = read_feedback(status, headers, last_cost=sched.last_cost)
-        if signal.is_429 or signal.near_limit:
+        if (
+            signal.is_429
+            or signal.near_limit
+            or signal.remaining_requests is not None
+            or signal.remaining_tokens is not None
+        ):
             sched.feedback(signal, self._now())
 
     def snapshot(self) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,7 @@ semantics of `batcher.limiter` (GCRA pacing with a tolerance, sliding-window cap
         rtat, ttat      theoretical arrival times of the request and token pacing
         last            the latest slot handed out (slots never go back in time)
         m0, t0, tdec    shared AIMD state: m(t) = min(1, m0 + recovery·(t - t0)); last decrease
+        sh0, sht        the quota share x-ratelimit-remaining-* revealed, recovering likewise
         pause           nobody is admitted before this time (429s, near-limit headers)
     batcher:<workspace>:<model>:log    sorted set: one "<seq>:<cost>:<running token total>"
                                        per slot, scored by its time; what the 60 s and 10 s
@@ -26,9 +27,12 @@ each reservation is judged and committed by its own process's configuration. Pro
 configured differently do not corrupt the state (each slot's pacing advance is the last
 writer's `cost / rate`); the tightest configuration governs the slots it takes.
 
-Answers go to the FEEDBACK script: a 429 (or near-limit headers the workspace's own log does not
-explain) lowers the shared multiplier, at most once per cooldown whichever process saw it, and
-any pause is shared. All processes slow down together.
+Answers go to the FEEDBACK script. With x-ratelimit-remaining-* headers, the workspace's usage
+in its log plus what remains is the share of the quota others leave the workspace: it sets the
+shared share (pacing and window caps, as in batcher.limiter); each process sends such an answer
+at most every HEADER_FEEDBACK_INTERVAL_S, 429s and near-limit answers always. Without the
+headers a 429 lowers the shared AIMD multiplier, at most once per cooldown whichever process saw
+it. Any pause is shared. All processes slow down together.
 
 Failure: Redis unreachable at `start()` raises LimiterError. Lost mid-run (connection error, or
 no answer within the socket timeout), `on_failure="stop"` raises LimiterError so the engine
@@ -41,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,6 +69,8 @@ from batcher.limiter import (
     DEFAULT_TOLERANCE_S,
     DEFAULT_WINDOWS_S,
     FEEDBACK_SLACK_S,
+    SHARE_SLACK,
+    SHARE_SMOOTHING_S,
     WINDOW_MARGIN_S,
     FeedbackSignal,
     LocalLimiter,
@@ -77,6 +84,9 @@ log = logging.getLogger("batcher")
 SOCKET_TIMEOUT_S = 2.0
 # An idle model's state vanishes this long after its last scheduled slot, pause or log entry.
 IDLE_TTL_S = 600
+# Answers that only carry x-ratelimit-remaining-* (no 429, not near the limit) reach Redis at
+# most this often per process and model: the share moves slowly, round trips cost.
+HEADER_FEEDBACK_INTERVAL_S = 0.25
 
 _US = 1_000_000
 
@@ -130,11 +140,17 @@ local rpm, tpm, headroom = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3
 local cost, adaptive, recovery = tonumber(ARGV[4]), ARGV[5] == '1', tonumber(ARGV[6])
 local tol, margin = us(tonumber(ARGV[7])), tonumber(ARGV[8])
 local wins = windows(ARGV[9])
-local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'pause', 'last', 'cum')
+local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'pause', 'last', 'cum',
+                     'sh0', 'sht')
 local rtat, ttat = tonumber(s[1]) or 0, tonumber(s[2]) or 0
 local pause, last = tonumber(s[5]) or 0, tonumber(s[6]) or 0
-local m = 1
-if adaptive then m = multiplier(s[3], s[4], recovery) end
+local m, share = 1, 1
+if adaptive then
+  share = multiplier(s[8], s[9], recovery)
+  m = math.min(multiplier(s[3], s[4], recovery), share)
+  -- A revealed share is an estimate: the window caps keep the pacing's headroom below it.
+  if share < 1 then share = share * headroom end
+end
 -- Pacing (GCRA with tolerance) and pause. Slots never go back in time, so every logged
 -- admission lies at or before `base` and a window's content only shrinks as time moves on:
 -- each window's earliest fit can be found on its own, and the latest of them fits all.
@@ -147,14 +163,14 @@ for _, w in ipairs(wins) do
   local len = us(w + margin)
   local first, n, total, before = window(base - len)
   -- Requests: the k-th oldest entry must leave for one more to fit.
-  local excess = n + 1 - rpm * w / 60
+  local excess = n + 1 - rpm * w / 60 * share
   if n > 0 and excess > 0 then
     at = math.max(at, entry(first + math.min(n, math.ceil(excess)) - 1) + len)
   end
   -- Tokens: the oldest entries up to the first whose running total frees `excess` must
   -- leave (all of them if even that is not enough: a request bigger than the window's
   -- budget goes alone).
-  excess = total + cost - tpm * w / 60
+  excess = total + cost - tpm * w / 60 * share
   if total > 0 and excess > 0 then
     local lo, hi = first, first + n - 1
     while lo < hi do
@@ -184,7 +200,8 @@ return {string.format('%.3f', (at - now) / 1000), fmt(now), string.format('%.6f'
 
 # ARGV: is 429 (0/1), near limit (0/1), by requests (0/1), by tokens (0/1), last cost,
 # pause s, adaptive (0/1), beta, m_min, recovery/s, cooldown s, rpm, tpm, window margin s,
-# windows s (csv), slack s, idle ttl ms, tolerance s.
+# windows s (csv), slack s, idle ttl ms, tolerance s, remaining requests, remaining tokens
+# (-1: not sent), share slack, headroom, share smoothing s.
 # Returns {decreased (0/1), now µs, multiplier, pause µs}.
 FEEDBACK_LUA = (
     _PRELUDE
@@ -197,10 +214,53 @@ local cooldown = us(tonumber(ARGV[11]))
 local rpm, tpm, margin = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local wins, slack = windows(ARGV[15]), tonumber(ARGV[16])
 local tol = us(tonumber(ARGV[18]))
-local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause', 'last')
+local left_req, left_tok, share_slack = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21])
+local smoothing = us(tonumber(ARGV[23]))
+local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause', 'last',
+                     'sh0', 'sht')
 local pause = tonumber(s[6]) or 0
-local m = multiplier(s[3], s[4], recovery)
-if pause_s > 0 and now + us(pause_s) > pause then
+local share = multiplier(s[8], s[9], recovery)
+local before = math.min(multiplier(s[3], s[4], recovery), share)
+-- The share the remaining-* headers reveal (batcher.limiter.revealed_share): per resource the
+-- largest plausible (usage over the server's window + remaining) / budget, the smaller of the two.
+local revealed = nil
+if adaptive then
+  for _, r in ipairs({{left_req, rpm, false}, {left_tok, tpm, true}}) do
+    local left, limit, tokens = r[1], r[2], r[3]
+    if left >= 0 then
+      local best = nil
+      for _, w in ipairs(wins) do
+        local _, n, total = window(now - us(w))
+        local est = ((tokens and total or n) + left) / (limit * w / 60)
+        if est <= 1 + share_slack and (not best or est > best) then best = est end
+      end
+      if best and (not revealed or best < revealed) then revealed = math.min(1, best) end
+    end
+  end
+  if revealed then
+    -- Smoothed as batcher.limiter.Share does; the first estimate is taken as it is.
+    revealed = math.max(m_min, revealed)
+    if s[9] and smoothing > 0 then
+      revealed = share + (1 - math.exp(-math.max(0, now - tonumber(s[9])) / smoothing))
+                 * (revealed - share)
+    end
+    share = revealed
+    redis.call('HSET', KEYS[1], 'sh0', string.format('%.6f', share), 'sht', fmt(now))
+  end
+end
+-- A near-limit answer the workspace's own sending (within its share) explains needs no pause.
+local explained = false
+if near and not is_429 then
+  local cap = share
+  if cap < 1 then cap = cap * tonumber(ARGV[22]) end
+  for _, w in ipairs(wins) do
+    local _, n, total = window(now - us(w + margin + slack) - 1)
+    if by_req and n + 1 > rpm * w / 60 * cap then explained = true end
+    if by_tok and total + last_cost > tpm * w / 60 * cap then explained = true end
+  end
+end
+local signal = is_429 or (near and not explained)
+if signal and pause_s > 0 and now + us(pause_s) > pause then
   pause = now + us(pause_s)
   -- Resume at the paced rate: a pacing left in the past would let the tolerance's burst go at
   -- once when the pause ends (batcher.limiter.ModelSchedule.pause).
@@ -209,24 +269,17 @@ if pause_s > 0 and now + us(pause_s) > pause then
   s[1], s[2] = fmt(rtat), fmt(ttat)
   redis.call('HSET', KEYS[1], 'pause', fmt(pause), 'rtat', s[1], 'ttat', s[2])
 end
--- A 429 means someone outside the workspace's accounting uses the quota; so do near-limit
--- headers, unless the workspace's own recent sending leaves no room for one more request.
-local decrease = adaptive and is_429
-if adaptive and near and not is_429 then
-  local explained = false
-  for _, w in ipairs(wins) do
-    local _, n, total = window(now - us(w + margin + slack) - 1)
-    if by_req and n + 1 > rpm * w / 60 then explained = true end
-    if by_tok and total + last_cost > tpm * w / 60 then explained = true end
-  end
-  decrease = not explained
-end
-local decreased = 0
-if decrease and (not s[5] or now - tonumber(s[5]) >= cooldown) then
+-- Without the headers, a 429 (or an unexplained near-limit answer) means someone outside the
+-- workspace's accounting uses the quota: AIMD, once per cooldown.
+local m = multiplier(s[3], s[4], recovery)
+if adaptive and signal and not revealed and (not s[5] or now - tonumber(s[5]) >= cooldown) then
   m = math.max(m_min, m * beta)
   redis.call('HSET', KEYS[1], 'm0', string.format('%.6f', m), 't0', fmt(now), 'tdec', fmt(now))
-  decreased = 1
 end
+m = math.min(m, share)
+if not adaptive then m = 1 end
+local decreased = 0
+if m < before - 1e-9 then decreased = 1 end
 local horizon = math.max(tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[7]) or 0, pause)
 expire(horizon, tonumber(ARGV[17]))
 return {tostring(decreased), fmt(now), string.format('%.6f', m), fmt(pause)}
@@ -310,6 +363,7 @@ class RedisLimiter:
         self.windows_s = windows_s
         self._windows_csv = ",".join(repr(float(w)) for w in windows_s)
         self._last_cost: dict[str, int] = {}  # read_feedback judges token headers by it
+        self._header_sent: dict[str, float] = {}  # when remaining-* headers last went to Redis
         self._redis: aioredis.Redis | None = None
         self._reserve_sha = ""
         self._feedback_sha = ""
@@ -493,7 +547,12 @@ class RedisLimiter:
             return
         signal = read_feedback(status, headers, last_cost=self._last_cost.get(model, 0))
         if not (signal.is_429 or signal.near_limit):
-            return
+            if signal.remaining_requests is None and signal.remaining_tokens is None:
+                return
+            now = self._clock()
+            if now - self._header_sent.get(model, -math.inf) < HEADER_FEEDBACK_INTERVAL_S:
+                return
+            self._header_sent[model] = now
         task = asyncio.get_running_loop().create_task(
             self._send_feedback(model, signal, status, headers)
         )
@@ -539,6 +598,11 @@ class RedisLimiter:
                 repr(FEEDBACK_SLACK_S),
                 IDLE_TTL_S * 1000,
                 repr(self.tolerance_s),
+                -1 if signal.remaining_requests is None else signal.remaining_requests,
+                -1 if signal.remaining_tokens is None else signal.remaining_tokens,
+                repr(SHARE_SLACK),
+                repr(self.headroom),
+                repr(SHARE_SMOOTHING_S),
             )
         except _LOST as exc:
             try:

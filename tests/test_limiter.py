@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import math
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -20,9 +21,11 @@ from batcher.limiter import (
     LocalLimiter,
     ModelSchedule,
     Pace,
+    Share,
     SlidingWindow,
     parse_duration,
     read_feedback,
+    revealed_share,
 )
 
 LANGDOCK = (500, 60_000)
@@ -212,25 +215,31 @@ def test_parse_duration(text: str | None, seconds: float | None) -> None:
             200,
             {"x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "2s"},
             500,
-            FeedbackSignal(False, 0.0, False),
+            FeedbackSignal(False, 0.0, False, remaining_tokens=900),
         ),
         (
             200,
             {"x-ratelimit-remaining-tokens": "400", "x-ratelimit-reset-tokens": "120ms"},
             500,
-            FeedbackSignal(False, 0.12, True, ("tokens",)),
+            FeedbackSignal(False, 0.12, True, ("tokens",), remaining_tokens=400),
         ),
         (
             200,
             {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m30s"},
             1,
-            FeedbackSignal(False, 60.0, True, ("requests",)),  # capped at a minute
+            FeedbackSignal(False, 60.0, True, ("requests",), 0),  # capped at a minute
         ),
         (
             200,
-            {"X-RateLimit-Remaining-Requests": "0", "X-RateLimit-Remaining-Tokens": "0"},
+            {"X-RateLimit-Remaining-Requests": "0", "X-RateLimit-Remaining-Tokens": "-3"},
             1,
-            FeedbackSignal(False, DEFAULT_PAUSE_S, True, ("requests", "tokens")),
+            FeedbackSignal(False, DEFAULT_PAUSE_S, True, ("requests", "tokens"), 0, 0),
+        ),
+        (
+            429,
+            {"retry-after": "2", "x-ratelimit-remaining-requests": "7"},
+            1,
+            FeedbackSignal(True, 2.0, False, remaining_requests=7),
         ),
         (200, {"x-ratelimit-remaining-tokens": "n/a"}, 500, FeedbackSignal(False, 0.0, False)),
     ],
@@ -248,16 +257,91 @@ def test_near_limit_explained_by_our_own_sending_does_not_slow_us() -> None:
     signal = read_feedback(200, {"x-ratelimit-remaining-tokens": "1000"}, last_cost=1500)
     sched.last_cost = 1500
     assert sched.feedback(signal, 9.0) is False
-    assert sched.multiplier(9.0) == 1.0
-    assert sched.paused_until == 9.0 + DEFAULT_PAUSE_S
+    assert sched.multiplier(9.0) == 1.0  # 9,000 ours + 1,000 left: the whole window
+    assert sched.paused_until == -math.inf  # our windows hold the next request back
 
 
-def test_near_limit_we_cannot_explain_means_foreign_load() -> None:
+# (server window, our usage over it, its budget) per window, remaining -> revealed share
+@pytest.mark.parametrize(
+    ("windows", "remaining", "expected"),
+    [
+        ([(60.0, 36_000, 60_000), (10.0, 6_000, 10_000)], 0, 0.6),  # steady at a 60 % share
+        ([(60.0, 3_000, 60_000), (10.0, 3_000, 10_000)], 3_000, 0.6),  # 3 s in: the 10 s window
+        ([(60.0, 3_000, 60_000), (10.0, 3_000, 10_000)], 33_000, 0.6),  # ... or the minute's
+        ([(60.0, 36_000, 60_000), (10.0, 9_000, 10_000)], 1_000, 1.0),  # all ours
+        ([(10.0, 9_900, 10_000)], 300, 1.0),  # a little over 1: timing, capped
+        ([(10.0, 9_000, 10_000)], 3_000, None),  # no window can report that
+        ([(10.0, 0, 10_000)], 0, 0.0),  # others take everything
+    ],
+)
+def test_revealed_share(
+    windows: list[tuple[float, int, float]], remaining: int, expected: float | None
+) -> None:
+    got = revealed_share(windows, remaining)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize(
+    ("reveals", "at", "expected"),
+    [
+        ([(0.0, 0.6)], 0.0, 0.6),  # the first estimate as it is
+        ([(0.0, 0.6)], 10.0, 0.7),  # then recovers 0.01/s without news
+        ([(0.0, 0.6), (2.0, 0.4)], 2.0, 0.62 - (1 - math.exp(-1)) * 0.22),
+        ([(0.0, 0.6), (0.0, 0.4)], 0.0, 0.6),  # at once: no weight
+        ([(0.0, 0.6), (100.0, 0.4)], 100.0, 0.4),  # long after: all weight
+        ([(0.0, 0.0)], 0.0, 0.05),  # floor
+    ],
+)
+def test_share_follows_the_estimates_smoothly(
+    reveals: list[tuple[float, float]], at: float, expected: float
+) -> None:
+    share = Share()
+    assert share.value(0.0) == 1.0
+    for t, x in reveals:
+        share.reveal(x, t)
+    assert share.value(at) == pytest.approx(expected)
+
+
+def test_remaining_headers_set_the_share_up_and_down_without_compounding() -> None:
     sched = ModelSchedule(*LANGDOCK)
-    sched.commit(300, 0.0)
-    signal = read_feedback(200, {"x-ratelimit-remaining-tokens": "100"}, last_cost=300)
-    assert sched.feedback(signal, 1.0) is True
+    assert sched.share is not None
+    sched.share.smoothing_s = 0.0  # each estimate as it is
+    for i in range(25):  # 5,000 tokens over 5 s
+        sched.commit(200, i * 0.2)
+    left = {"x-ratelimit-remaining-tokens": "1000"}  # others hold 4,000 of the 10 s window
+    assert sched.feedback(read_feedback(200, left, last_cost=200), 5.0) is True
+    assert sched.multiplier(5.0) == pytest.approx(0.6)
+    assert sched.share_of_windows(5.0) == pytest.approx(0.6 * 0.985)  # keeping the headroom
+    # The same answer again (sends from before the decrease): the same share, no compounding.
+    assert sched.feedback(read_feedback(200, left, last_cost=200), 5.0) is False
+    assert sched.multiplier(5.0) == pytest.approx(0.6)
+    # A 429 with the headers: the pause, and the share they reveal; no AIMD cut on top.
+    hit = read_feedback(429, {"retry-after": "1", "x-ratelimit-remaining-tokens": "0"})
+    sched.feedback(hit, 5.0)
+    assert sched.multiplier(5.0) == pytest.approx(0.5)
+    assert sched.adaptive is not None and sched.adaptive.value(5.0) == 1.0
+    assert sched.paused_until == 6.0
+    # Others leave: the share goes back up at once.
+    assert not sched.feedback(read_feedback(200, {"x-ratelimit-remaining-tokens": "5000"}), 6.0)
+    assert sched.multiplier(6.0) == pytest.approx(1.0)
+
+
+def test_the_window_caps_follow_the_revealed_share() -> None:
+    sched = ModelSchedule(*LANGDOCK, tolerance_s=10.0)  # only the windows hold it back
+    for i in range(11):
+        sched.commit(500, i * 0.1)
+    assert sched.delay(800, 1.0) == 0.0  # 5,500 + 800 fit the full 10,000
+    sched.feedback(read_feedback(200, {"x-ratelimit-remaining-tokens": "500"}), 1.0)
+    assert sched.share_of_windows(1.0) == pytest.approx(0.6 * 0.985)
+    # ... not the 5,910 left to us: the oldest entry must leave our 10.2 s window first.
+    assert sched.delay(800, 1.0) == pytest.approx(10.2 - 1.0)
+
+
+def test_without_headers_a_429_cuts_the_aimd_multiplier() -> None:
+    sched = ModelSchedule(*LANGDOCK)
+    assert sched.feedback(read_feedback(429, {}), 1.0) is True
     assert sched.multiplier(1.0) == pytest.approx(AIMD_BETA)
+    assert sched.share_of_windows(1.0) == 1.0
 
 
 def test_429_pauses_and_decreases_once_per_cooldown() -> None:

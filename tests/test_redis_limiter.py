@@ -561,19 +561,20 @@ async def test_a_window_caps_what_the_tolerance_would_let_through(
 NEAR_LIMIT = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "400ms"}
 
 
-async def test_near_limit_headers_pause_and_count_unless_our_own_sending_explains_them(
+async def test_near_limit_headers_reveal_the_share_others_leave_us(
     limiter_backend: Callable[..., Any],
 ) -> None:
-    # Budget 2 requests per 1 s window. After one request, "0 remaining" means someone else
-    # sends too: slow down. After two more, our own sending explains it: pause only.
+    # Budget 2 requests per 1 s window. After one request, "0 remaining" means others hold the
+    # other: half the quota is ours, and the window caps follow (the next request waits for
+    # the first to leave our 1.2 s window). After two, our own sending explains it: all ours.
     lim = await limiter_backend(fixed(120, 10_000_000), windows_s=(1.0,))
     await lim.acquire(MODEL, 1)
     before = time.monotonic()
     lim.feedback(MODEL, status=200, headers=NEAR_LIMIT)
     await settle(lim)
     await asyncio.wait_for(lim.acquire(MODEL, 1), HANG_GUARD_S)
-    assert time.monotonic() - before >= 0.4 - 0.005
-    assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.85, abs=0.01)
+    assert time.monotonic() - before >= 1.0
+    assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.5, abs=0.02)
 
     other = await limiter_backend(fixed(120, 10_000_000), windows_s=(1.0,))
     await other.acquire("gpt-4o", 1)
@@ -582,6 +583,27 @@ async def test_near_limit_headers_pause_and_count_unless_our_own_sending_explain
     await settle(other)
     await asyncio.wait_for(other.acquire("gpt-4o", 1), HANG_GUARD_S)
     assert other.snapshot()["gpt-4o"]["multiplier"] == 1.0
+
+
+async def test_remaining_headers_on_every_answer_set_the_share_not_aimd(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    # 600 RPM: a 10 s window holds 100 requests. Others hold 40 of them: 60 % is ours, however
+    # often it is said (no compounding), and a 429 with the header cuts no further.
+    lim = await limiter_backend(fixed(600, 10_000_000), windows_s=(10.0,))
+    for _ in range(10):
+        await lim.acquire(MODEL, 1)
+    for _ in range(3):
+        lim.feedback(MODEL, status=200, headers={"x-ratelimit-remaining-requests": "50"})
+        await settle(lim)
+    await lim.acquire(MODEL, 1)
+    assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.6, abs=0.02)
+    lim.feedback(
+        MODEL, status=429, headers={"retry-after-ms": "1", "x-ratelimit-remaining-requests": "49"}
+    )
+    await settle(lim)
+    await lim.acquire(MODEL, 1)
+    assert lim.snapshot()[MODEL]["multiplier"] == pytest.approx(0.6, abs=0.02)
 
 
 @pytest.mark.parametrize(
