@@ -137,6 +137,16 @@ class Engine:
         self._busy: set[asyncio.Task[Any]] = set()
         self._opened = asyncio.Event()  # set after the first successful answer
         self._probe_lock = asyncio.Lock()
+        self._policy = retry_policy(job.retry)
+        # While probing the setup: fewer, shorter retries before saying it is wrong.
+        self._probe_policy = retry_policy(
+            job.retry.model_copy(
+                update={
+                    "max_attempts": min(job.retry.max_attempts, 3),
+                    "max_wait_s": min(job.retry.max_wait_s, 5.0),
+                }
+            )
+        )
         self._probe_failures = 0
         self._warned_default_max = False
 
@@ -319,23 +329,20 @@ class Engine:
         While probing, a 404 or an unreachable server is raised instead (the setup is wrong,
         the row is not to blame) after fewer attempts.
         """
+        policy = self._probe_policy if probing else self._policy
         attempts = 0
-        answer: Answer | None = None
-        policy = self.job.retry
-        if probing:
-            policy = policy.model_copy(
-                update={
-                    "max_attempts": min(policy.max_attempts, 3),
-                    "max_wait_s": min(policy.max_wait_s, 5.0),
-                }
-            )
         try:
-            async for attempt in retry_policy(policy):
-                with attempt:
-                    if self._stopping:  # no retries once a stop was asked for
-                        raise asyncio.CancelledError
-                    attempts += 1
+            while True:
+                if self._stopping:  # a stop or a fatal error: send nothing more
+                    raise asyncio.CancelledError
+                attempts += 1
+                try:
                     answer = await self._attempt(req, attempts)
+                    break
+                except RetryableAPIError as exc:
+                    if not self._stopping and not policy.should_retry(exc, attempts):
+                        raise
+                    await asyncio.sleep(0 if self._stopping else policy.wait_s(exc, attempts))
         except AuthenticationError as exc:
             source = "--mock" if self.options.api_key else f"${self.job.endpoint.api_key_env}"
             exc.args = (f"{exc} (the key came from {source})",)
@@ -356,7 +363,6 @@ class Engine:
             return Result(
                 req.row_id, STATUS_ERROR, attempts=attempts, error=str(exc), keep=req.keep
             )
-        assert answer is not None
         return result_from_answer(req, answer, attempts, self.structured)
 
     async def _attempt(self, req: Request, attempt: int) -> Answer:

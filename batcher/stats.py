@@ -16,31 +16,43 @@ from typing import Any
 
 @dataclass
 class RateMeter:
-    """Requests and admission tokens sent within the last `window_s` seconds."""
+    """Requests and admission tokens sent within the last `window_s` seconds.
+
+    Counted in `bucket_s` buckets, so memory stays constant at any send rate (a display needs
+    no finer resolution than a second).
+    """
 
     window_s: float = 60.0
+    bucket_s: float = 1.0
     clock: Callable[[], float] = time.monotonic
-    _events: deque[tuple[float, int]] = field(default_factory=deque)
+    _buckets: deque[list[float]] = field(default_factory=deque)  # [start, requests, tokens]
+    _requests: int = 0
     _tokens: int = 0
 
     def add(self, tokens: int) -> None:
         now = self.clock()
-        self._events.append((now, tokens))
-        self._tokens += tokens
         self._expire(now)
+        if not self._buckets or now - self._buckets[-1][0] >= self.bucket_s:
+            self._buckets.append([now, 0, 0])
+        bucket = self._buckets[-1]
+        bucket[1] += 1
+        bucket[2] += tokens
+        self._requests += 1
+        self._tokens += tokens
 
     def _expire(self, now: float) -> None:
         cutoff = now - self.window_s
-        while self._events and self._events[0][0] < cutoff:
-            _, tok = self._events.popleft()
-            self._tokens -= tok
+        while self._buckets and self._buckets[0][0] < cutoff:
+            _, req, tok = self._buckets.popleft()
+            self._requests -= int(req)
+            self._tokens -= int(tok)
 
     def per_minute(self, elapsed_s: float) -> tuple[float, float]:
         """(requests/min, tokens/min), scaled up while the run is younger than the window."""
         self._expire(self.clock())
         span = min(self.window_s, max(elapsed_s, 1e-9))
         scale = 60.0 / span
-        return len(self._events) * scale, self._tokens * scale
+        return self._requests * scale, self._tokens * scale
 
 
 @dataclass

@@ -85,3 +85,20 @@ def test_wait_retry_after_or(attempt: int, headers: dict, low: float, high: floa
     err = classify(429, headers, {})
     assert err is not None
     assert low <= wait(_state(err, attempt)) <= high
+
+
+def test_retry_policy_decides_by_type_and_attempts() -> None:
+    from batcher.errors import APITimeout
+    from batcher.retrying import retry_policy
+    from batcher.spec import Retry
+
+    policy = retry_policy(Retry(max_attempts=3, initial_wait_s=1, max_wait_s=10))
+    timeout = APITimeout("slow")
+    assert policy.should_retry(timeout, 1) and policy.should_retry(timeout, 2)
+    assert not policy.should_retry(timeout, 3)  # the third attempt was the last
+    assert not policy.should_retry(classify(400, {}, {}), 1)  # never retried
+    assert not policy.should_retry(classify(401, {}, {}), 1)
+    limited = classify(429, {"retry-after-ms": "300"}, {})
+    assert limited is not None and 0.3 <= policy.wait_s(limited, 1) <= 0.33
+    assert 0 <= policy.wait_s(timeout, 1) <= 2.0  # initial 1 s + up to 1 s jitter
+    assert policy.wait_s(timeout, 10) <= 10.0 + 1.0  # capped at max_wait_s (+ jitter)
