@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,11 @@ def make_limiter(job: Job) -> Limiter:
     return LocalLimiter(limits, headroom=cfg.headroom, adaptive=cfg.adaptive)
 
 
+def int64_view(values: array[int]) -> pa.Array:
+    """An Arrow view of an array('q') without copying it into Python ints."""
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
 def resolve_api_key(job: Job) -> str:
     key = os.environ.get(job.endpoint.api_key_env, "").strip()
     if not key:
@@ -169,15 +175,15 @@ class Engine:
         known = self.reader.column_names()
         if known is not None:
             self.builder.check_columns(known)
-        chunks: list[pa.Array] = []
+        hashes = array("q")  # 8 bytes per row: duplicate ids are found without keeping ids
         total = failed = 0
         first_failure: InputDataError | None = None
         for batch in self.reader.iter_batches(4096):
-            ids = []
             for row in batch:
                 if not self._in_shard(row.id):
                     continue
-                ids.append(row.id)
+                hashes.append(hash(row.id))
+                total += 1
                 if row.error is not None:
                     continue
                 try:
@@ -189,22 +195,35 @@ class Engine:
                         ) from None
                     failed += 1
                     first_failure = first_failure or exc
-            chunks.append(pa.array(ids, pa.string()))
-            total += len(ids)
         if total and failed == total and first_failure is not None:
             # Not a few bad rows: the template itself is wrong (a typo in a {column}).
             raise InputDataError(f"every row is unusable, e.g. {first_failure}")
-        if total:
-            counts = pc.value_counts(pa.chunked_array(chunks, pa.string()))
-            dups = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
-            if len(dups):
-                sample = ", ".join(repr(x) for x in dups[:5].to_pylist())
-                where = f"id_column {self.job.id_column!r}" if self.job.id_column else "custom_id"
-                raise InputDataError(
-                    f"{self.job.input}: {len(dups)} duplicate ids in {where} (e.g. {sample}); "
-                    "every row needs a unique id so its answer can be matched and resumed"
-                )
+        if total and pc.count_distinct(int64_view(hashes)).as_py() != total:
+            self._report_duplicates(hashes)
+        del hashes
+        pa.default_memory_pool().release_unused()
         return total
+
+    def _report_duplicates(self, hashes: array[int]) -> None:
+        """Some hashes repeat: find the ids behind them (a second pass) and name them."""
+        counts = pc.value_counts(int64_view(hashes))
+        repeated = set(
+            pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
+        )
+        seen: dict[str, int] = {}
+        for batch in self.reader.iter_batches(4096):
+            for row in batch:
+                if hash(row.id) in repeated and self._in_shard(row.id):
+                    seen[row.id] = seen.get(row.id, 0) + 1
+        dups = [i for i, n in seen.items() if n > 1]
+        if not dups:
+            return  # 64-bit hash collision between different ids: no duplicate after all
+        sample = ", ".join(repr(x) for x in dups[:5])
+        where = f"id_column {self.job.id_column!r}" if self.job.id_column else "custom_id"
+        raise InputDataError(
+            f"{self.job.input}: {len(dups)} duplicate ids in {where} (e.g. {sample}); "
+            "every row needs a unique id so its answer can be matched and resumed"
+        )
 
     # ---- producing requests ----
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -136,13 +137,18 @@ def output_schema(
 
 
 def _latest_mask(journal: Path) -> bytearray | None:
-    """1 for each record (in journal order) that is its id's last; None if none is superseded."""
-    ids = pa.array((rec["id"] for rec in read_results(journal)), pa.string())
-    table = pa.table({"id": ids, "seq": pa.array(range(len(ids)), pa.int64())})
-    latest = table.group_by("id", use_threads=False).aggregate([("seq", "max")])
-    if latest.num_rows == len(ids):
-        return None
-    mask = bytearray(len(ids))
+    """1 for each record (in journal order) that is its id's last; None if none is superseded.
+
+    Ids are compared by 64-bit hash (8 bytes a record, not the ids themselves); a collision
+    would drop a row, which the row-count check before publishing catches.
+    """
+    hashes = array("q", (hash(rec["id"]) for rec in read_results(journal)))
+    view = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
+    if pc.count_distinct(view).as_py() == len(hashes):
+        return None  # the usual case: every id once
+    table = pa.table({"h": view, "seq": pa.array(range(len(hashes)), pa.int64())})
+    latest = table.group_by("h", use_threads=False).aggregate([("seq", "max")])
+    mask = bytearray(len(hashes))
     for seq in latest.column("seq_max").to_pylist():
         mask[seq] = 1
     return mask
