@@ -72,9 +72,10 @@ AIMD_COOLDOWN_S = 2.0  # 429s for requests sent before the last decrease do not 
 # The revealed share is estimated against the server's window lengths; a window whose estimate
 # exceeds 1 by more than this cannot be the one the header reports (see `Share`).
 SHARE_SLACK = 0.02
-# Each estimate is off by the sends made while the answer travelled (at Langdock's limits one
-# request is 3.6 % of a 10 s window): the share follows the estimates with this time constant.
-# The first estimate is taken as it is, so the start-up does not overshoot.
+# Each estimate counts the sends made while the answer travelled (and while it waited on a
+# busy event loop), which the server had not seen: estimates run high (by 3 % in the foreign-load
+# benchmark when averaged), and at Langdock's limits one request is 3.6 % of a 10 s window. So
+# a lower estimate is taken at once, a higher one only with this time constant.
 SHARE_SMOOTHING_S = 2.0
 
 DEFAULT_PAUSE_S = 1.0  # a 429 without retry-after pauses the model this long
@@ -202,7 +203,8 @@ class Adaptive:
 class Share:
     """s(t) = min(1, s0 + recovery_per_s * (t - t0)): the quota share the headers revealed.
 
-    Each estimate moves s0 toward it by 1 - exp(-dt / smoothing_s), dt since the last one.
+    A lower estimate is taken as it is; a higher one moves s0 toward it by
+    1 - exp(-dt / smoothing_s), dt since the last estimate.
     """
 
     recovery_per_s: float = AIMD_RECOVERY_PER_S
@@ -217,8 +219,8 @@ class Share:
 
     def reveal(self, share: float, now: float) -> None:
         share = min(1.0, max(AIMD_M_MIN, share))
-        if self.t0 != -math.inf and self.smoothing_s > 0:
-            current = self.value(now)
+        current = self.value(now)
+        if share > current and self.t0 != -math.inf and self.smoothing_s > 0:
             weight = 1.0 - math.exp(-max(0.0, now - self.t0) / self.smoothing_s)
             share = current + weight * (share - current)
         self.s0, self.t0 = share, now
@@ -544,7 +546,7 @@ class LocalLimiter:
                 await asyncio.sleep(wait)
 
     def feedback(self, model: str, *, status: int, headers: Mapping[str, str]) -> None:
-        """Report an answer of `model`: 429s and near-limit headers pause and slow it."""
+        """Report an answer of `model`: 429s pause it; remaining-* headers or AIMD set its pace."""
         sched = self.schedule(model)
         signal = read_feedback(status, headers, last_cost=sched.last_cost)
         if (

@@ -238,9 +238,9 @@ if adaptive then
     end
   end
   if revealed then
-    -- Smoothed as batcher.limiter.Share does; the first estimate is taken as it is.
+    -- As batcher.limiter.Share: a lower estimate at once, a higher one smoothed.
     revealed = math.max(m_min, revealed)
-    if s[9] and smoothing > 0 then
+    if revealed > share and s[9] and smoothing > 0 then
       revealed = share + (1 - math.exp(-math.max(0, now - tonumber(s[9])) / smoothing))
                  * (revealed - share)
     end

@@ -286,9 +286,10 @@ def test_revealed_share(
     [
         ([(0.0, 0.6)], 0.0, 0.6),  # the first estimate as it is
         ([(0.0, 0.6)], 10.0, 0.7),  # then recovers 0.01/s without news
-        ([(0.0, 0.6), (2.0, 0.4)], 2.0, 0.62 - (1 - math.exp(-1)) * 0.22),
-        ([(0.0, 0.6), (0.0, 0.4)], 0.0, 0.6),  # at once: no weight
-        ([(0.0, 0.6), (100.0, 0.4)], 100.0, 0.4),  # long after: all weight
+        ([(0.0, 0.6), (2.0, 0.4)], 2.0, 0.4),  # lower: at once
+        ([(0.0, 0.4), (2.0, 0.6)], 2.0, 0.42 + (1 - math.exp(-1)) * 0.18),  # higher: smoothed
+        ([(0.0, 0.4), (0.0, 0.6)], 0.0, 0.4),  # at once: no weight
+        ([(0.0, 0.4), (100.0, 0.6)], 100.0, 0.6),  # long after: all weight
         ([(0.0, 0.0)], 0.0, 0.05),  # floor
     ],
 )
