@@ -21,12 +21,12 @@ reuses them):
   still has room for it; the pacing keeps the sending smooth inside that cap.
 - `Adaptive`: AIMD multiplier on the pacing rates, a pure function of time. A 429 that our
   own accounting let through means someone else uses the quota: multiply by `AIMD_BETA`
-  (at most once per `AIMD_COOLDOWN_S`), then recover linearly. Used only while answers carry
-  no `x-ratelimit-remaining-*` headers (Langdock may not pass them through).
+  (at most once per `AIMD_COOLDOWN_S`), then recover linearly. All the adaptation when answers
+  carry no `x-ratelimit-remaining-*` headers (Langdock may not pass them through).
 - `Share`: the share of the quota others leave us, as the headers reveal it. The server's
   window holds our sends and others'; `remaining` is what is left, so our usage over the
   window plus `remaining` is what the window allows us. Every answer with the header sets it
-  (up or down: no AIMD guessing, no compounding of signals about sends made before a cut);
+  (up or down: no guessing, no compounding of signals about sends made before a decrease);
   it scales both the pacing and the window caps, so we fill exactly the allowed share. It
   recovers linearly like the multiplier if the headers stop.
 - `ModelSchedule`: one model's pieces together, plus the pause a 429 or near-limit headers set.
@@ -69,14 +69,13 @@ AIMD_BETA = 0.85  # multiplicative decrease on an unexpected 429
 AIMD_RECOVERY_PER_S = 0.01  # linear recovery of the multiplier per second
 AIMD_M_MIN = 0.05  # never slower than this fraction of the limits
 AIMD_COOLDOWN_S = 2.0  # 429s for requests sent before the last decrease do not compound
-# The revealed share is estimated against the server's window lengths; a window whose estimate
-# exceeds 1 by more than this cannot be the one the header reports (see `Share`).
-SHARE_SLACK = 0.02
 # Each estimate counts the sends made while the answer travelled (and while it waited on a
 # busy event loop), which the server had not seen: estimates run high (by 3 % in the foreign-load
 # benchmark when averaged), and at Langdock's limits one request is 3.6 % of a 10 s window. So
-# a lower estimate is taken at once, a higher one only with this time constant.
+# a higher estimate is followed with this time constant, a lower one 4x faster (the first is
+# taken as it is, so the start-up does not overshoot).
 SHARE_SMOOTHING_S = 2.0
+SHARE_SMOOTHING_DOWN_S = SHARE_SMOOTHING_S / 4
 
 DEFAULT_PAUSE_S = 1.0  # a 429 without retry-after pauses the model this long
 MAX_HEADER_PAUSE_S = 60.0  # a per-minute limit never needs a longer pause than the minute
@@ -203,8 +202,8 @@ class Adaptive:
 class Share:
     """s(t) = min(1, s0 + recovery_per_s * (t - t0)): the quota share the headers revealed.
 
-    A lower estimate is taken as it is; a higher one moves s0 toward it by
-    1 - exp(-dt / smoothing_s), dt since the last estimate.
+    An estimate moves s0 toward it by 1 - exp(-dt / smoothing), dt since the last estimate,
+    the smoothing 4x shorter downwards; the first is taken as it is.
     """
 
     recovery_per_s: float = AIMD_RECOVERY_PER_S
@@ -220,25 +219,25 @@ class Share:
     def reveal(self, share: float, now: float) -> None:
         share = min(1.0, max(AIMD_M_MIN, share))
         current = self.value(now)
-        if share > current and self.t0 != -math.inf and self.smoothing_s > 0:
-            weight = 1.0 - math.exp(-max(0.0, now - self.t0) / self.smoothing_s)
+        tau = self.smoothing_s if share > current else self.smoothing_s / 4
+        if self.t0 != -math.inf and tau > 0:
+            weight = 1.0 - math.exp(-max(0.0, now - self.t0) / tau)
             share = current + weight * (share - current)
         self.s0, self.t0 = share, now
 
 
 def revealed_share(windows: list[tuple[float, int, float]], remaining: int) -> float | None:
-    """The share of the quota a `remaining` header leaves us; None if no window explains it.
+    """The share of the quota a `remaining` header leaves us; None without windows.
 
-    `windows`: (the server's length, our usage over it, its full budget) per window. The header
-    reports the server's tightest window, which one we cannot tell. For that window, (usage +
-    remaining) / budget is the true share; for the others the estimate is lower, unless the
-    reported window is longer than theirs (then theirs may exceed 1: impossible, left out).
-    So the largest plausible estimate is the share when others' load is even, as it is at
-    a steady rate.
+    `windows`: (the server's length, our usage over it, its full budget) per window, the
+    server's windows being ours. The header reports the server's tightest window, which one
+    we cannot tell. For that window, (usage + remaining) / budget is the true share; for the
+    others the estimate is lower. So the largest estimate is the share when others' load is
+    even over the windows, as it is at a steady rate. (Sends the server had not yet seen push
+    an estimate above 1 at full speed: capped.)
     """
     estimates = [(used + remaining) / budget for _, used, budget in windows if budget > 0]
-    plausible = [e for e in estimates if e <= 1.0 + SHARE_SLACK]
-    return min(1.0, max(plausible)) if plausible else None
+    return min(1.0, max(estimates)) if estimates else None
 
 
 # -- pure feedback -----------------------------------------------------------------------------
@@ -358,12 +357,12 @@ class ModelSchedule:
     def share_of_windows(self, now: float) -> float:
         """The fraction of every window's budget we may fill: the revealed share.
 
-        Alone (share 1) our log is exact; a revealed share below 1 is an estimate that may
-        run a request high at Langdock's limits (a 10 s window holds ~25 requests), so it keeps
-        the headroom the pacing keeps.
+        Alone (share 1) our log is exact; a revealed share below 1 is an estimate that may run
+        a request high at Langdock's limits (a 10 s window holds ~25 requests), so the further
+        below 1, the more margin: 2 x (1 - headroom) x (1 - share), 1.2 % of the quota at 0.6.
         """
         share = self.share.value(now) if self.share is not None else 1.0
-        return share if share >= 1.0 else share * self.headroom
+        return share - 2.0 * (1.0 - self.headroom) * (1.0 - share)
 
     def _set_rates(self, now: float) -> None:
         m = self.multiplier(now)
@@ -437,8 +436,11 @@ class ModelSchedule:
     def feedback(self, signal: FeedbackSignal, now: float) -> bool:
         """Apply an answer's signal; True if the multiplier was decreased.
 
-        With remaining-* headers the share they reveal sets the pace, 429s included (no AIMD
-        guess on top). Without, a 429 decreases the AIMD multiplier.
+        With remaining-* headers the share they reveal sets the pace (repeated near-limit
+        answers about sends made before a decrease cannot compound). A 429 also decreases the
+        AIMD multiplier, once per cooldown: without the headers that is all the adaptation;
+        with them it only bites if 429s persist although the revealed share said there was
+        room (headers that mean something else than our windows assume).
         """
         before = self.multiplier(now)
         share = self.revealed(signal, now) if self.share is not None else None
@@ -449,7 +451,7 @@ class ModelSchedule:
         if signal.is_429 or (signal.near_limit and not self._explained_by_us(signal, now)):
             if signal.pause_s > 0:
                 self.pause(signal.pause_s, now)
-            if self.adaptive is not None and share is None:
+            if self.adaptive is not None and (signal.is_429 or share is None):
                 self.adaptive.on_rate_limited(now)
         return self.multiplier(now) < before - _EPS
 

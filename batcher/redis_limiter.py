@@ -69,7 +69,6 @@ from batcher.limiter import (
     DEFAULT_TOLERANCE_S,
     DEFAULT_WINDOWS_S,
     FEEDBACK_SLACK_S,
-    SHARE_SLACK,
     SHARE_SMOOTHING_S,
     WINDOW_MARGIN_S,
     FeedbackSignal,
@@ -148,8 +147,9 @@ local m, share = 1, 1
 if adaptive then
   share = multiplier(s[8], s[9], recovery)
   m = math.min(multiplier(s[3], s[4], recovery), share)
-  -- A revealed share is an estimate: the window caps keep the pacing's headroom below it.
-  if share < 1 then share = share * headroom end
+  -- A revealed share is an estimate: the window caps keep a margin below it (as in
+  -- batcher.limiter.ModelSchedule.share_of_windows).
+  share = share - 2 * (1 - headroom) * (1 - share)
 end
 -- Pacing (GCRA with tolerance) and pause. Slots never go back in time, so every logged
 -- admission lies at or before `base` and a window's content only shrinks as time moves on:
@@ -201,7 +201,7 @@ return {string.format('%.3f', (at - now) / 1000), fmt(now), string.format('%.6f'
 # ARGV: is 429 (0/1), near limit (0/1), by requests (0/1), by tokens (0/1), last cost,
 # pause s, adaptive (0/1), beta, m_min, recovery/s, cooldown s, rpm, tpm, window margin s,
 # windows s (csv), slack s, idle ttl ms, tolerance s, remaining requests, remaining tokens
-# (-1: not sent), share slack, headroom, share smoothing s.
+# (-1: not sent), unused, headroom, share smoothing s.
 # Returns {decreased (0/1), now µs, multiplier, pause µs}.
 FEEDBACK_LUA = (
     _PRELUDE
@@ -214,7 +214,7 @@ local cooldown = us(tonumber(ARGV[11]))
 local rpm, tpm, margin = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local wins, slack = windows(ARGV[15]), tonumber(ARGV[16])
 local tol = us(tonumber(ARGV[18]))
-local left_req, left_tok, share_slack = tonumber(ARGV[19]), tonumber(ARGV[20]), tonumber(ARGV[21])
+local left_req, left_tok = tonumber(ARGV[19]), tonumber(ARGV[20])
 local smoothing = us(tonumber(ARGV[23]))
 local s = redis.call('HMGET', KEYS[1], 'rtat', 'ttat', 'm0', 't0', 'tdec', 'pause', 'last',
                      'sh0', 'sht')
@@ -222,7 +222,7 @@ local pause = tonumber(s[6]) or 0
 local share = multiplier(s[8], s[9], recovery)
 local before = math.min(multiplier(s[3], s[4], recovery), share)
 -- The share the remaining-* headers reveal (batcher.limiter.revealed_share): per resource the
--- largest plausible (usage over the server's window + remaining) / budget, the smaller of the two.
+-- largest (usage over the server's window + remaining) / budget, the smaller of the two.
 local revealed = nil
 if adaptive then
   for _, r in ipairs({{left_req, rpm, false}, {left_tok, tpm, true}}) do
@@ -232,16 +232,18 @@ if adaptive then
       for _, w in ipairs(wins) do
         local _, n, total = window(now - us(w))
         local est = ((tokens and total or n) + left) / (limit * w / 60)
-        if est <= 1 + share_slack and (not best or est > best) then best = est end
+        if not best or est > best then best = est end
       end
       if best and (not revealed or best < revealed) then revealed = math.min(1, best) end
     end
   end
   if revealed then
-    -- As batcher.limiter.Share: a lower estimate at once, a higher one smoothed.
+    -- Smoothed as batcher.limiter.Share: 4x faster downwards; the first as it is.
     revealed = math.max(m_min, revealed)
-    if revealed > share and s[9] and smoothing > 0 then
-      revealed = share + (1 - math.exp(-math.max(0, now - tonumber(s[9])) / smoothing))
+    local tau = smoothing
+    if revealed < share then tau = smoothing / 4 end
+    if s[9] and tau > 0 then
+      revealed = share + (1 - math.exp(-math.max(0, now - tonumber(s[9])) / tau))
                  * (revealed - share)
     end
     share = revealed
@@ -251,8 +253,7 @@ end
 -- A near-limit answer the workspace's own sending (within its share) explains needs no pause.
 local explained = false
 if near and not is_429 then
-  local cap = share
-  if cap < 1 then cap = cap * tonumber(ARGV[22]) end
+  local cap = share - 2 * (1 - tonumber(ARGV[22])) * (1 - share)
   for _, w in ipairs(wins) do
     local _, n, total = window(now - us(w + margin + slack) - 1)
     if by_req and n + 1 > rpm * w / 60 * cap then explained = true end
@@ -269,10 +270,12 @@ if signal and pause_s > 0 and now + us(pause_s) > pause then
   s[1], s[2] = fmt(rtat), fmt(ttat)
   redis.call('HSET', KEYS[1], 'pause', fmt(pause), 'rtat', s[1], 'ttat', s[2])
 end
--- Without the headers, a 429 (or an unexplained near-limit answer) means someone outside the
--- workspace's accounting uses the quota: AIMD, once per cooldown.
+-- A 429 (or, without the headers, an unexplained near-limit answer) means someone outside the
+-- workspace's accounting uses the quota: AIMD, once per cooldown. With the headers it only
+-- bites if 429s persist below the revealed share.
 local m = multiplier(s[3], s[4], recovery)
-if adaptive and signal and not revealed and (not s[5] or now - tonumber(s[5]) >= cooldown) then
+local cooled = not s[5] or now - tonumber(s[5]) >= cooldown
+if adaptive and (is_429 or (signal and not revealed)) and cooled then
   m = math.max(m_min, m * beta)
   redis.call('HSET', KEYS[1], 'm0', string.format('%.6f', m), 't0', fmt(now), 'tdec', fmt(now))
 end
@@ -600,7 +603,7 @@ class RedisLimiter:
                 repr(self.tolerance_s),
                 -1 if signal.remaining_requests is None else signal.remaining_requests,
                 -1 if signal.remaining_tokens is None else signal.remaining_tokens,
-                repr(SHARE_SLACK),
+                "0",  # unused (was a share slack)
                 repr(self.headroom),
                 repr(SHARE_SMOOTHING_S),
             )
