@@ -154,10 +154,13 @@ def run(
                     "event": "summary",
                     "exit_code": int(outcome.exit_code),
                     "output": str(outcome.output),
+                    "error": outcome.error,
                     **outcome.stats.as_dict(),
                 }
             )
         )
+        if outcome.error:
+            click.echo(f"error: {outcome.error}", err=True)
         click.echo(outcome.message.splitlines()[-1], err=True)
     elif not quiet or outcome.exit_code != ExitCode.OK:
         click.echo(outcome.message, err=True)

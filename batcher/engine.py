@@ -30,6 +30,7 @@ from batcher.answers import result_from_answer
 from batcher.client import Answer, ChatClient
 from batcher.errors import (
     APIConnectionError,
+    APIError,
     AuthenticationError,
     BadRequest,
     BatcherError,
@@ -76,6 +77,7 @@ class RunOutcome:
     stats: RunStats
     output: Path
     message: str
+    error: str | None = None  # why the run stopped, when it did
 
 
 def make_limiter(job: Job) -> Limiter:
@@ -333,6 +335,11 @@ class Engine:
             raise JobSpecError(f"the first request failed: {exc}; {where}") from None
         except APIConnectionError as exc:
             raise JobSpecError(f"the first request failed: {exc}; {where}") from None
+        except RetryableAPIError as exc:  # 5xx / timeouts / 429s to the end: not our setup
+            raise APIError(
+                f"the service did not answer the first request: {exc}. It seems down or "
+                "overloaded; nothing else was sent, run the same command again later."
+            ) from None
         if not self._opened.is_set():
             self._probe_failures += 1
             if self._probe_failures >= PROBE_FAILURES_FATAL:
@@ -367,7 +374,7 @@ class Engine:
             exc.args = (f"{exc} (the key came from {source})",)
             raise
         except RetryableAPIError as exc:
-            if probing and isinstance(exc, APIConnectionError):
+            if probing:
                 raise
             return Result(
                 req.row_id,
@@ -585,7 +592,13 @@ class Engine:
                     else ExitCode.TERMINATED
                 )
                 message = f"interrupted. {self._saved()} To continue, {rerun}."
-            return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}")
+            return RunOutcome(
+                code,
+                self.stats,
+                self.output,
+                f"{summary}\n{message}",
+                error=str(fatal) if fatal is not None else "interrupted",
+            )
 
         rows, errors = await asyncio.to_thread(self._write_output, total)
         journal.write_meta(end_record(True, **self._end_counts()))

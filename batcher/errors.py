@@ -25,6 +25,7 @@ to this tree; nothing else looks at status codes or message text.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from enum import IntEnum
 from typing import Any
@@ -153,6 +154,9 @@ def server_message(body: Any) -> str:
         try:
             body = json.loads(body)
         except ValueError:
+            if "<html" in body[:500].lower():  # a gateway's error page: its title says enough
+                title = re.search(r"<title>(.*?)</title>", body, re.I | re.S)
+                return title.group(1).strip()[:200] if title else "(an HTML error page)"
             return body.strip()[:500] or "(empty body)"
     if isinstance(body, dict):
         err = body.get("error", body)

@@ -264,12 +264,6 @@ def test_bad_key_stops_after_one_request(
     assert "wrong-key-4711" not in run.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: cli.run with --log-format json echoes only the last line of the outcome "
-    "message ('N of M rows are saved ... Fix the problem'); the fatal error itself (401, "
-    "which key variable) is on no stream, and the JSON summary has no error field",
-)
 def test_bad_key_reason_is_reported_in_json_mode(
     tmp_path: Path, double: Callable[..., ThreadedDouble]
 ) -> None:
@@ -398,13 +392,6 @@ def test_html_5xx_and_slow_answers_are_retried(
     assert run.summary["server_errors"] == run.stats.by_status[500] + run.stats.by_status[503]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: engine.Engine._probe counts 5xx (retryable) failures toward "
-    "PROBE_FAILURES_FATAL and raises JobSpecError (exit 2, 'check endpoint.region / "
-    "endpoint.base_url and model, and params') for a server outage; errors.server_message "
-    "puts the whole HTML error page into the message",
-)
 def test_server_outage_is_not_reported_as_a_wrong_setup(
     tmp_path: Path, double: Callable[..., ThreadedDouble]
 ) -> None:
