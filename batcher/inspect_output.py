@@ -27,6 +27,7 @@ from batcher.errors import BatcherError, InputDataError
 from batcher.journal import journal_path, read_results
 from batcher.pricing import PRICES_AS_OF, price_for
 from batcher.progress import format_duration
+from batcher.records import RESULT_FIELDS
 from batcher.spec import Price
 
 BATCH_ROWS = 16_384
@@ -37,18 +38,8 @@ MAX_LABEL_VALUES = 50  # a parsed field with more distinct values is not a label
 OTHER_ERRORS = "(other errors)"
 NONE = "(none)"
 
-_COLUMNS = (
-    "id",
-    "status",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "attempts",
-    "latency_s",
-    "error",
-    "model",
-)
+# Every result column but the answer text, which a summary never needs (and may be large).
+_COLUMNS = tuple(c for c in RESULT_FIELDS if c != "content")
 _SCHEMA = pa.schema(
     [
         ("id", pa.string()),
