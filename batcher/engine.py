@@ -40,6 +40,7 @@ from batcher.errors import (
     RateLimited,
     RetryableAPIError,
 )
+from batcher.idhashes import has_repeats, int64_view
 from batcher.journal import JobLock, Journal, end_record, journal_path, open_journal
 from batcher.limiter import Limiter, LocalLimiter
 from batcher.readers import InputReader, Row, input_digest, open_input
@@ -99,11 +100,6 @@ def make_limiter(job: Job) -> Limiter:
             local_share=cfg.local_share,
         )
     return LocalLimiter(limits, headroom=cfg.headroom, adaptive=cfg.adaptive)
-
-
-def int64_view(values: array[int]) -> pa.Array:
-    """An Arrow view of an array('q') without copying it into Python ints."""
-    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
 
 
 def resolve_api_key(job: Job) -> str:
@@ -200,7 +196,7 @@ class Engine:
         if total and failed == total and first_failure is not None:
             # Not a few bad rows: the template itself is wrong (a typo in a {column}).
             raise InputDataError(f"every row is unusable, e.g. {first_failure}")
-        if total and pc.count_distinct(int64_view(hashes)).as_py() != total:
+        if total and has_repeats(int64_view(hashes)):
             self._report_duplicates(hashes)
         del hashes
         pa.default_memory_pool().release_unused()

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
+from batcher.idhashes import has_repeats, int64_view
 from batcher.journal import fsync_dir, read_results, storage_error
 from batcher.records import RESULT_FIELDS
 
@@ -143,8 +144,8 @@ def _latest_mask(journal: Path) -> bytearray | None:
     would drop a row, which the row-count check before publishing catches.
     """
     hashes = array("q", (hash(rec["id"]) for rec in read_results(journal)))
-    view = pa.Array.from_buffers(pa.int64(), len(hashes), [None, pa.py_buffer(hashes)])
-    if pc.count_distinct(view).as_py() == len(hashes):
+    view = int64_view(hashes)
+    if not has_repeats(view):
         return None  # the usual case: every id once
     table = pa.table({"h": view, "seq": pa.array(range(len(hashes)), pa.int64())})
     latest = table.group_by("h", use_threads=False).aggregate([("seq", "max")])
