@@ -139,7 +139,7 @@ class Engine:
         self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
         self._busy: set[asyncio.Task[Any]] = set()
-        self._opened = asyncio.Event()  # set after the first successful answer
+        self._opened = asyncio.Event()  # set by the first 2xx answer: the setup works
         self._probe_lock = asyncio.Lock()
         self._policy = retry_policy(job.retry)
         # While probing the setup: fewer, shorter retries before saying it is wrong.

@@ -71,13 +71,13 @@ def input_digest(path: Path) -> str:
 class InputReader:
     """Streams the job's input as batches of rows; ids per the job's id rules."""
 
-    def __init__(self, job: Job, columns: list[str] | None = None) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
         self.path = job.input
         if not self.path.exists():
             raise InputDataError(f"{self.path}: input file not found")
         self.format: Format = detect_format(job)
-        self._columns = columns  # Parquet: read only these (None = all)
+        self._columns: list[str] | None = None  # Parquet: read only these (None = all)
         if self.format == "parquet":
             try:
                 self._pq = pq.ParquetFile(self.path)
@@ -196,8 +196,8 @@ def _batch_line_problem(obj: dict[str, Any]) -> str | None:
     return None
 
 
-def open_input(job: Job, columns: list[str] | None = None) -> InputReader:
-    return InputReader(job, columns)
+def open_input(job: Job) -> InputReader:
+    return InputReader(job)
 
 
 def count_rows(job: Job, shard: tuple[int, int] | None = None) -> int:
