@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from batcher.mockserver import MockConfig, ThreadedMockServer
+from batcher.mock import MockConfig, ThreadedMockServer
 
 # -- mock server ---------------------------------------------------------------------------------
 

@@ -534,7 +534,7 @@ async def test_snapshot_and_lifecycle() -> None:
 
 def test_the_mock_servers_quota_never_refuses_what_we_admit() -> None:
     """The bundled server's own sliding-window quota, driven by our schedule on a fake clock."""
-    from batcher.mockserver import SlidingWindowQuota
+    from batcher.mock import SlidingWindowQuota
 
     clock = [0.0]
     for rpm, tpm in (LANGDOCK, TEN_X):

@@ -16,13 +16,13 @@ import jsonschema
 import openai
 import pytest
 
-from batcher.mockserver import (
+from batcher.mock import (
     DATED_MODEL_NAMES,
     MockConfig,
     MockServer,
+    Refusal,
     SlidingWindowQuota,
     ThreadedMockServer,
-    _Refusal,
     admission_cost,
     build_completion,
     canonical_digest,
@@ -223,7 +223,7 @@ def test_config_normalises_collections() -> None:
     ],
 )
 def test_refusals(body: dict[str, Any], status: int, param: str) -> None:
-    with pytest.raises(_Refusal) as info:
+    with pytest.raises(Refusal) as info:
         validate_request(body, ("gpt-4o", "gpt-4o-mini", "o3-mini", "o1-preview"))
     assert info.value.status == status
     assert info.value.body["error"]["param"] == param
@@ -592,7 +592,7 @@ def test_openai_structured_output(mock_server: StartMock) -> None:
 
 
 def test_serve_forever_prints_url_and_stops_on_sigterm() -> None:
-    code = "from batcher.mockserver import main_serve; main_serve(None, '127.0.0.1', 0)"
+    code = "from batcher.mock import main_serve; main_serve(None, '127.0.0.1', 0)"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ}
     )
