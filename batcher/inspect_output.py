@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
-from batcher.journal import journal_path, read_results
+from batcher.journal import SkippedLines, journal_latest_mask, journal_path, read_results
 from batcher.pricing import PRICES_AS_OF, price_for
 from batcher.progress import format_duration
 from batcher.records import RESULT_FIELDS
@@ -193,37 +193,31 @@ def _parquet_batches(path: Path) -> Iterator[tuple[pa.Table, list[Any] | None]]:
         yield pa.Table.from_arrays(arrays, schema=_SCHEMA), parsed
 
 
+def _cell(value: Any, typ: pa.DataType) -> Any:
+    """A journal value in its column's type, or None: a damaged record must not stop the
+    summary (the writer turns such records into error rows)."""
+    if value is None:
+        return None
+    if pa.types.is_string(typ):
+        return value if isinstance(value, str) else None
+    if pa.types.is_integer(typ):
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def _records_table(records: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pydict(
-        {name: [r.get(name) for r in records] for name in _COLUMNS}, schema=_SCHEMA
+        {f.name: [_cell(r.get(f.name), f.type) for r in records] for f in _SCHEMA}, schema=_SCHEMA
     )
 
 
-def _latest_mask(path: Path) -> tuple[list[bool] | None, int]:
-    """Which journal records are the last of their id (None: all are), and how many are not."""
-    chunks: list[pa.Array] = []
-    ids: list[str] = []
-    for rec in read_results(path):
-        ids.append(str(rec.get("id")))
-        if len(ids) >= BATCH_ROWS:
-            chunks.append(pa.array(ids, pa.string()))
-            ids = []
-    chunks.append(pa.array(ids, pa.string()))
-    all_ids = pa.chunked_array(chunks, pa.string())
-    n = len(all_ids)
-    unique = pc.count_distinct(all_ids).as_py()
-    if unique == n:
-        return None, 0
-    table = pa.table({"id": all_ids, "i": pa.array(range(n), pa.int64())})
-    last = table.group_by("id", use_threads=False).aggregate([("i", "max")])["i_max"]
-    return pc.is_in(table["i"], value_set=last.combine_chunks()).to_pylist(), n - unique
-
-
 def _journal_batches(
-    path: Path, mask: list[bool] | None
+    path: Path, mask: bytearray | None, skipped: SkippedLines
 ) -> Iterator[tuple[pa.Table, list[Any] | None]]:
     batch: list[dict[str, Any]] = []
-    for i, rec in enumerate(read_results(path)):
+    for i, rec in enumerate(read_results(path, skipped)):
         if mask is not None and not mask[i]:
             continue
         batch.append(rec)
@@ -268,12 +262,13 @@ def inspect_path(path: Path, prices: Mapping[str, Price] | None = None) -> dict[
     source_path, source = _resolve(path)
     totals = _Totals()
     superseded = 0
+    skipped = SkippedLines()
     try:
         if source == "parquet":
             batches = _parquet_batches(source_path)
         else:
-            mask, superseded = _latest_mask(source_path)
-            batches = _journal_batches(source_path, mask)
+            mask, superseded = journal_latest_mask(source_path)
+            batches = _journal_batches(source_path, mask, skipped)
         for table, parsed in batches:
             totals.add(table, parsed)
     except OSError as exc:
@@ -282,6 +277,11 @@ def inspect_path(path: Path, prices: Mapping[str, Price] | None = None) -> dict[
     report = {"path": str(source_path), "source": source, **report}
     if source == "journal":
         report["superseded_records"] = superseded
+        report["skipped_lines"] = {
+            "count": skipped.count,
+            "lines": skipped.lines,
+            "reasons": skipped.reasons,
+        }
     return report
 
 
@@ -381,6 +381,14 @@ def render_inspection(report: dict[str, Any]) -> str:
     if report.get("superseded_records"):
         lines.append(
             f"  ({report['superseded_records']:,} earlier results replaced by a retry are left out)"
+        )
+    if report.get("skipped_lines", {}).get("count"):
+        skipped = SkippedLines(**report["skipped_lines"])
+        lines.append(
+            f"  warning: {skipped.count:,} unreadable journal "
+            + ("line" if skipped.count == 1 else "lines")
+            + f" skipped: {skipped.describe()}; results on them are not counted here, and the "
+            "next run sends their rows again"
         )
     tok = report["tokens"]
     lines += [

@@ -1,6 +1,7 @@
 """The job's append-only journal: a row is done once its result is fsynced here.
 
-Layout, next to the output: `<output>.journal` (JSON lines) and `<output>.lock`.
+Layout, next to the output: `<output>.journal` (JSON lines) and `<output>.lock` (a note naming
+the process that runs the job; the lock itself is an flock on the journal, see `JobLock`).
 
     {"t": "h", "version": 1, "fingerprint": "...", "created": "..."}   header, first line
     {"t": "run", "started": "...", "pid": 123, "retry_errors": false}  one per run
@@ -9,8 +10,10 @@ Layout, next to the output: `<output>.journal` (JSON lines) and `<output>.lock`.
 
 Results are written in group commits: every `append()` waits until its line is written and
 fsynced; lines that arrive while one fsync runs go out together in the next. A crash can only
-tear the last line, which `open_journal` drops with a warning. The last record for an id wins
-(`--retry-errors` appends a new result after an error).
+tear the last line, which `open_journal` drops with a warning. A damaged line anywhere else (or a
+result without an id) is skipped with a warning naming it: every good record is kept, and the
+rows of skipped lines are simply sent again. The last record for an id wins (`--retry-errors`
+appends a new result after an error); `latest_mask` is the one place that rule is applied.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -33,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batcher.errors import FingerprintMismatch, JobLocked, JournalError, StorageError
+from batcher.idhashes import int64_view
 from batcher.records import STATUS_OK, Result
 
 log = logging.getLogger("batcher")
@@ -71,39 +76,122 @@ def storage_error(path: Path, exc: OSError, action: str) -> StorageError:
 
 
 class JobLock:
-    """An exclusive flock on `<output>.lock`; the kernel drops it if the process dies."""
+    """An exclusive flock on the job's journal; the kernel drops it if the process dies.
+
+    The lock is on the journal itself, not on a separate lock file: a lock file deleted during a
+    run let a second run start beside the first (every row paid twice). The journal is never
+    unlinked by batcher while locked (`--restart` truncates it in place), and if someone else
+    deletes or replaces it, the running process finds out at its next group commit and stops
+    (`Journal`). `<output>.lock` only names the holder for messages; deleting it is harmless.
+    """
 
     def __init__(self, output: Path) -> None:
-        self.path = lock_path(output)
-        self._fh: IO[str] | None = None
+        self.path = journal_path(output)
+        self.note = lock_path(output)
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = self.path.open("a+")
         except OSError as exc:
-            raise storage_error(self.path, exc, "create the lock file") from None
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise JobLocked(
-                f"this job is already running ({holder} holds {self.path}); wait for it to "
-                "finish or stop it. Two runs of one job would corrupt its journal."
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}\n")
-        fh.flush()
-        self._fh = fh
+            raise storage_error(self.path.parent, exc, "create the directory") from None
+        for _ in range(10):  # the file we locked can be unlinked before we lock it: retry
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise storage_error(self.path, exc, "create the journal") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise JobLocked(
+                    f"this job is already running ({holder(self.note)} holds {self.path}); "
+                    "wait for it to finish or stop it. Two runs of one job would pay for its "
+                    "rows twice and corrupt its journal."
+                ) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)
+        else:
+            raise StorageError(
+                f"cannot lock {self.path}: it keeps being replaced; is "
+                "something else deleting files in that directory?"
+            )
+        self._fd = fd
+        with contextlib.suppress(OSError):  # only a note for messages: never fatal
+            self.note.write_text(f"pid {os.getpid()}\n")
 
     def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            # A journal we created and never wrote (the run stopped before sending): remove it
+            # while still locked; a process that opened it meanwhile sees another inode at the
+            # path after locking and retries (`_same_file`).
+            if os.fstat(self._fd).st_size == 0 and _same_file(self._fd, self.path):
+                self.path.unlink()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def holder(note: Path) -> str:
+    """Who runs the job, as its lock note says ("pid 123"), for messages."""
+    try:
+        return note.read_text().strip() or "another process"
+    except (OSError, UnicodeDecodeError):
+        return "another process"
+
+
+def is_locked(output: Path) -> bool:
+    """Does a process hold the job's lock? (A non-blocking shared-lock probe; sends nothing.)"""
+    try:
+        fd = os.open(journal_path(output), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops our probe lock too
+    return False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Is the open file still the file at `path` (not deleted, not replaced)?"""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+MAX_NAMED_LINES = 20  # bad lines named in messages; the count covers the rest
+
+
+@dataclass
+class SkippedLines:
+    """Unreadable journal lines that were skipped: how many, and the first few line numbers."""
+
+    count: int = 0
+    lines: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, lineno: int, reason: str) -> None:
+        self.count += 1
+        if len(self.lines) < MAX_NAMED_LINES:
+            self.lines.append(lineno)
+            self.reasons.append(reason)
+
+    def describe(self) -> str:
+        """`line 7 (not JSON), line 9 (a result without an id)` and how many more."""
+        named = ", ".join(
+            f"line {n} ({why})" for n, why in zip(self.lines, self.reasons, strict=True)
+        )
+        more = self.count - len(self.lines)
+        return named + (f" and {more} more" if more else "")
 
 
 @dataclass
@@ -121,6 +209,7 @@ class JournalState:
     prompt_tokens: int = 0  # spent, superseded attempts included: they were paid for
     completion_tokens: int = 0
     dropped_tail: bool = False
+    skipped: SkippedLines = field(default_factory=SkippedLines)
 
     @property
     def ok_count(self) -> int:
@@ -137,30 +226,61 @@ class JournalState:
         return self.ids
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    """(line number, byte offset, raw line) for each line, the last possibly unterminated."""
+TORN = "cut off"  # the reason of an unterminated last line: a crash mid-write, not damage
+
+
+def _parse(path: Path) -> Iterator[tuple[int, int, dict[str, Any] | str]]:
+    """(line number, byte offset, record or why the line is unreadable) for each line.
+
+    The single parser behind `read_state` and `read_results`, so that the run, `status`,
+    `inspect` and the writer all skip exactly the same lines. Only the last line can lack its
+    newline (reason TORN).
+    """
     offset = 0
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            yield lineno, offset, raw
+            yield lineno, offset, _record(raw)
             offset += len(raw)
 
 
+def _record(raw: bytes) -> dict[str, Any] | str:
+    if not raw.endswith(b"\n"):
+        return TORN
+    try:
+        rec = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return "not JSON"
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if rec.get("t") == "r":
+        rid = rec.get("id")
+        if not isinstance(rid, str) or not rid:
+            return "a result without an id"
+    return rec
+
+
+def _tokens(value: Any) -> int:
+    """Token counts from a record, 0 for anything not a count (a damaged or foreign record)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def read_state(path: Path, *, repair: bool = False) -> JournalState:
-    """Read a journal. A torn last line is dropped (and cut off the file when `repair`)."""
+    """Read a journal. A torn last line is dropped (and cut off the file when `repair`);
+    damaged lines elsewhere are skipped (with a warning when `repair`: the run reads it)."""
     state = JournalState()
     if not path.exists():
         return state
     ids: list[str] = []
     oks: list[bool] = []
     torn_at: int | None = None
-    prev: tuple[int, int, bytes] | None = None
-    for item in _iter_lines(path):
-        if prev is not None:
-            _apply(state, prev, ids, oks, last=False)
-        prev = item
-    if prev is not None and not _apply(state, prev, ids, oks, last=True):
-        torn_at = prev[1]
+    for lineno, offset, rec in _parse(path):
+        if isinstance(rec, str):
+            if rec == TORN:
+                torn_at = offset
+            else:
+                state.skipped.add(lineno, rec)
+            continue
+        _apply(state, rec, ids, oks)
     if torn_at is not None:
         state.dropped_tail = True
         if repair:  # (a reader like `status` may just be seeing a line being written)
@@ -172,74 +292,129 @@ def read_state(path: Path, *, repair: bool = False) -> JournalState:
             with path.open("r+b") as fh:
                 fh.truncate(torn_at)
                 os.fsync(fh.fileno())
+    if repair and state.skipped.count:
+        log.warning(
+            "journal %s: %d unreadable %s skipped: %s. Every other record is kept; the rows "
+            "of skipped results (if any) will be sent again.",
+            path,
+            state.skipped.count,
+            "line" if state.skipped.count == 1 else "lines",
+            state.skipped.describe(),
+        )
     if ids:
-        table = pa.table({"id": pa.array(ids, pa.string()), "ok": pa.array(oks, pa.bool_())})
-        latest = table.group_by("id", use_threads=False).aggregate([("ok", "last")])
-        state.ids = latest.column("id").combine_chunks()
-        state.ok = latest.column("ok_last").combine_chunks()
+        mask, _ = latest_mask(lambda: ids)
+        id_array = pa.array(ids, pa.string())
+        ok_array = pa.array(oks, pa.bool_())
+        if mask is not None:  # --retry-errors left superseded records: keep the last of each
+            keep = pc.equal(pa.array(mask, pa.uint8()), 1)
+            id_array, ok_array = pc.filter(id_array, keep), pc.filter(ok_array, keep)
+        state.ids, state.ok = id_array, ok_array
     return state
 
 
-def _apply(
-    state: JournalState, item: tuple[int, int, bytes], ids: list[str], oks: list[bool], last: bool
-) -> bool:
-    lineno, _, raw = item
-    try:
-        if not raw.endswith(b"\n"):
-            raise ValueError("unterminated")
-        rec = json.loads(raw)
-        if not isinstance(rec, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        if last:
-            return False
-        raise JournalError(
-            f"journal line {lineno} is corrupt (not a torn tail: a line in the middle). "
-            "Inspect the file, or start over with --restart."
-        ) from None
+def _apply(state: JournalState, rec: dict[str, Any], ids: list[str], oks: list[bool]) -> None:
     kind = rec.get("t")
     if kind == "r":
         ids.append(rec["id"])
         oks.append(rec.get("status") == STATUS_OK)
         state.records += 1
-        state.prompt_tokens += rec.get("prompt_tokens") or 0
-        state.completion_tokens += rec.get("completion_tokens") or 0
+        state.prompt_tokens += _tokens(rec.get("prompt_tokens"))
+        state.completion_tokens += _tokens(rec.get("completion_tokens"))
     elif kind == "h":
         if rec.get("version") != VERSION:
             raise JournalError(
                 f"journal format version {rec.get('version')} is not {VERSION}; "
                 "finish it with the batcher version that wrote it, or --restart"
             )
-        state.fingerprint = rec.get("fingerprint")
-        state.created = rec.get("created")
+        fingerprint = rec.get("fingerprint")
+        state.fingerprint = fingerprint if isinstance(fingerprint, str) else None
+        created = rec.get("created")
+        state.created = created if isinstance(created, str) else "(unknown)"
     elif kind == "run":
         state.runs += 1
-        state.last_run = rec.get("started")
+        started = rec.get("started")
+        state.last_run = started if isinstance(started, str) else "(unknown)"
     elif kind == "end":
         state.last_end = rec
-    return True
 
 
-def read_results(path: Path) -> Iterator[dict[str, Any]]:
-    """Every result record in journal order (superseded ones too), tolerating a torn tail."""
-    for _, _, raw in _iter_lines(path):
-        if not raw.endswith(b"\n"):
-            return
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            return
+def read_results(path: Path, skipped: SkippedLines | None = None) -> Iterator[dict[str, Any]]:
+    """Every result record in journal order (superseded ones too), tolerating a torn tail and
+    skipping unreadable lines (counted into `skipped` when given)."""
+    for lineno, _, rec in _parse(path):
+        if isinstance(rec, str):
+            if skipped is not None and rec != TORN:
+                skipped.add(lineno, rec)
+            continue
         if rec.get("t") == "r":
             del rec["t"]
             yield rec
 
 
+def latest_mask(ids: Callable[[], Iterable[str]]) -> tuple[bytearray | None, int]:
+    """The "latest result per id" rule, its only copy: the last record of an id is the one
+    that counts (`--retry-errors` appends a fresh result after an error).
+
+    `ids()` yields the result records' ids in journal order and is called a second time only
+    when some id repeats. Returns (mask, superseded): mask[i] is 1 when record i is its id's
+    last; the mask is None (and superseded 0) when no id repeats, the usual case.
+
+    Ids are first compared by 64-bit hash, sorted (8 bytes a record, no hash table: a hash
+    table over a million ids was the run's memory peak); only the ids behind repeated hashes
+    are then compared as strings, so a hash collision cannot drop a row.
+    """
+    hashes = array("q", (hash(i) for i in ids()))
+    if len(hashes) < 2:
+        return None, 0
+    view = int64_view(hashes)
+    ordered = pc.take(view, pc.sort_indices(view))
+    same = pc.equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1))
+    if not pc.any(same).as_py():
+        return None, 0
+    repeated = set(pc.filter(ordered.slice(1), same).to_pylist())
+    del ordered, same
+    mask = bytearray(b"\x01") * len(hashes)
+    last: dict[str, int] = {}
+    superseded = 0
+    for seq, (h, rid) in enumerate(zip(hashes, ids(), strict=True)):
+        if h in repeated:
+            prev = last.get(rid)
+            if prev is not None:
+                mask[prev] = 0
+                superseded += 1
+            last[rid] = seq
+    if not superseded:
+        return None, 0  # only hash collisions between different ids
+    return mask, superseded
+
+
+def journal_latest_mask(
+    path: Path, skipped: SkippedLines | None = None
+) -> tuple[bytearray | None, int]:
+    """`latest_mask` over the result records of a journal file (as `read_results` yields them)."""
+    first = True
+
+    def ids() -> Iterator[str]:
+        nonlocal first
+        counting, first = first, False  # count skipped lines once, not per pass
+        return (rec["id"] for rec in read_results(path, skipped if counting else None))
+
+    return latest_mask(ids)
+
+
 class Journal:
-    """Append side of an open journal; owns the file handle and the group-commit flusher."""
+    """Append side of an open journal; owns the file handle and the group-commit flusher.
+
+    Before each group commit the open file is compared with the file at the path (device and
+    inode): a journal deleted or replaced during the run would otherwise swallow every later
+    answer into an unlinked file (or corrupt another's). Then the run stops with a
+    StorageError (exit 4), and what the open file holds plus the lines not yet written is kept
+    (`_rescue`): put back at the path if it is free, else beside it.
+    """
 
     def __init__(self, path: Path, fh: IO[bytes], *, fsync: bool = True) -> None:
         self.path = path
-        self._fh = fh
+        self._fh = fh  # opened "a+b": appends, and readable to rescue its contents
         self._fsync = fsync  # off only to measure what durability costs (benchmarks)
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -267,11 +442,12 @@ class Journal:
             try:
                 await asyncio.to_thread(self._write_sync, b"".join(lines))
             except Exception as exc:  # anything: waiters must never hang on a dead flusher
-                self._failed = (
-                    storage_error(self.path, exc, "write the journal")
-                    if isinstance(exc, OSError)
-                    else StorageError(f"cannot write the journal {self.path}: {exc}")
-                )
+                if isinstance(exc, StorageError):
+                    self._failed = exc
+                elif isinstance(exc, OSError):
+                    self._failed = storage_error(self.path, exc, "write the journal")
+                else:
+                    self._failed = StorageError(f"cannot write the journal {self.path}: {exc}")
                 for w in waiters + self._waiters:
                     if not w.done():
                         w.set_exception(self._failed)
@@ -283,10 +459,63 @@ class Journal:
                     w.set_result(None)
 
     def _write_sync(self, data: bytes) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if not _same_file(self._fh.fileno(), self.path):
+            self._failed = self._rescue(data)
+            raise self._failed
         self._fh.write(data)
         self._fh.flush()
         if self._fsync:
             os.fsync(self._fh.fileno())
+
+    def _rescue(self, pending: bytes) -> StorageError:
+        """The journal was deleted or replaced under us: keep what the open file holds and the
+        lines not yet written, at the path if it is free, else in a file beside it."""
+        deleted = not self.path.exists()
+        what = "deleted" if deleted else "replaced by another file"
+        records = pending.count(b"\n")
+        tmp = self.path.with_name(f".{self.path.name}.rescue-{os.getpid()}")
+        try:
+            self._fh.flush()
+            with tmp.open("wb") as out:
+                fd, offset = self._fh.fileno(), 0
+                while chunk := os.pread(fd, 1 << 20, offset):
+                    out.write(chunk)
+                    records += chunk.count(b'"t": "r"')  # a count for the message only
+                    offset += len(chunk)
+                out.write(pending)
+                out.flush()
+                os.fsync(out.fileno())
+            kept = self.path
+            try:
+                os.link(tmp, self.path)  # fails if the path is taken: never clobber
+            except FileExistsError:
+                kept = self.path.with_name(f"{self.path.name}.saved-{os.getpid()}")
+                os.replace(tmp, kept)
+            else:
+                tmp.unlink()
+            fsync_dir(self.path.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            return StorageError(
+                f"the journal {self.path} was {what} while this run was writing it, and its "
+                f"records could not be saved elsewhere ({exc.strerror or exc}); the answers "
+                "of this run are lost. Do not delete or move a running job's files."
+            )
+        if kept == self.path:
+            where = f"were written back to {kept}; run the same command again to resume"
+        else:
+            where = (
+                f"are saved in {kept} (the file now at {self.path.name} was left alone). If "
+                f"that file is not yours, move it away and rename {kept.name} to "
+                f"{self.path.name}, then run the same command again to resume"
+            )
+        return StorageError(
+            f"the journal {self.path} was {what} while this run was writing it; the run "
+            f"stops. Its {records} result records (answers already paid for) {where}. Do not "
+            "delete or move a running job's files."
+        )
 
     def write_meta(self, rec: dict[str, Any]) -> None:
         """Header/run/end lines: rare, written synchronously."""
@@ -322,10 +551,12 @@ def open_journal(
     """
     path = journal_path(output)
     if restart and path.exists():
-        try:
-            path.unlink()
+        try:  # emptied in place, not unlinked: the job lock is an flock on this very file
+            with path.open("r+b") as fh:
+                fh.truncate(0)
+                os.fsync(fh.fileno())
         except OSError as exc:
-            raise storage_error(path, exc, "remove the old journal") from None
+            raise storage_error(path, exc, "empty the old journal") from None
     state = read_state(path, repair=True)
     if state.fingerprint is not None and state.fingerprint != fingerprint:
         raise FingerprintMismatch(
@@ -338,7 +569,7 @@ def open_journal(
         raise JournalError(f"{path}: journal has results but no header; use --restart")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = path.open("ab")
+        fh = path.open("a+b")
     except OSError as exc:
         raise storage_error(path, exc, "open the journal") from None
     journal = Journal(path, fh, fsync=fsync)

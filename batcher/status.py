@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import fcntl
 from pathlib import Path
 from typing import Any
 
-from batcher.journal import journal_path, lock_path, read_state
+from batcher.journal import holder, is_locked, journal_path, lock_path, read_state
 from batcher.readers import count_rows
 from batcher.sharding import shard_output
 from batcher.spec import Job
 
 
 def _running(output: Path) -> str | None:
-    """Who holds the job lock, if anyone (probe with a non-blocking shared lock)."""
-    path = lock_path(output)
-    if not path.exists():
-        return None
-    with path.open("r") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return fh.read().strip() or "another process"
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-    return None
+    """Who holds the job lock (an flock on the journal), if anyone."""
+    return holder(lock_path(output)) if is_locked(output) else None
 
 
 def job_status(job: Job, shard: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -47,6 +37,8 @@ def job_status(job: Job, shard: tuple[int, int] | None = None) -> dict[str, Any]
         "prompt_tokens": state.prompt_tokens,
         "completion_tokens": state.completion_tokens,
         "output_exists": output.exists(),
+        "skipped_lines": state.skipped.count,
+        "skipped_detail": state.skipped.describe(),
     }
 
 
@@ -60,6 +52,13 @@ def render_status(s: dict[str, Any]) -> str:
         f"tokens:     {s['prompt_tokens']} prompt + {s['completion_tokens']} completion",
         f"started:    {s['started']}   last run: {s['last_run']} ({s['runs']} runs)",
     ]
+    if s.get("skipped_lines"):
+        lines.append(
+            f"warning:    {s['skipped_lines']} unreadable journal "
+            + ("line" if s["skipped_lines"] == 1 else "lines")
+            + f" skipped ({s['skipped_detail']}); every other record is kept, and the next run "
+            "sends the rows of skipped results again"
+        )
     if s["running_now"]:
         lines.append(f"running now: {s['running_now']}")
     elif s["finished"]:

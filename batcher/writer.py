@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
-from batcher.idhashes import has_repeats, int64_view
-from batcher.journal import fsync_dir, read_results, storage_error
+from batcher.journal import fsync_dir, journal_latest_mask, read_results, storage_error
 from batcher.records import RESULT_FIELDS
 
 RESULT_SCHEMA = pa.schema(
@@ -140,19 +138,9 @@ def output_schema(
 def _latest_mask(journal: Path) -> bytearray | None:
     """1 for each record (in journal order) that is its id's last; None if none is superseded.
 
-    Ids are compared by 64-bit hash (8 bytes a record, not the ids themselves); a collision
-    would drop a row, which the row-count check before publishing catches.
+    The rule lives in `journal.latest_mask` (also used by the run's resume and `inspect`).
     """
-    hashes = array("q", (hash(rec["id"]) for rec in read_results(journal)))
-    view = int64_view(hashes)
-    if not has_repeats(view):
-        return None  # the usual case: every id once
-    table = pa.table({"h": view, "seq": pa.array(range(len(hashes)), pa.int64())})
-    latest = table.group_by("h", use_threads=False).aggregate([("seq", "max")])
-    mask = bytearray(len(hashes))
-    for seq in latest.column("seq_max").to_pylist():
-        mask[seq] = 1
-    return mask
+    return journal_latest_mask(journal)[0]
 
 
 def write_parquet_atomic(

@@ -1,15 +1,29 @@
-"""The journal on its own: group commit, torn tails, last record wins, lock, fingerprint."""
+"""The journal on its own: group commit, torn tails, damaged lines, last record wins, lock,
+fingerprint, a journal deleted or replaced mid-run."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.errors import FingerprintMismatch, JobLocked, JournalError
-from batcher.journal import JobLock, journal_path, open_journal, read_state
+from batcher.errors import FingerprintMismatch, JobLocked, StorageError
+from batcher.journal import (
+    JobLock,
+    SkippedLines,
+    is_locked,
+    journal_path,
+    latest_mask,
+    lock_path,
+    open_journal,
+    read_results,
+    read_state,
+)
 from batcher.records import Result
 from batcher.writer import write_output_from_journal
 
@@ -40,15 +54,57 @@ async def test_torn_tail_is_dropped_and_cut(tmp_path: Path, caplog) -> None:
     assert "cut off by a crash" in caplog.text
 
 
-async def test_corrupt_middle_line_is_an_error(tmp_path: Path) -> None:
+async def test_corrupt_middle_lines_are_skipped_by_every_reader(tmp_path: Path, caplog) -> None:
     out = tmp_path / "o.parquet"
-    await _write(out, [Result("a", "ok"), Result("b", "ok")])
+    await _write(out, [Result(x, "ok", prompt_tokens=1) for x in "abcd"])
     path = journal_path(out)
     lines = path.read_bytes().split(b"\n")
-    lines[2] = b"garbage"
+    lines[2] = b"garbage"  # line 3: the result of "a"
+    lines[4] = b'{"t": "r", "status": "ok", "prompt_tokens": 5}'  # line 5: no id
+    lines.insert(5, b'["not", "an", "object"]')  # line 6
     path.write_bytes(b"\n".join(lines))
-    with pytest.raises(JournalError, match="corrupt"):
-        read_state(path)
+    state = read_state(path, repair=True)
+    assert sorted(state.ids.to_pylist()) == ["b", "d"] and state.prompt_tokens == 2
+    assert state.skipped.count == 3 and state.skipped.lines == [3, 5, 6]
+    assert "line 3 (not JSON)" in caplog.text and "line 5 (a result without an id)" in caplog.text
+    skipped = SkippedLines()
+    assert [r["id"] for r in read_results(path, skipped)] == ["b", "d"]
+    assert skipped.lines == [3, 5, 6]
+    # A run goes on: the journal keeps its lines, the skipped rows are simply not done yet.
+    journal, state = open_journal(out, "fp1")
+    journal.close()
+    assert sorted(state.done_ids(False).to_pylist()) == ["b", "d"]
+    assert write_output_from_journal(path, out, keep_names=[]) == (2, 0)
+
+
+async def test_records_with_odd_fields_do_not_break_the_state(tmp_path: Path) -> None:
+    path = journal_path(tmp_path / "o.parquet")
+    path.write_text(
+        '{"t": "h", "version": 1, "fingerprint": "fp1", "created": null}\n'
+        '{"t": "r", "id": "a", "status": "ok", "prompt_tokens": "7", "completion_tokens": 1.5}\n'
+        '{"t": "r", "id": 17, "status": "ok"}\n'
+        '{"t": "r", "id": "", "status": "ok"}\n'
+    )
+    state = read_state(path)
+    assert state.ids.to_pylist() == ["a"] and state.prompt_tokens == 0
+    assert state.skipped.count == 2 and state.created == "(unknown)"
+
+
+def test_latest_mask_is_exact() -> None:
+    assert latest_mask(lambda: ["a", "b", "c"]) == (None, 0)
+    assert latest_mask(lambda: []) == (None, 0)
+    mask, superseded = latest_mask(lambda: ["a", "b", "a", "c", "b", "a"])
+    assert mask == bytearray([0, 0, 0, 1, 1, 1]) and superseded == 3
+
+
+def test_latest_mask_survives_hash_collisions(monkeypatch) -> None:
+    # Every id hashes alike: only the string comparison tells them apart.
+    import builtins
+
+    monkeypatch.setattr(builtins, "hash", lambda _: 42)
+    assert latest_mask(lambda: ["a", "b", "c"]) == (None, 0)
+    mask, superseded = latest_mask(lambda: ["a", "b", "a"])
+    assert mask == bytearray([0, 1, 1]) and superseded == 1
 
 
 async def test_last_record_wins_and_retry_errors(tmp_path: Path) -> None:
@@ -81,13 +137,88 @@ def test_lock_refuses_second_holder(tmp_path: Path) -> None:
     first = JobLock(out)
     first.acquire()
     try:
+        assert is_locked(out)
+        with pytest.raises(JobLocked, match=f"already running .pid {os.getpid()} holds"):
+            JobLock(out).acquire()
+        # The note naming the holder is only a note: deleting it frees nothing.
+        lock_path(out).unlink()
         with pytest.raises(JobLocked, match="already running"):
             JobLock(out).acquire()
     finally:
         first.release()
+    assert not is_locked(out)
+    assert not journal_path(out).exists()  # created for the lock, never written: removed
     again = JobLock(out)
     again.acquire()
     again.release()
+
+
+async def test_lock_is_kept_through_restart(tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    await _write(out, [Result("a", "ok")])
+    lock = JobLock(out)
+    lock.acquire()
+    try:
+        journal, state = open_journal(out, "fp2", restart=True)  # emptied in place
+        journal.close()
+        assert len(state.ids) == 0
+        with pytest.raises(JobLocked):
+            JobLock(out).acquire()
+    finally:
+        lock.release()
+    assert read_state(journal_path(out)).fingerprint == "fp2"
+
+
+async def test_lock_in_another_process_is_seen(tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    code = (
+        "import sys, time; from pathlib import Path; from batcher.journal import JobLock; "
+        f"JobLock(Path({str(out)!r})).acquire(); print('locked', flush=True); "
+        "sys.stdin.readline()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "locked\n"
+        with pytest.raises(JobLocked, match=f"pid {proc.pid}"):
+            JobLock(out).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    JobLock(out).acquire()  # the kernel dropped the dead holder's lock
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_journal_deleted_or_replaced_mid_run_stops_and_keeps_records(
+    tmp_path: Path, how: str
+) -> None:
+    out = tmp_path / "o.parquet"
+    path = journal_path(out)
+    journal, _ = open_journal(out, "fp1")
+    await asyncio.gather(*(journal.append(Result(str(i), "ok")) for i in range(5)))
+    if how == "deleted":
+        path.unlink()
+    else:
+        path.rename(tmp_path / "moved")
+        path.write_text("someone else's file\n")
+    with pytest.raises(StorageError, match=f"was {how}") as info:
+        await journal.append(Result("5", "ok"))
+    with pytest.raises(StorageError):  # every later write fails the same way, end record too
+        journal.write_meta({"t": "end"})
+    journal.close()
+    message = str(info.value)
+    assert "6 result records" in message
+    if how == "deleted":
+        assert "written back" in message
+        kept = path
+    else:
+        assert path.read_text() == "someone else's file\n"  # left alone
+        kept = next(tmp_path.glob("o.parquet.journal.saved-*"))
+        assert kept.name in message
+    state = read_state(kept)
+    assert sorted(state.ids.to_pylist(), key=int) == [str(i) for i in range(6)]
+    assert state.fingerprint == "fp1"
 
 
 async def test_keep_columns_types_inferred_across_chunks(tmp_path: Path) -> None:
