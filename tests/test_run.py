@@ -121,8 +121,18 @@ def test_rows_with_messages_column(tmp_path: Path, mock_server) -> None:
 
 
 def test_429_storm_and_faults_are_retried_to_completion(tmp_path: Path, mock_server) -> None:
+    # The storm is keyed to request numbers (the 2nd to 8th requests get 429), not to the
+    # server's start time: on a loaded machine batcher's first request came after a 1-second
+    # storm had ended. Shorter than 10 in a row, which batcher takes for an outage. The 5xx
+    # and drops are drawn per request number too.
     srv = mock_server(
-        rpm=None, tpm=None, rate_limit_storm_s=1.0, error_rate_5xx=0.15, drop_rate=0.05, seed=3
+        rpm=None,
+        tpm=None,
+        rate_limit_storm_requests=(2, 8),
+        storm_retry_after_s=0.05,
+        error_rate_5xx=0.15,
+        drop_rate=0.05,
+        seed=3,
     )
     write_jsonl(tmp_path / "input.jsonl", review_rows(80))
     job = write_job(
