@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -30,6 +31,7 @@ from batcher.mock import (
     schema_instance,
     validate_request,
 )
+from batcher.mock.faults import RequestFaults, draw_faults, in_storm
 from batcher.models import DEFAULT_ASSUMED_MAX_TOKENS
 from batcher.tokens import count_prompt_tokens
 
@@ -51,6 +53,42 @@ class FakeClock:
 
 def chat(text: str = "hello", model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "unit", "days"],
+        },
+    },
+}
+LABEL_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "record_label",
+        "parameters": {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": ["pos", "neg"]}},
+            "required": ["label"],
+        },
+    },
+}
+NO_ARGS_TOOL: dict[str, Any] = {"type": "function", "function": {"name": "ping"}}
+
+
+def with_image(url: str, detail: str | None = None, **extra: Any) -> dict[str, Any]:
+    image: dict[str, Any] = {"url": url} if detail is None else {"url": url, "detail": detail}
+    content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": image}]
+    return {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], **extra}
 
 
 def admit_many(quota: SlidingWindowQuota, tokens: int, limit: int = 10_000) -> int:
@@ -177,6 +215,10 @@ def test_format_reset(seconds: float, text: str) -> None:
         {"api_keys": set()},
         {"models": ()},
         {"model_limits": {"gpt-4o": (0, 10)}},
+        {"rate_limit_storm_requests": (0, 3)},
+        {"rate_limit_storm_requests": (5, 2)},
+        {"storm_retry_after_s": -1},
+        {"image_count_as": "pixels"},
     ],
 )
 def test_config_rejects_nonsense(kwargs: dict[str, Any]) -> None:
@@ -220,6 +262,33 @@ def test_config_normalises_collections() -> None:
         ),
         (chat(response_format={"type": "yaml"}), 400, "response_format.type"),
         (chat(model="gpt-5"), 404, "model"),
+        (chat(tools=[]), 400, "tools"),
+        (chat(tools=[{"type": "retrieval"}]), 400, "tools[0].type"),
+        (
+            chat(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+            400,
+            "tools[0].function.name",
+        ),
+        (
+            chat(tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
+            400,
+            "tools[0].function.parameters",
+        ),
+        (chat(tool_choice="auto"), 400, "tool_choice"),
+        (chat(tools=[WEATHER_TOOL], tool_choice="always"), 400, "tool_choice"),
+        (
+            chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "x"}}),
+            400,
+            "tool_choice",
+        ),
+        (chat(functions=[{"name": "a b"}]), 400, "functions[0].name"),
+        (chat(function_call="auto"), 400, "function_call"),
+        (with_image("ftp://example.com/a.png"), 400, "messages[0].content[1].image_url.url"),
+        (
+            with_image("https://example.com/a.png", "medium"),
+            400,
+            "messages[0].content[1].image_url.detail",
+        ),
     ],
 )
 def test_refusals(body: dict[str, Any], status: int, param: str) -> None:
@@ -235,6 +304,10 @@ def test_accepted_requests() -> None:
     validate_request(chat(model="o3-mini", max_completion_tokens=10, temperature=1), models)
     validate_request(chat("answer in JSON", response_format={"type": "json_object"}), models)
     validate_request(chat(model="my-deployment"), None)  # models=None serves any name
+    validate_request(chat(tools=[WEATHER_TOOL, NO_ARGS_TOOL], tool_choice="required"), models)
+    validate_request(chat(functions=[{"name": "f"}], function_call={"name": "f"}), models)
+    validate_request(with_image("https://example.com/a.png", "low"), None)
+    validate_request(with_image("data:image/png;base64,iVBORw0KGgo=", "high"), None)
 
 
 def test_completion_is_deterministic_and_truthful() -> None:
@@ -307,6 +380,84 @@ SCHEMAS: list[dict[str, Any]] = [
 def test_schema_instances_validate(schema: dict[str, Any]) -> None:
     for i in range(20):
         jsonschema.validate(schema_instance(schema, str(i).encode()), schema)
+
+
+def tool_message(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    answer = build_completion(body, canonical_digest(body), 10, 1)
+    return answer["choices"][0]["message"], answer["choices"][0]["finish_reason"]
+
+
+def test_tools_are_answered_with_a_call_valid_for_the_schema() -> None:
+    tools = [WEATHER_TOOL, LABEL_TOOL, NO_ARGS_TOOL]
+    by_name = {t["function"]["name"]: t["function"] for t in tools}
+    called = set()
+    for i in range(30):
+        body = chat(f"row {i}", tools=tools)
+        message, finish = tool_message(body)
+        assert finish == "tool_calls" and message["content"] is None
+        (call,) = message["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+        schema = by_name[name].get("parameters", {"type": "object"})
+        jsonschema.validate(arguments, schema)
+        assert arguments or name == "ping"  # a function without parameters gets "{}"
+        assert tool_message(body)[0] == message  # deterministic
+        called.add(name)
+    assert called == set(by_name)  # the pick follows the user's text
+
+
+def test_tool_choice_forces_or_turns_off_the_call() -> None:
+    forced = {"type": "function", "function": {"name": "record_label"}}
+    for i in range(5):
+        message, _ = tool_message(
+            chat(f"{i}", tools=[WEATHER_TOOL, LABEL_TOOL], tool_choice=forced)
+        )
+        assert message["tool_calls"][0]["function"]["name"] == "record_label"
+    message, finish = tool_message(chat("x", tools=[WEATHER_TOOL], tool_choice="none"))
+    assert finish == "stop" and message["content"].startswith("label: ")
+    assert "tool_calls" not in message
+
+
+def test_legacy_functions_are_answered_with_function_call() -> None:
+    message, finish = tool_message(chat("x", functions=[WEATHER_TOOL["function"]]))
+    assert finish == "function_call" and message["content"] is None
+    assert message["function_call"]["name"] == "get_weather"
+    jsonschema.validate(
+        json.loads(message["function_call"]["arguments"]),
+        WEATHER_TOOL["function"]["parameters"],
+    )
+
+
+def test_tool_call_arguments_are_cut_at_max_tokens() -> None:
+    body = chat("x", tools=[WEATHER_TOOL], max_tokens=6)
+    answer = build_completion(body, canonical_digest(body), 10, 1)
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] <= 6
+    with pytest.raises(ValueError):
+        json.loads(answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+# -- faults: keyed to request numbers, pure ------------------------------------------------------
+
+
+def test_faults_are_a_function_of_seed_and_request_number() -> None:
+    config = MockConfig(error_rate_5xx=0.15, drop_rate=0.05, latency_jitter_s=0.2, seed=3)
+    faults = [draw_faults(config, n) for n in range(1, 4001)]
+    assert faults == [draw_faults(config, n) for n in range(1, 4001)]
+    drops = sum(f.drop for f in faults)
+    errors = sum(f.status_5xx is not None for f in faults)
+    assert 0.04 < drops / 4000 < 0.06  # 5 %
+    assert 0.13 < errors / (4000 - drops) < 0.17  # 15 % of those not dropped
+    assert {f.status_5xx for f in faults} == {None, 500, 502, 503}
+    assert all(0 <= f.extra_latency_s < 0.2 for f in faults)
+    assert faults != [draw_faults(replace(config, seed=4), n) for n in range(1, 4001)]
+    assert all(draw_faults(MockConfig(), n) == RequestFaults() for n in range(1, 100))
+
+
+def test_storm_covers_its_request_numbers() -> None:
+    config = MockConfig(rate_limit_storm_requests=(2, 4))
+    assert [in_storm(config, n) for n in range(1, 7)] == [False, True, True, True, False, False]
+    assert not any(in_storm(MockConfig(), n) for n in range(1, 10))
 
 
 # -- HTTP: routes, auth, validation ----------------------------------------------------------------
@@ -452,6 +603,26 @@ async def test_rate_limit_storm(mock_server: StartMock) -> None:
     assert srv.stats()["admitted"] == 1  # the 429 was never charged
 
 
+async def test_rate_limit_storm_keyed_to_request_numbers(mock_server: StartMock) -> None:
+    srv = mock_server(rate_limit_storm_requests=(2, 3), storm_retry_after_s=0.25, **UNLIMITED)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http:
+        assert (await post(http, srv, chat("1"))).status == 200
+        assert (await post(http, srv, chat("x [[fail-400]]"))).status == 400  # not counted
+        storm = await post(http, srv, chat("2"))
+        assert storm.status == 429
+        assert (storm.headers["retry-after-ms"], storm.headers["retry-after"]) == ("250", "1")
+        assert (await post(http, srv, chat("3"))).status == 429
+        assert (await post(http, srv, chat("4"))).status == 200
+        srv.reset()  # counting starts again
+        assert [(await post(http, srv, chat(f"{i}"))).status for i in range(4)] == [
+            200,
+            429,
+            429,
+            200,
+        ]
+    assert srv.stats()["admitted"] == 2  # 429s are never charged
+
+
 # -- HTTP: markers, faults, counters --------------------------------------------------------------
 
 
@@ -586,6 +757,21 @@ def test_openai_structured_output(mock_server: StartMock) -> None:
         response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMAS[1]}},
     )
     jsonschema.validate(json.loads(answer.choices[0].message.content), SCHEMAS[1])
+
+
+def test_openai_client_parses_tool_calls(mock_server: StartMock) -> None:
+    srv = mock_server()
+    client = openai.OpenAI(base_url=srv.url, api_key=KEY, max_retries=0)
+    answer = client.chat.completions.create(
+        model="gpt-4o",
+        messages=[{"role": "user", "content": "Weather in Oslo?"}],
+        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER_TOOL["function"]["parameters"])
 
 
 # -- serve-mock entry point ----------------------------------------------------------------------

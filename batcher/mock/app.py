@@ -240,7 +240,7 @@ class MockServer:
         if storm_left > 0:
             return self._too_many(quota, storm_left, "requests")
 
-        prompt = prompt_tokens(body)
+        prompt = prompt_tokens(body, self.config.image_count_as)
         cost = admission_cost(body, prompt)
         decision = quota.try_admit(cost)
         if not decision.admitted:

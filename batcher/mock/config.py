@@ -38,6 +38,9 @@ class MockConfig:
     # first request arrives, so only for demos; tests use rate_limit_storm_requests.
     rate_limit_storm_s: float = 0.0
     slow_marker_s: float = 2.0  # extra latency for [[slow]]
+    # gpt-4o-mini images: charged at the "billing" figure (what its usage reports) or the
+    # "context" one (gpt-4o's); batcher's `images.count_as` setting names the same choice.
+    image_count_as: str = "billing"
     stats_bucket_s: float = 1.0  # resolution of the admitted-per-interval series
 
     def __post_init__(self) -> None:
@@ -86,6 +89,8 @@ class MockConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.image_count_as not in ("billing", "context"):
+            raise ValueError("image_count_as must be 'billing' or 'context'")
         if self.stats_bucket_s <= 0:
             raise ValueError("stats_bucket_s must be > 0")
 

@@ -15,8 +15,11 @@ from batcher.models import DEFAULT_ASSUMED_MAX_TOKENS
 from batcher.tokens import count_prompt_tokens
 
 
-def prompt_tokens(body: Mapping[str, Any]) -> int:
-    """Prompt tokens of a validated request, as `usage.prompt_tokens` reports them."""
+def prompt_tokens(body: Mapping[str, Any], image_count_as: str = "billing") -> int:
+    """Prompt tokens of a validated request, as `usage.prompt_tokens` reports them: messages,
+    images (a remote URL, never fetched, at the worst case for its detail) and tools."""
+    # ISSUE 13 CALL SITE (the one line to change): batcher.tokens' request counter with images
+    # and tools is not committed yet; until it is, images and tools are charged nothing here.
     return count_prompt_tokens(body["messages"], body["model"])
 
 
