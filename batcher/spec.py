@@ -24,20 +24,24 @@ from batcher.models import (
     UNSUPPORTED_PARAMS,
     is_o_series,
 )
+from batcher.records import RESULT_FIELDS
 
 LANGDOCK_HOST = "https://api.langdock.com"
+# Columns batcher writes itself; a kept input column must not take one of these names.
+OUTPUT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, "parsed")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan are refused: `timeout_s: .inf` would wait forever, and nan compares false.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Endpoint(_Strict):
     region: Literal["eu", "us", "global", "ch"] = "eu"
     base_url: str | None = None  # overrides region; the POST goes to {base_url}/chat/completions
     api_key_env: str = "LANGDOCK_API_KEY"
-    timeout_s: float = Field(600.0, gt=0)  # per attempt; reasoning models can take minutes
-    connect_timeout_s: float = Field(30.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)  # per attempt; reasoning models can take minutes
+    connect_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("base_url")
     @classmethod
@@ -55,14 +59,22 @@ class Endpoint(_Strict):
 
 
 class Limit(_Strict):
-    rpm: int = Field(DEFAULT_RPM, gt=0)
-    tpm: int = Field(DEFAULT_TPM, gt=0)
+    rpm: int = Field(default=DEFAULT_RPM, gt=0)
+    tpm: int = Field(default=DEFAULT_TPM, gt=0)
 
 
 class Retry(_Strict):
-    max_attempts: int = Field(8, ge=1)
-    initial_wait_s: float = Field(1.0, ge=0)
-    max_wait_s: float = Field(60.0, ge=0)
+    max_attempts: int = Field(default=8, ge=1)
+    initial_wait_s: float = Field(default=1.0, ge=0)
+    max_wait_s: float = Field(default=60.0, ge=0)
+
+
+class CircuitBreakerConfig(_Strict):
+    """Stop the run when the last `failures` attempts across rows all failed the same way
+    (see batcher/breaker.py for why these defaults trip before a row uses up its attempts)."""
+
+    failures: int = Field(default=10, ge=2)
+    window_s: float = Field(default=60.0, gt=0)
 
 
 class LimiterConfig(_Strict):
@@ -71,9 +83,9 @@ class LimiterConfig(_Strict):
     workspace: str = "default"
     # Redis lost mid-run: stop, or go on with a local limiter at `local_share` of the quota.
     on_limiter_failure: Literal["stop", "local"] = "stop"
-    local_share: float = Field(0.5, gt=0, le=1)
+    local_share: float = Field(default=0.5, gt=0, le=1)
     # Fraction of each limit we aim for; the rest absorbs estimate error and clock jitter.
-    headroom: float = Field(0.985, gt=0, le=1)
+    headroom: float = Field(default=0.985, gt=0, le=1)
     adaptive: bool = True  # slow down on 429s we did not expect (someone else uses the quota)
 
 
@@ -88,9 +100,21 @@ class Message(_Strict):
     name: str | None = None
 
 
+class Images(_Strict):
+    """How admission counts image parts (batcher/tokens.py, batcher/images.py)."""
+
+    # gpt-4o-mini: "billing" charges 2,833 + 5,667 a tile (what its usage reports; safe),
+    # "context" the 85 + 170 the model sees (faster if Azure's limiter charges that).
+    count_as: Literal["billing", "context"] = "billing"
+    # Remote URLs: read each image's header once for its size instead of charging the worst case.
+    fetch_sizes: bool = False
+    fetch_timeout_s: float = Field(default=5.0, gt=0)
+
+
 class Job(_Strict):
     input: Path
     output: Path
+    images: Images = Images()
     input_format: Literal["auto", "jsonl", "parquet", "batch"] = "auto"
     id_column: str | None = None
     model: str | None = None
@@ -98,24 +122,47 @@ class Job(_Strict):
     messages: list[Message] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, Limit] = Field(default_factory=dict)
-    concurrency: int = Field(64, ge=1, le=4096)
+    concurrency: int = Field(default=64, ge=1, le=4096)
     keep_columns: list[str] = Field(default_factory=list)
     on_bad_row: Literal["fail", "skip"] = "fail"
     allow_any_model: bool = False
-    assumed_max_tokens: int = Field(DEFAULT_ASSUMED_MAX_TOKENS, gt=0)
+    assumed_max_tokens: int = Field(default=DEFAULT_ASSUMED_MAX_TOKENS, gt=0)
     retry: Retry = Retry()
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     limiter: LimiterConfig = LimiterConfig()
-    grace_period_s: float = Field(30.0, ge=0)
-    progress_interval_s: float = Field(10.0, gt=0)
+    grace_period_s: float = Field(default=30.0, ge=0)
+    progress_interval_s: float = Field(default=10.0, gt=0)
     prices: dict[str, Price] = Field(default_factory=dict)
     # Where the job file lives; relative paths were resolved against it.
-    job_dir: Path = Field(Path("."), exclude=True)
+    job_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("input", "output", mode="before")
+    @classmethod
+    def _plain_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and (not value.strip() or "\x00" in value):
+            raise ValueError("must be a file path (not empty, no NUL character)")
+        return value
 
     @field_validator("params")
     @classmethod
     def _no_unsupported_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         check_params(params, where="params")
         return params
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _keep_columns(cls, names: list[str]) -> list[str]:
+        clash = [n for n in names if n in OUTPUT_COLUMNS]
+        if clash:
+            raise ValueError(
+                f"{', '.join(map(repr, clash))} would overwrite batcher's own output "
+                f"column{'s' if len(clash) > 1 else ''} ({', '.join(OUTPUT_COLUMNS)}); rename "
+                "that column in the input, or leave it out"
+            )
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed twice")
+        return names
 
     @model_validator(mode="after")
     def _model_rules(self) -> Job:
@@ -124,7 +171,35 @@ class Job(_Strict):
             check_o_series_params(self.model, self.params, where="params")
         if "messages" in self.params or "model" in self.params:
             raise ValueError("params must not hold 'messages' or 'model': use the top-level keys")
+        if self.model is not None and not self.may_name_other_models:
+            self.check_limit_models({self.model}, as_error=ValueError)
         return self
+
+    @property
+    def may_name_other_models(self) -> bool:
+        """Can requests name models other than `model`? Batch-API lines name their own; with
+        input_format auto a JSONL input may be one (the reader decides)."""
+        if self.input_format == "auto":
+            parquet = self.input.suffix.lower() in (".parquet", ".pq")
+            return not parquet and self.messages is None  # a template job reads plain rows
+        return self.input_format == "batch"
+
+    def check_limit_models(
+        self, models_seen: set[str], *, as_error: type[Exception] = JobSpecError
+    ) -> None:
+        """Refuse a `limits:` entry for a model no request names: a typo there would
+        silently pace that model at the default limits. The engine calls it after its scan
+        with the models the request bodies name (Batch-API input); template jobs are also
+        checked when the job file is read."""
+        unused = sorted(set(self.limits) - models_seen)
+        if unused:
+            used = ", ".join(sorted(models_seen)) or "none"
+            raise as_error(
+                f"limits: {', '.join(map(repr, unused))} "
+                f"{'is not a model' if len(unused) == 1 else 'are not models'} this job "
+                f"sends to (its requests name: {used}); a typo here would silently give the "
+                "default limits. Correct the name or remove the entry"
+            )
 
     def limit_for(self, model: str) -> Limit:
         return self.limits.get(model, Limit())
@@ -139,6 +214,13 @@ def check_params(params: dict[str, Any], *, where: str) -> None:
         )
     if params.get("stream"):
         raise ValueError(f"{where}: stream: true is not supported; batcher reads whole answers")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = params.get(key)
+        if key in params and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            # Admission charges max_tokens up front: it must be a count, found before paying.
+            raise ValueError(
+                f"{where}.{key}: must be a whole number of tokens, at least 1 (not {value!r})"
+            )
 
 
 def check_model(model: str, allow_any_model: bool, *, where: str) -> None:
@@ -176,27 +258,77 @@ def _format_validation_error(path: Path, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"key {key!r} on line {line} repeats line {first}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: YAML keeps the last value
+    silently, so `model:` written twice would send to the model the user did not look at."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by the mapping's own keys
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error says so
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """The job file's YAML, refusing duplicate keys (yaml.YAMLError for any problem)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
 def load_job(path: str | Path) -> Job:
     """Read, validate and resolve a job file; every problem becomes a JobSpecError."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise JobSpecError(f"{path}: job file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise JobSpecError(f"{path}: cannot read job file: {exc}") from None
+    except _DuplicateKey as exc:
+        raise JobSpecError(
+            f"{path}:{exc.line}: key {exc.key!r} is given twice in one mapping (first on line "
+            f"{exc.first}); YAML would silently keep only the last. Remove one of them"
+        ) from None
     except yaml.YAMLError as exc:
         raise JobSpecError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:  # deeply nested flow collections
+        raise JobSpecError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise JobSpecError(f"{path}: a job file is a YAML mapping (input:, output:, model:, ...)")
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise JobSpecError(f"{path}: key {bad_keys[0]!r} is not a name; keys are words")
     job_dir = path.resolve().parent
     try:
         job = Job.model_validate({**raw, "job_dir": job_dir})
     except ValidationError as exc:
         raise JobSpecError(_format_validation_error(path, exc)) from None
     job = job.model_copy(update={"input": job_dir / job.input, "output": job_dir / job.output})
-    if job.output.resolve() == job.input.resolve():
+    try:
+        same = job.output.resolve() == job.input.resolve()
+        output_is_dir = job.output.is_dir()
+    except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise JobSpecError(f"{path}: input or output is not a usable path: {exc}") from None
+    if same:
         raise JobSpecError(f"{path}: output is the input file; choose another output path")
+    if output_is_dir:
+        raise JobSpecError(
+            f"{path}: output: {job.output} is a directory; give a file path inside it "
+            f"(e.g. {job.output / 'results.parquet'})"
+        )
     return job
 
 

@@ -1,0 +1,117 @@
+"""Hostile state and config (issue 11, items 5, 8, 10, 11): each case refused with a message
+that names the key, the row or the line, or skipped with a warning; never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from batcher.errors import JobSpecError
+from batcher.spec import load_job
+
+
+def _job(tmp_path: Path, text: str | None = None, **fields: Any) -> Path:
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "x"}\n', encoding="utf-8")
+    raw = {"input": "in.jsonl", "output": "out.parquet", "model": "gpt-4o-mini", **fields}
+    path = tmp_path / "job.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+# ---- item 8: config errors found before the first request ----
+
+
+@pytest.mark.parametrize("column", ["id", "content", "model", "status", "error", "parsed"])
+def test_keep_columns_naming_a_result_column_is_refused(tmp_path: Path, column: str) -> None:
+    with pytest.raises(JobSpecError, match=rf"keep_columns: '{column}' would overwrite"):
+        load_job(_job(tmp_path, keep_columns=["text", column]))
+
+
+def test_keep_columns_listed_twice_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError, match="keep_columns: 'text' listed twice"):
+        load_job(_job(tmp_path, keep_columns=["text", "text"]))
+
+
+def test_output_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    with pytest.raises(JobSpecError, match=r"output: .*results is a directory"):
+        load_job(_job(tmp_path, output="results"))
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "max_completion_tokens"])
+@pytest.mark.parametrize("value", [-1, 0, 1.5, "100", True, None])
+def test_max_tokens_must_be_a_positive_integer(tmp_path: Path, key: str, value: Any) -> None:
+    with pytest.raises(JobSpecError, match=rf"params\.{key}: must be a whole number"):
+        load_job(_job(tmp_path, model="gpt-4o", params={key: value}))
+
+
+def test_max_tokens_in_a_batch_body_is_checked_too() -> None:
+    from batcher.spec import check_params
+
+    with pytest.raises(ValueError, match=r"body\.max_tokens: must be a whole number"):
+        check_params({"max_tokens": -5}, where="body")
+    check_params({"max_tokens": 5}, where="body")
+
+
+def test_limits_for_a_model_the_job_does_not_use_is_refused(tmp_path: Path) -> None:
+    limits = {"gpt-4o-mni": {"rpm": 10, "tpm": 1000}}
+    with pytest.raises(JobSpecError, match=r"limits: 'gpt-4o-mni' is not a model this job"):
+        load_job(_job(tmp_path, messages=[{"role": "user", "content": "{text}"}], limits=limits))
+    ok = load_job(
+        _job(
+            tmp_path,
+            messages=[{"role": "user", "content": "{text}"}],
+            limits={"gpt-4o-mini": {"rpm": 10, "tpm": 1000}},
+        )
+    )
+    assert ok.limit_for("gpt-4o-mini").rpm == 10
+
+
+def test_limits_of_a_batch_job_are_checked_against_the_models_its_bodies_name(
+    tmp_path: Path,
+) -> None:
+    job = load_job(
+        _job(tmp_path, input_format="batch", limits={"gpt-4o": {"rpm": 5}, "o3-mini": {"rpm": 5}})
+    )
+    job.check_limit_models({"gpt-4o", "o3-mini", "gpt-4o-mini"})
+    with pytest.raises(JobSpecError, match=r"limits: 'o3-mini' is not a model .*name: gpt-4o\)"):
+        job.check_limit_models({"gpt-4o"})
+
+
+def test_duplicate_keys_are_refused_with_key_and_lines(tmp_path: Path) -> None:
+    text = (
+        "input: in.jsonl\noutput: out.parquet\nmodel: gpt-4o\n"
+        "params:\n  temperature: 0\n  temperature: 1\n"
+    )
+    with pytest.raises(
+        JobSpecError, match=r"job.yaml:6: key 'temperature' is given twice .*line 5"
+    ):
+        load_job(_job(tmp_path, text))
+    text = "input: in.jsonl\noutput: out.parquet\nmodel: gpt-4o\nmodel: gpt-4o-mini\n"
+    with pytest.raises(JobSpecError, match=r"job.yaml:4: key 'model' is given twice"):
+        load_job(_job(tmp_path, text))
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "defaults: &d {rpm: 10, tpm: 100}\n"
+        "input: in.jsonl\noutput: out.parquet\nmodel: gpt-4o-mini\n"
+        "limits:\n  gpt-4o-mini:\n    <<: *d\n    rpm: 20\n"
+    )
+    # `defaults` is not a job key; the merge itself is fine (the error names the unknown key).
+    with pytest.raises(JobSpecError, match="defaults: unknown key"):
+        load_job(_job(tmp_path, text))
+
+
+@pytest.mark.parametrize("bad", ["", "a\x00b"])
+def test_unusable_paths_are_refused(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(JobSpecError, match="output: must be a file path"):
+        load_job(_job(tmp_path, output=bad))
+
+
+def test_infinite_timeouts_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError, match=r"endpoint\.timeout_s"):
+        load_job(_job(tmp_path, endpoint={"timeout_s": float("inf")}))
