@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # The models Langdock's API serves (langdock-api.md). Own-key workspaces may have others:
 # the job file's `allow_any_model: true` lifts this check.
 SUPPORTED_MODELS: tuple[str, ...] = (
@@ -88,3 +90,40 @@ def is_o_series(model: str) -> bool:
 
 def context_window(model: str) -> int:
     return CONTEXT_WINDOWS.get(model, DEFAULT_CONTEXT_WINDOW)
+
+
+# ---- images ----
+# OpenAI's documented vision rule (platform.openai.com/docs/guides/vision, "Calculating costs"):
+# `detail: low` costs the base figure; `high` scales the image to fit 2048x2048, then its
+# shortest side down to 768 px, and costs `base + tile * (512-px tiles)`. `auto` lets the model
+# choose, so admission charges it as `high` (the larger figure; never an undercount).
+IMAGE_FIT_PX = 2048
+IMAGE_SHORT_SIDE_PX = 768
+IMAGE_TILE_PX = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRule:
+    """Tokens of one image: `base` alone at detail low, `base + tile * tiles` at high."""
+
+    base: int
+    tile: int
+
+
+# gpt-4o, gpt-4, unknown deployments: OpenAI's published gpt-4o rule.
+IMAGE_RULE_DEFAULT = ImageRule(base=85, tile=170)
+# o1 / o3 (vision-capable reasoning models) publish their own, smaller figures.
+IMAGE_RULE_O_SERIES = ImageRule(base=75, tile=150)
+# gpt-4o-mini *bills* an image as many tokens as cost the same money on gpt-4o; the model itself
+# sees (and its context window holds) the gpt-4o figure.
+IMAGE_RULE_MINI_BILLING = ImageRule(base=2833, tile=5667)
+
+
+def image_rule(model: str, count_as: str = "billing") -> ImageRule:
+    """The image rule of a model; `count_as` is "billing" (what usage reports) or "context"."""
+    name = model.lower()
+    if name == "gpt-4o-mini" or name.startswith("gpt-4o-mini-"):
+        return IMAGE_RULE_MINI_BILLING if count_as == "billing" else IMAGE_RULE_DEFAULT
+    if is_o_series(name):
+        return IMAGE_RULE_O_SERIES
+    return IMAGE_RULE_DEFAULT

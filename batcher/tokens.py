@@ -18,17 +18,26 @@ import gzip
 import hashlib
 import importlib.resources
 import json
+import math
 import threading
 import types
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeGuard
 
 import tiktoken
 from tiktoken_ext import openai_public
 
 from batcher.errors import BatcherError
-from batcher.models import encoding_name_for
+from batcher.images import REMOTE_SIZES, size_from_data_url
+from batcher.models import (
+    IMAGE_FIT_PX,
+    IMAGE_SHORT_SIDE_PX,
+    IMAGE_TILE_PX,
+    encoding_name_for,
+    image_rule,
+)
+from batcher.spec import Images
 
 BUNDLED_ENCODINGS: tuple[str, ...] = ("cl100k_base", "o200k_base")
 
@@ -126,13 +135,174 @@ def encoding_for_model(model: str) -> tiktoken.Encoding:
     return get_encoding(encoding_name_for(model))
 
 
-def _message_texts(message: Mapping[str, Any]) -> tuple[list[str], int]:
-    """The strings of one message that are tokenized, and its fixed overhead in tokens."""
-    overhead = TOKENS_PER_MESSAGE
+# ---- images ----
+
+# Tiles of the largest image `high` can charge: after the fit to 2048x2048 and the shortest
+# side to 768, at most 768x2048 px remain = 2 x 4 tiles (any image at least 8:3 in aspect and
+# 768 px on its short side, e.g. 768x2048 or 1536x4096). gpt-4o: 85 + 8 * 170 = 1,445 tokens.
+WORST_CASE_TILES = 8
+
+
+def image_tiles(width: int, height: int) -> int:
+    """512-px tiles of an image at `detail: high` (OpenAI's rule; only ever scaled down)."""
+    w, h = float(width), float(height)
+    fit = min(1.0, IMAGE_FIT_PX / max(w, h))
+    w, h = w * fit, h * fit
+    short = min(1.0, IMAGE_SHORT_SIDE_PX / min(w, h))
+    w, h = w * short, h * short
+    # The tolerance keeps 1536.0000001 px (float scaling) at 3 tiles, not 4.
+    return math.ceil(w / IMAGE_TILE_PX - 1e-6) * math.ceil(h / IMAGE_TILE_PX - 1e-6)
+
+
+def image_tokens(
+    width: int | None, height: int | None, detail: str | None, model: str, count_as: str = "billing"
+) -> int:
+    """Tokens of one image part as the provider charges them (rules in batcher/models.py).
+
+    `detail` low is the base figure whatever the size; high, auto (the model may choose high)
+    and anything else is base + tile * tiles. An unknown size (a remote URL not fetched, a
+    header that would not parse) is charged the worst case, WORST_CASE_TILES.
+    `count_as` matters for gpt-4o-mini only: "billing" (2,833 + 5,667 a tile) or "context".
+    """
+    rule = image_rule(model, count_as)
+    if detail == "low":
+        return rule.base
+    if width is None or height is None or width <= 0 or height <= 0:
+        return rule.base + rule.tile * WORST_CASE_TILES
+    return rule.base + rule.tile * image_tiles(width, height)
+
+
+def _image_ref(part: Mapping[str, Any]) -> tuple[str, str | None]:
+    """(url, detail) of an `image_url` content part; either may be missing ("" / None)."""
+    ref = part.get("image_url")
+    if isinstance(ref, str):  # the older shorthand: "image_url": "https://..."
+        return ref, None
+    if isinstance(ref, dict):
+        url, detail = ref.get("url"), ref.get("detail")
+        return (url if isinstance(url, str) else ""), (detail if isinstance(detail, str) else None)
+    return "", None
+
+
+def _image_size(url: str, remote: Mapping[str, tuple[int, int] | None]) -> tuple[int, int] | None:
+    if url.startswith("data:"):
+        return size_from_data_url(url)
+    return remote.get(url)
+
+
+# ---- tools ----
+
+# OpenAI cookbook, "How to count tokens with tiktoken", section 7 (num_tokens_for_tools):
+# per function `func_init` + tokens("name:description"), `prop_init` once when it has
+# properties, per property `prop_key` + tokens("name:type:description"), an enum adds
+# `enum_init` + per item `enum_item` + tokens(item); `func_end` once after all functions.
+# func_init is 7 for the gpt-4o family (o200k_base, the o-series too) and 10 for gpt-4 /
+# gpt-3.5-turbo (cl100k_base); the rest is the same for both.
+TOOL_FUNC_INIT = {"o200k_base": 7, "cl100k_base": 10}
+TOOL_PROP_INIT = 3
+TOOL_PROP_KEY = 3
+TOOL_ENUM_INIT = -3
+TOOL_ENUM_ITEM = 3
+TOOL_FUNC_END = 12
+# The cookbook is silent on tool_choice; hmarr/openai-chat-tokens' measured rule: "none" 1
+# token, a forced function its name + 4, "auto" / "required" nothing.
+TOOL_CHOICE_NONE = 1
+TOOL_CHOICE_NAMED = 4
+_PROPERTY_KEYS_COUNTED = ("type", "description", "enum")
+_TOOL_KEYS = frozenset(("tools", "functions", "tool_choice", "function_call"))
+
+
+def _functions(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The function definitions of a body: `tools` entries of type function, then `functions`."""
+    found: list[Mapping[str, Any]] = []
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+                found.append(tool["function"])
+    functions = body.get("functions")  # the older API
+    if isinstance(functions, list):
+        found.extend(f for f in functions if isinstance(f, dict))
+    return found
+
+
+def _strip_dot(text: Any) -> str:
+    text = text if isinstance(text, str) else ""
+    return text[:-1] if text.endswith(".") else text
+
+
+def _tools_parts(body: Mapping[str, Any], encoding_name: str) -> tuple[int, list[str]]:
+    """Fixed tokens and the strings to tokenize for the body's tools and tool_choice.
+
+    The cookbook's rule, to the token, for the shapes it covers; beyond it (nested objects,
+    `items`, `format`, ... inside a property) the extra keys are counted as their JSON, which
+    errs high rather than low.
+    """
+    fixed = 0
     texts: list[str] = []
+    functions = _functions(body)
+    for function in functions:
+        fixed += TOOL_FUNC_INIT.get(encoding_name, TOOL_FUNC_INIT["o200k_base"])
+        name = function.get("name")
+        texts.append(
+            f"{name if isinstance(name, str) else ''}:{_strip_dot(function.get('description'))}"
+        )
+        parameters = function.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        if not isinstance(properties, dict) or not properties:
+            continue
+        fixed += TOOL_PROP_INIT
+        for key, prop in properties.items():
+            fixed += TOOL_PROP_KEY
+            prop = prop if isinstance(prop, dict) else {}
+            typ = prop.get("type")
+            typ = typ if isinstance(typ, str) else _json(typ) if typ is not None else ""
+            enum = prop.get("enum")
+            if isinstance(enum, list):
+                fixed += TOOL_ENUM_INIT + TOOL_ENUM_ITEM * len(enum)
+                texts.extend(v if isinstance(v, str) else _json(v) for v in enum)
+            texts.append(f"{key}:{typ}:{_strip_dot(prop.get('description'))}")
+            extra = {k: v for k, v in prop.items() if k not in _PROPERTY_KEYS_COUNTED}
+            if extra:
+                texts.append(_json(extra))
+    if functions:
+        fixed += TOOL_FUNC_END
+    for choice in (body.get("tool_choice"), body.get("function_call")):
+        if choice == "none":
+            fixed += TOOL_CHOICE_NONE
+        elif isinstance(choice, dict):
+            named = choice.get("function") if "function" in choice else choice
+            name = named.get("name") if isinstance(named, dict) else None
+            if isinstance(name, str):
+                fixed += TOOL_CHOICE_NAMED
+                texts.append(name)
+    return fixed, texts
+
+
+def tools_tokens(body: Mapping[str, Any], model: str) -> int:
+    """Prompt tokens the body's `tools` / `functions` and `tool_choice` add (0 without them)."""
+    fixed, texts = _tools_parts(body, encoding_name_for(model))
+    enc = encoding_for_model(model)
+    return fixed + sum(len(enc.encode_ordinary(t)) for t in texts)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+# ---- messages ----
+
+_Image = tuple[str, str | None]  # (url, detail)
+
+
+def _message_parts(message: Mapping[str, Any], texts: list[str], images: list[_Image]) -> int:
+    """Append the message's strings to tokenize and its images; return its fixed overhead."""
+    overhead = TOKENS_PER_MESSAGE
     for key, value in message.items():
         if key == "content":
-            texts.extend(_content_texts(value))
+            if isinstance(value, str):
+                texts.append(value)
+            elif isinstance(value, list):
+                _content_parts(value, texts, images)
         elif isinstance(value, str):  # role, name, tool_call_id, ...
             texts.append(value)
             if key == "name":
@@ -140,36 +310,33 @@ def _message_texts(message: Mapping[str, Any]) -> tuple[list[str], int]:
         elif value is not None:
             # tool_calls / function_call: the model sees them serialized; JSON is close enough
             # for an admission estimate and errs high rather than low.
-            texts.append(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
-    return texts, overhead
+            texts.append(_json(value))
+    return overhead
 
 
-def _content_texts(content: Any) -> Iterable[str]:
-    if isinstance(content, str):
-        return (content,)
-    if isinstance(content, list):
-        # Only text parts count; images and audio are charged by other rules we do not model.
-        return (
-            part["text"]
-            for part in content
-            if isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
-        )
-    return ()
+def _content_parts(parts: list[Any], texts: list[str], images: list[_Image]) -> None:
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            images.append(_image_ref(part))
+        # input_audio and other part types are not counted (Langdock serves no audio model).
+
+
+def count_request_tokens(body: Mapping[str, Any], model: str, images: Images | None = None) -> int:
+    """Prompt tokens of one chat request body: messages (text and images) plus tools."""
+    return count_request_tokens_batch([body], model, images, num_threads=1)[0]
 
 
 def count_prompt_tokens(messages: list[dict[str, Any]], model: str) -> int:
-    """Prompt tokens of a chat request as OpenAI counts them (cookbook rule, see module top).
+    """Prompt tokens of chat messages as OpenAI counts them (cookbook rule, see module top).
 
     Special-token text such as "<|endoftext|>" in user content counts as ordinary text.
     """
-    enc = encoding_for_model(model)
-    total = REPLY_PRIMING_TOKENS
-    for message in messages:
-        texts, overhead = _message_texts(message)
-        total += overhead + sum(len(enc.encode_ordinary(t)) for t in texts)
-    return total
+    return count_request_tokens({"messages": messages}, model)
 
 
 # Texts per task handed to a worker thread: large enough that per-task overhead vanishes.
@@ -179,28 +346,74 @@ _BATCH_CHUNK = 2_000
 def count_prompt_tokens_batch(
     batch: list[list[dict[str, Any]]], model: str, num_threads: int = 2
 ) -> list[int]:
-    """`count_prompt_tokens` for many requests at once; the same numbers, much faster.
+    """`count_prompt_tokens` for many message lists (no tools); see count_request_tokens_batch."""
+    return count_request_tokens_batch([{"messages": m} for m in batch], model, None, num_threads)
 
-    Identical strings (a shared system prompt, the role names) are encoded once per call. The
-    rest is encoded by `num_threads` threads, a chunk of texts per task: the Rust encoder
-    releases the GIL, so the threads run in parallel. (tiktoken's `encode_ordinary_batch`
-    submits one future per text; over 200k short texts it measured 8x slower than this.)
+
+def count_request_tokens_batch(
+    bodies: Sequence[Mapping[str, Any]],
+    model: str,
+    images: Images | None = None,
+    num_threads: int = 2,
+) -> list[int]:
+    """Prompt tokens of many chat request bodies, as the server counts them at admission.
+
+    What counts: the messages by OpenAI's chat rule (text parts, and every `image_url` part by
+    its model's image rule, its size read from a `data:` URL's header or, with
+    `images.fetch_sizes`, from a remote URL; else the worst case), plus `tools` / `functions`
+    and `tool_choice` by the OpenAI cookbook's convention. `run` (admission) and `estimate`
+    both call this, so they cannot disagree.
+
+    Fast for plain text rows: identical strings (a shared system prompt, role names, tool
+    definitions) are encoded once per call, and the rest by `num_threads` threads, a chunk of
+    texts per task: the Rust encoder releases the GIL, so the threads run in parallel.
+    (tiktoken's `encode_ordinary_batch` submits one future per text; over 200k short texts it
+    measured 8x slower than this.)
     """
-    enc = encoding_for_model(model)
+    settings = images or Images()
+    encoding_name = encoding_name_for(model)
+    enc = get_encoding(encoding_name)
     per_row: list[tuple[int, list[str]]] = []
+    with_images: dict[int, list[_Image]] = {}  # row index -> its image parts (rows with any)
     unique: dict[str, None] = {}  # insertion-ordered set of the distinct texts
-    for messages in batch:
+    for body in bodies:
         total = REPLY_PRIMING_TOKENS
-        row_texts: list[str] = []
-        for message in messages:
-            texts, overhead = _message_texts(message)
-            total += overhead
-            row_texts.extend(texts)
-        unique.update(dict.fromkeys(row_texts))
-        per_row.append((total, row_texts))
+        texts: list[str] = []
+        row_images: list[_Image] = []
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            for message in messages:
+                if isinstance(message, dict):
+                    total += _message_parts(message, texts, row_images)
+        if not _TOOL_KEYS.isdisjoint(body):
+            fixed, tool_texts = _tools_parts(body, encoding_name)
+            total += fixed
+            texts.extend(tool_texts)
+        if row_images:
+            with_images[len(per_row)] = row_images
+        unique.update(dict.fromkeys(texts))
+        per_row.append((total, texts))
 
-    todo = list(unique)
+    lengths = _encode_unique(enc, list(unique), num_threads)
     del unique
+    get = lengths.__getitem__
+    counts = [total + sum(map(get, texts)) for total, texts in per_row]
+    if with_images:
+        remote: dict[str, tuple[int, int] | None] = {}
+        if settings.fetch_sizes:
+            urls = (u for imgs in with_images.values() for u, d in imgs if d != "low")
+            remote = REMOTE_SIZES.get(
+                (u for u in urls if not u.startswith("data:")), settings.fetch_timeout_s
+            )
+        for i, row_images in with_images.items():
+            for url, detail in row_images:
+                size = _image_size(url, remote) if detail != "low" else None
+                w, h = size if size is not None else (None, None)
+                counts[i] += image_tokens(w, h, detail, model, settings.count_as)
+    return counts
+
+
+def _encode_unique(enc: tiktoken.Encoding, todo: list[str], num_threads: int) -> dict[str, int]:
     encode = enc.encode_ordinary
 
     def count(chunk: list[str]) -> list[int]:
@@ -212,8 +425,7 @@ def count_prompt_tokens_batch(
             counted = list(pool.map(count, chunks))
     else:
         counted = [count(c) for c in chunks]
-    lengths = dict(zip(todo, (n for part in counted for n in part), strict=True))
-    return [total + sum(lengths[t] for t in texts) for total, texts in per_row]
+    return dict(zip(todo, (n for part in counted for n in part), strict=True))
 
 
 def max_output_tokens(body: Mapping[str, Any], assumed_max_tokens: int) -> tuple[int, bool]:
@@ -231,11 +443,13 @@ def max_output_tokens(body: Mapping[str, Any], assumed_max_tokens: int) -> tuple
     return assumed_max_tokens * factor, True
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def admission_cost(body: Mapping[str, Any], model: str, assumed_max_tokens: int) -> int:
+def admission_cost(
+    body: Mapping[str, Any], model: str, assumed_max_tokens: int, images: Images | None = None
+) -> int:
     """Tokens Azure counts against the per-minute limit when it admits this request."""
-    prompt = count_prompt_tokens(body.get("messages") or [], model)
+    prompt = count_request_tokens(body, model, images)
     return prompt + max_output_tokens(body, assumed_max_tokens)[0]

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
+import http.server
 import importlib.resources
+import io
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+from PIL import Image
 
 from batcher import tokens
 from batcher.errors import BatcherError
+from batcher.images import RemoteSizes, fetch_size
+from batcher.spec import Images
 
 # The sha256 tiktoken pins for cl100k_base.tiktoken (tiktoken_ext/openai_public.py).
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
@@ -116,7 +123,7 @@ def test_name_costs_its_tokens_plus_one() -> None:
     assert diff == name_tokens + 1
 
 
-def test_list_of_parts_counts_only_text_parts() -> None:
+def test_list_of_parts_counts_text_parts_and_images() -> None:
     as_string = [{"role": "user", "content": "hello world"}]
     as_parts = [
         {
@@ -128,10 +135,11 @@ def test_list_of_parts_counts_only_text_parts() -> None:
             ],
         }
     ]
-    # "hello" + " world" encode separately to the same two tokens as "hello world".
+    # "hello" + " world" encode separately to the same two tokens as "hello world"; the remote
+    # image (size unknown, detail auto) is charged the worst case, 85 + 8 * 170.
     assert tokens.count_prompt_tokens(as_parts, "gpt-4o") == tokens.count_prompt_tokens(
         as_string, "gpt-4o"
-    )
+    ) + (85 + 8 * 170)
 
 
 def test_missing_or_null_content() -> None:
@@ -220,3 +228,272 @@ def test_building_an_encoding_never_touches_the_network(
     enc = tokens._build_encoding.__wrapped__("cl100k_base")  # uncached: really builds
     assert enc.encode_ordinary("hello world") == [15339, 1917]
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- images ----
+
+
+def png_data_url(width: int, height: int, fmt: str = "PNG") -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format=fmt)
+    mime = "png" if fmt == "PNG" else "jpeg"
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_body(url: str | None, detail: str | None = "high", model: str = "gpt-4o") -> dict:
+    parts: list[dict[str, Any]] = [{"type": "text", "text": "What is in this picture?"}]
+    if url is not None:
+        ref = {"url": url} if detail is None else {"url": url, "detail": detail}
+        parts.append({"type": "image_url", "image_url": ref})
+    return {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 20}
+
+
+IMAGE_1024 = png_data_url(1024, 1024)
+
+
+@pytest.mark.parametrize(
+    ("detail", "model", "images", "extra"),
+    [
+        ("high", "gpt-4o", None, 765),  # 1024 -> 768x768 -> 4 tiles: 85 + 4 * 170
+        ("auto", "gpt-4o", None, 765),  # auto may be high: charged as high
+        (None, "gpt-4o", None, 765),  # no detail means auto
+        ("low", "gpt-4o", None, 85),
+        ("high", "gpt-4o-mini", None, 2833 + 4 * 5667),  # billing figure by default
+        ("low", "gpt-4o-mini", None, 2833),
+        ("high", "gpt-4o-mini", Images(count_as="context"), 765),
+        ("high", "o1", None, 75 + 4 * 150),
+        ("high", "gpt-4", None, 765),
+    ],
+)
+def test_data_url_image_cost(
+    detail: str | None, model: str, images: Images | None, extra: int
+) -> None:
+    text_only = tokens.count_request_tokens(image_body(None, model=model), model, images)
+    with_image = tokens.count_request_tokens(image_body(IMAGE_1024, detail, model), model, images)
+    assert with_image == text_only + extra
+    # admission = prompt + max_tokens, and the batch path agrees with the single one
+    assert tokens.admission_cost(image_body(IMAGE_1024, detail, model), model, 4096, images) == (
+        text_only + extra + 20
+    )
+    assert tokens.count_request_tokens_batch(
+        [image_body(None, model=model), image_body(IMAGE_1024, detail, model)], model, images
+    ) == [text_only, with_image]
+
+
+@pytest.mark.parametrize(
+    ("size", "tiles"),
+    [
+        ((1024, 1024), 4),
+        ((2048, 4096), 6),  # OpenAI's example: -> 1024x2048 -> 768x1536
+        ((4096, 8192), 6),
+        ((512, 512), 1),  # small images are never scaled up
+        ((100, 3000), 4),  # -> 68x2048: 1 x 4
+        ((768, 2048), 8),  # the worst case
+        ((1536, 4096), 8),
+        ((513, 512), 2),
+        ((1, 1), 1),
+    ],
+)
+def test_image_tiles(size: tuple[int, int], tiles: int) -> None:
+    assert tokens.image_tiles(*size) == tiles
+    assert tokens.image_tiles(*reversed(size)) == tiles
+    assert tiles <= tokens.WORST_CASE_TILES
+
+
+def test_jpeg_data_url_is_read_from_its_header() -> None:
+    url = png_data_url(2048, 4096, fmt="JPEG")
+    body = image_body(url)
+    assert tokens.count_request_tokens(body, "gpt-4o") == tokens.count_request_tokens(
+        image_body(None), "gpt-4o"
+    ) + (85 + 6 * 170)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/cat.png",  # remote, not fetched by default
+        "data:image/png;base64,not-an-image",
+        "data:image/png;base64," + IMAGE_1024[40:200],  # header cut away
+        "",
+    ],
+)
+def test_unknown_size_is_charged_the_worst_case(url: str) -> None:
+    extra = tokens.count_request_tokens(image_body(url), "gpt-4o") - tokens.count_request_tokens(
+        image_body(None), "gpt-4o"
+    )
+    assert extra == 85 + 8 * 170 == 1445
+    low = tokens.count_request_tokens(image_body(url, "low"), "gpt-4o")
+    assert low == tokens.count_request_tokens(image_body(None), "gpt-4o") + 85
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    hits: ClassVar[list[str]] = []
+    png = base64.b64decode(png_data_url(512, 1024).split(",", 1)[1])
+
+    def do_GET(self) -> None:
+        type(self).hits.append(self.path)
+        if self.path != "/a.png":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.png)))
+        self.end_headers()
+        self.wfile.write(self.png)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_fetch_sizes_reads_each_remote_image_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        settings = Images(fetch_sizes=True, fetch_timeout_s=5)
+        text = tokens.count_request_tokens(image_body(None), "gpt-4o")
+        bodies = [image_body(f"{base}/a.png"), image_body(f"{base}/a.png"), image_body(f"{base}/x")]
+        # the module's cache is per process; a fresh one keeps this test independent
+        monkeypatch.setattr(tokens, "REMOTE_SIZES", RemoteSizes())
+        counts = tokens.count_request_tokens_batch(bodies, "gpt-4o", settings)
+        again = tokens.count_request_tokens_batch(bodies, "gpt-4o", settings)
+        default = tokens.count_request_tokens_batch(bodies, "gpt-4o")
+        # 512x1024: 1 x 2 tiles; the missing image: the worst case; without fetch_sizes: all worst
+        assert counts == again == [text + 85 + 2 * 170, text + 85 + 2 * 170, text + 1445]
+        assert default == [text + 1445] * 3
+        assert sorted(_ImageHandler.hits) == ["/a.png", "/x"]  # once each, failures remembered
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_fetch_size_refuses_other_schemes_and_times_out() -> None:
+    assert fetch_size("file:///etc/passwd", 1) is None
+    with socket.socket() as silent:  # accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        assert fetch_size(f"http://127.0.0.1:{port}/a.png", 0.2) is None
+
+
+# ---- tools ----
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "description": "Get the current weather in a given location",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "location": {
+                    "type": "string",
+                    "description": "The city and state, e.g. San Francisco, CA",
+                },
+                "unit": {
+                    "type": "string",
+                    "description": "The unit of temperature to return",
+                    "enum": ["celsius", "fahrenheit"],
+                },
+            },
+            "required": ["location"],
+        },
+    },
+}
+WEATHER_MESSAGES = [
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that can answer to questions about the weather.",
+    },
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+
+def _convention(model: str, func_init: int) -> int:
+    """The cookbook's num_tokens_for_tools, written out for the weather tool."""
+    enc = tokens.encoding_for_model(model)
+
+    def n(text: str) -> int:
+        return len(enc.encode_ordinary(text))
+
+    return (
+        func_init
+        + n("get_current_weather:Get the current weather in a given location")
+        + 3  # prop_init
+        + 3
+        + n("location:string:The city and state, e.g. San Francisco, CA")
+        + 3
+        - 3  # enum_init
+        + 3
+        + n("celsius")
+        + 3
+        + n("fahrenheit")
+        + n("unit:string:The unit of temperature to return")
+        + 12  # func_end
+    )
+
+
+@pytest.mark.parametrize(("model", "func_init"), [("gpt-4o", 7), ("gpt-4o-mini", 7), ("gpt-4", 10)])
+def test_one_function_definition_adds_the_cookbook_amount(model: str, func_init: int) -> None:
+    plain = {"model": model, "messages": WEATHER_MESSAGES}
+    with_tool = {**plain, "tools": [WEATHER_TOOL]}
+    legacy = {**plain, "functions": [WEATHER_TOOL["function"]]}
+    base = tokens.count_request_tokens(plain, model)
+    added = _convention(model, func_init)
+    assert tokens.count_request_tokens(with_tool, model) == base + added
+    assert tokens.count_request_tokens(legacy, model) == base + added
+    assert tokens.tools_tokens(with_tool, model) == added
+    assert tokens.tools_tokens(plain, model) == 0
+    assert tokens.count_request_tokens_batch([plain, with_tool], model) == [base, base + added]
+
+
+def test_weather_tool_regression_figure() -> None:
+    # The cookbook's example, counted once and pinned so a change of rule shows up.
+    body = {"messages": WEATHER_MESSAGES, "tools": [WEATHER_TOOL]}
+    assert tokens.count_request_tokens(body, "gpt-4o") == 101
+
+
+@pytest.mark.parametrize(
+    ("choice", "extra"),
+    [
+        ("auto", 0),
+        ("required", 0),
+        ("none", 1),
+        ({"type": "function", "function": {"name": "get_current_weather"}}, 4 + 3),
+    ],
+)
+def test_tool_choice(choice: Any, extra: int) -> None:
+    body = {"messages": WEATHER_MESSAGES, "tools": [WEATHER_TOOL]}
+    name_tokens = len(tokens.get_encoding("o200k_base").encode_ordinary("get_current_weather"))
+    assert name_tokens == 3
+    assert (
+        tokens.count_request_tokens({**body, "tool_choice": choice}, "gpt-4o")
+        == tokens.count_request_tokens(body, "gpt-4o") + extra
+    )
+
+
+@pytest.mark.parametrize(
+    "tools",
+    [
+        [None, 3, "x", {"type": "function"}, {"type": "function", "function": {}}],
+        [{"type": "function", "function": {"name": 5, "parameters": {"properties": [1]}}}],
+        [{"function": {"name": "f", "parameters": {"properties": {"a": None, "b": {"enum": 3}}}}}],
+        "not a list",
+    ],
+)
+def test_odd_tool_shapes_are_counted_not_crashed_on(tools: Any) -> None:
+    body = {"messages": WEATHER_MESSAGES, "tools": tools, "tool_choice": {"function": None}}
+    assert tokens.count_request_tokens(body, "gpt-4o") >= tokens.count_request_tokens(
+        {"messages": WEATHER_MESSAGES}, "gpt-4o"
+    )
+
+
+def test_nested_parameters_count_beyond_the_cookbook() -> None:
+    flat = {"name": "f", "parameters": {"properties": {"tags": {"type": "array"}}}}
+    nested = {
+        "name": "f",
+        "parameters": {"properties": {"tags": {"type": "array", "items": {"type": "string"}}}},
+    }
+    n_flat = tokens.count_request_tokens({"functions": [flat]}, "gpt-4o")
+    assert tokens.count_request_tokens({"functions": [nested]}, "gpt-4o") > n_flat
