@@ -1,13 +1,18 @@
 """Input files -> rows, streamed: JSONL line by line, Parquet by record batches.
 
 Three shapes are read: plain JSONL (one object per line), Parquet, and OpenAI Batch-API input
-(JSONL lines `{"custom_id", "method", "url", "body"}`). Nothing here holds the whole file.
+(JSONL lines `{"custom_id", "method", "url", "body"}`). Nothing here holds the whole file. An
+empty input (no lines, a header-only Parquet file) simply yields no rows; the engine says so.
+
+Ids are strings or integers (or the row's position, without an id column). Floats are refused:
+1.0 reads back as "1.0" in one tool and "1" in another, and the answer could not be matched.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,28 +121,51 @@ class InputReader:
         if batch:
             yield batch
 
-    def _bad(self, line: int, position: int, msg: str) -> Row:
-        """A bad row: fail the job, or record it as an error row (on_bad_row: skip)."""
-        where = f"{self.path}:{line}"
+    def _bad(self, line: int, position: int, msg: str, row_id: str | None = None) -> Row:
+        """A bad row: fail the job, or record it as an error row (on_bad_row: skip).
+
+        The error row keeps the row's own id when it could be read; otherwise it gets a
+        made-up id that no real id can equal (`made_up_id`)."""
+        where = f"{self.path}:{line}" if self.format != "parquet" else f"{self.path} row {line}"
         if self.job.on_bad_row == "fail":
             raise InputDataError(f"{where}: {msg} (set on_bad_row: skip to record such rows)")
+        if row_id is None:
+            row_id = made_up_id(line) if self.format == "batch" or self.job.id_column else None
         return Row(
-            id=f"line-{line}" if self.job.id_column else str(position),
+            id=row_id if row_id is not None else str(position),
             line=line,
             data={},
             error=f"{where}: {msg}",
         )
 
-    def _row_id(self, obj: dict[str, Any], position: int) -> str | None:
+    def _row_id(self, obj: dict[str, Any], position: int) -> tuple[str | None, str]:
+        """(the row's id, or None and why it has none)."""
         if self.format == "batch":
             cid = obj.get("custom_id")
-            return cid if isinstance(cid, str) and cid else None
+            if not isinstance(cid, str) or not cid:
+                return None, "missing or invalid custom_id (a non-empty string)"
+            return _own_id(cid, "custom_id")
         if self.job.id_column is None:
-            return str(position)
+            return str(position), ""
+        name = f"id column {self.job.id_column!r}"
         value = obj.get(self.job.id_column)
-        if value is None or isinstance(value, (dict, list, float)):
-            return None
-        return str(value)
+        if value is None:
+            return None, f"{name} is missing or null"
+        if isinstance(value, float):
+            # 3.0 would become "3.0" here and "3" elsewhere: the answer could not be matched.
+            return None, (
+                f"{name} holds the number {value!r}; ids must be strings or integers (a "
+                "decimal id does not read back the same everywhere). Store the ids as text "
+                "or whole numbers"
+            )
+        if isinstance(value, (bool, dict, list)):
+            return (
+                None,
+                f"{name} holds {type(value).__name__} {value!r}; ids must be strings or integers",
+            )
+        if isinstance(value, str) and not value:
+            return None, f"{name} is empty"
+        return _own_id(str(value), name)
 
     def _iter_jsonl(self) -> Iterator[Row]:
         position = 0
@@ -155,19 +183,14 @@ class InputReader:
                 if not isinstance(obj, dict):
                     yield self._bad(lineno, pos, "each line must be a JSON object")
                     continue
-                row_id = self._row_id(obj, pos)
+                row_id, why = self._row_id(obj, pos)
                 if row_id is None:
-                    what = (
-                        "custom_id"
-                        if self.format == "batch"
-                        else f"id column {self.job.id_column!r}"
-                    )
-                    yield self._bad(lineno, pos, f"missing or invalid {what}")
+                    yield self._bad(lineno, pos, why)
                     continue
                 if self.format == "batch":
                     problem = _batch_line_problem(obj)
                     if problem:
-                        yield self._bad(lineno, pos, problem)
+                        yield self._bad(lineno, pos, problem, row_id=row_id)
                         continue
                 yield Row(id=row_id, line=lineno, data=obj)
 
@@ -177,13 +200,28 @@ class InputReader:
             for obj in record_batch.to_pylist():
                 pos = position
                 position += 1
-                row_id = self._row_id(obj, pos)
+                row_id, why = self._row_id(obj, pos)
                 if row_id is None:
-                    yield self._bad(
-                        pos + 1, pos, f"row has a null or invalid id column {self.job.id_column!r}"
-                    )
+                    yield self._bad(pos + 1, pos, why)
                     continue
                 yield Row(id=row_id, line=pos + 1, data=obj)
+
+
+_MADE_UP_ID = re.compile(r"<line \d+>")
+
+
+def made_up_id(line: int) -> str:
+    """The id of an unreadable line skipped under on_bad_row: skip. Real ids of this form are
+    refused (`_own_id`), so it cannot clash with one."""
+    return f"<line {line}>"
+
+
+def _own_id(value: str, name: str) -> tuple[str | None, str]:
+    if _MADE_UP_ID.fullmatch(value):
+        return None, (
+            f"{name} {value!r} has the form batcher gives to unreadable lines; rename that id"
+        )
+    return value, ""
 
 
 def _batch_line_problem(obj: dict[str, Any]) -> str | None:

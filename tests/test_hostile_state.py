@@ -3,13 +3,17 @@ that names the key, the row or the line, or skipped with a warning; never a trac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from batcher.errors import JobSpecError
+from batcher.errors import InputDataError, JobSpecError
+from batcher.readers import open_input
 from batcher.spec import load_job
 
 
@@ -115,3 +119,63 @@ def test_unusable_paths_are_refused(tmp_path: Path, bad: str) -> None:
 def test_infinite_timeouts_are_refused(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError, match=r"endpoint\.timeout_s"):
         load_job(_job(tmp_path, endpoint={"timeout_s": float("inf")}))
+
+
+# ---- item 10: input ----
+
+
+def _rows(tmp_path: Path, lines: list[str] | None = None, **fields: Any) -> list[Any]:
+    job = load_job(_job(tmp_path, **fields))
+    if lines is not None:
+        job.input.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return [row for batch in open_input(job).iter_batches() for row in batch]
+
+
+def test_empty_inputs_yield_no_rows(tmp_path: Path) -> None:
+    assert _rows(tmp_path, []) == []
+    assert _rows(tmp_path, ["", "  "], id_column="id") == []
+    table = pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+    pq.write_table(table, tmp_path / "empty.parquet")
+    assert _rows(tmp_path, input="empty.parquet", id_column="id") == []
+
+
+def test_float_ids_are_refused_naming_row_and_rule(tmp_path: Path) -> None:
+    lines = ['{"id": "a", "text": "x"}', '{"id": 2.0, "text": "y"}']
+    with pytest.raises(InputDataError, match=r"in\.jsonl:2: id column 'id' holds the number 2\.0"):
+        _rows(tmp_path, lines, id_column="id")
+    pq.write_table(pa.table({"id": [1.0, 2.5], "text": ["x", "y"]}), tmp_path / "f.parquet")
+    with pytest.raises(InputDataError, match=r"row 1: .*ids must be strings or integers"):
+        _rows(tmp_path, input="f.parquet", id_column="id")
+    with pytest.raises(InputDataError, match="ids must be strings or integers"):
+        _rows(tmp_path, ['{"id": true, "text": "x"}'], id_column="id")
+    rows = _rows(tmp_path, ['{"id": 7, "text": "x"}'], id_column="id")
+    assert [r.id for r in rows] == ["7"]
+
+
+def test_made_up_ids_of_skipped_lines_cannot_clash_with_real_ids(tmp_path: Path) -> None:
+    lines = ['{"id": "a", "text": "x"}', "not json", '{"id": "<line 2>", "text": "y"}']
+    rows = _rows(tmp_path, lines, id_column="id", on_bad_row="skip")
+    assert [r.id for r in rows] == ["a", "<line 2>", "<line 3>"]
+    assert "not valid JSON" in (rows[1].error or "")
+    assert "has the form batcher gives to unreadable lines" in (rows[2].error or "")
+    # Without an id column the ids are positions; a bad line keeps its own position.
+    rows = _rows(tmp_path, ['{"text": "x"}', "[1]", '{"text": "z"}'], on_bad_row="skip")
+    assert [r.id for r in rows] == ["0", "1", "2"] and rows[1].error
+
+
+def test_skipped_batch_line_keeps_its_custom_id(tmp_path: Path) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    lines = [
+        json.dumps(
+            {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        ),
+        json.dumps(
+            {"custom_id": "r2", "method": "GET", "url": "/v1/chat/completions", "body": body}
+        ),
+        json.dumps({"custom_id": "r3", "body": "not an object"}),
+        json.dumps({"body": body}),
+    ]
+    rows = _rows(tmp_path, lines, input_format="batch", on_bad_row="skip")
+    assert [r.id for r in rows] == ["r1", "r2", "r3", "<line 4>"]
+    assert [r.error is None for r in rows] == [True, False, False, False]
+    assert "GET" in (rows[1].error or "") and "custom_id" in (rows[3].error or "")
