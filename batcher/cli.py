@@ -147,23 +147,15 @@ def run(
             return await Engine(job, options).run()
 
     outcome = asyncio.run(go())
+    from batcher.summary import closing_message, outcome_record, render_outcome
+
     if log_format == "json":
-        click.echo(
-            json.dumps(
-                {
-                    "event": "summary",
-                    "exit_code": int(outcome.exit_code),
-                    "output": str(outcome.output),
-                    "error": outcome.error,
-                    **outcome.stats.as_dict(),
-                }
-            )
-        )
-        if outcome.error:
+        click.echo(json.dumps(outcome_record(outcome)))
+        if outcome.error is not None:
             click.echo(f"error: {outcome.error}", err=True)
-        click.echo(outcome.message.splitlines()[-1], err=True)
+        click.echo(closing_message(outcome).splitlines()[-1], err=True)
     elif not quiet or outcome.exit_code != ExitCode.OK:
-        click.echo(outcome.message, err=True)
+        click.echo(render_outcome(outcome), err=True)
     sys.exit(int(outcome.exit_code))
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from batcher.errors import APIConnectionError, APITimeout, classify
+from batcher.errors import APIConnectionError, APITimeout, TruncatedAnswer, classify
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +81,11 @@ class ChatClient:
         if error is not None:
             raise error
         if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
-            raise APIConnectionError(
-                f"answer {status} is not a chat completion: {str(raw[:200])!r}"
+            # Billed (the server answered 2xx) but unreadable: retried within the row's
+            # attempts like a dropped connection, and counted as spent.
+            raise TruncatedAnswer(
+                f"answer {status} is not a whole chat completion: {str(raw[:200])!r}",
+                status=status,
+                headers=headers,
             )
         return Answer(parsed, headers, latency)

@@ -1,6 +1,6 @@
-"""Wires the stages of `batcher run`: scan -> journal -> produce -> admit -> send -> persist.
+"""Wires the stages of `batcher run`: scan -> journal -> prepare -> admit -> send -> persist.
 
-    reader ──► builder + token cost ──► queue ──► workers ──► limiter.acquire ──► client
+    reader ──► prepare (body + cost) ──► queue ──► workers ──► limiter.acquire ──► client
        (thread, batches)                (bounded)     │                              │
                                                       ◄──── retry policy (tenacity) ◄┘
                                                       └──► journal.append (fsync) ──► stats
@@ -8,6 +8,11 @@
 
 A worker holds its concurrency slot until its result is durable, so at any moment at most
 `concurrency` requests are "sent but not persisted": the most a crash can make us pay twice.
+
+The engine returns a `RunOutcome` (data: why it stopped, counts, the error) and never prints
+a summary: the CLI and the Python API render it. Every stop (a signal, a rejected key, a full
+disk, an outage the circuit breaker saw) goes the same way: nothing new is admitted, requests
+in flight finish and are journaled within the grace period, then the run ends.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import signal
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batcher.admission import Limiter, make_limiter
 from batcher.answers import result_from_answer
+from batcher.breaker import CircuitBreaker
 from batcher.client import Answer, ChatClient
 from batcher.errors import (
     APIConnectionError,
@@ -39,10 +45,12 @@ from batcher.errors import (
     JobSpecError,
     RateLimited,
     RetryableAPIError,
+    failure_kind,
 )
 from batcher.idhashes import has_repeats, int64_view
 from batcher.journal import JobLock, Journal, end_record, journal_path, open_journal
-from batcher.limiter import Limiter, LocalLimiter
+from batcher.outcome import RunOutcome, StopReason
+from batcher.prepare import Prepared, Preparer
 from batcher.readers import InputReader, Row, input_digest, open_input
 from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
@@ -51,7 +59,6 @@ from batcher.sharding import shard_of, shard_output
 from batcher.spec import Job, request_fingerprint
 from batcher.stats import RunStats
 from batcher.structured import StructuredOutput
-from batcher.tokens import count_prompt_tokens_batch, max_output_tokens
 from batcher.writer import write_output_from_journal
 
 log = logging.getLogger("batcher")
@@ -72,34 +79,8 @@ class RunOptions:
     fsync: bool = True  # False only for the benchmark that measures what durability costs
 
 
-@dataclass
-class RunOutcome:
-    exit_code: ExitCode
-    stats: RunStats
-    output: Path
-    message: str
-    error: str | None = None  # why the run stopped, when it did
-
-
-def make_limiter(job: Job) -> Limiter:
-    def limits(model: str) -> tuple[int, int]:
-        lim = job.limit_for(model)
-        return lim.rpm, lim.tpm
-
-    cfg = job.limiter
-    if cfg.backend == "redis":
-        from batcher.redis_limiter import RedisLimiter
-
-        return RedisLimiter(
-            cfg.url,
-            cfg.workspace,
-            limits,
-            headroom=cfg.headroom,
-            adaptive=cfg.adaptive,
-            on_failure=cfg.on_limiter_failure,
-            local_share=cfg.local_share,
-        )
-    return LocalLimiter(limits, headroom=cfg.headroom, adaptive=cfg.adaptive)
+class _Abandoned(Exception):
+    """A row whose attempts a stop cut short: it stays undone (a rerun sends it), no error row."""
 
 
 def resolve_api_key(job: Job) -> str:
@@ -124,6 +105,7 @@ class Engine:
         self.structured = self._structured()
         self.reader: InputReader = open_input(job)
         self.builder = RequestBuilder(job, batch_format=self.reader.format == "batch")
+        self.preparer = Preparer(job, self.builder)
         needed = {*self.builder.template_columns, *job.keep_columns}
         if job.id_column:
             needed.add(job.id_column)
@@ -135,7 +117,8 @@ class Engine:
         self._client: ChatClient | None = None
         self._done_ids: frozenset[str] = frozenset()
         self._stopping = False
-        self._stop_signal: int | None = None
+        self._reason: StopReason | None = None  # why the run stops early; None: it completes
+        self._error: BatcherError | None = None
         self._workers: list[asyncio.Task[None]] = []
         self._producer: asyncio.Task[None] | None = None
         self._busy: set[asyncio.Task[Any]] = set()
@@ -153,6 +136,11 @@ class Engine:
         )
         self._probe_failures = 0
         self._warned_default_max = False
+        cb = job.circuit_breaker
+        # A timeout reports its failure timeout_s after the send: two of them must fit.
+        self._breaker = CircuitBreaker(
+            cb.failures, max(cb.window_s, 2.0 * job.endpoint.timeout_s + 1.0)
+        )
 
     def _structured(self) -> StructuredOutput | None:
         try:
@@ -176,6 +164,7 @@ class Engine:
         hashes = array("q")  # 8 bytes per row: duplicate ids are found without keeping ids
         total = failed = 0
         first_failure: InputDataError | None = None
+        models: set[str] = set()
         for batch in self.reader.iter_batches(4096):
             for row in batch:
                 if not self._in_shard(row.id):
@@ -185,7 +174,7 @@ class Engine:
                 if row.error is not None:
                     continue
                 try:
-                    self.builder.build_body(row)
+                    models.add(self.builder.build_body(row)["model"])
                 except InputDataError as exc:
                     if self.job.on_bad_row == "fail":
                         raise InputDataError(
@@ -196,6 +185,9 @@ class Engine:
         if total and failed == total and first_failure is not None:
             # Not a few bad rows: the template itself is wrong (a typo in a {column}).
             raise InputDataError(f"every row is unusable, e.g. {first_failure}")
+        check_models = getattr(self.job, "check_limit_models", None)
+        if check_models is not None:
+            check_models(models)  # a limits: entry for a model no row uses is a typo
         if total and has_repeats(int64_view(hashes)):
             self._report_duplicates(hashes)
         del hashes
@@ -225,56 +217,15 @@ class Engine:
 
     # ---- producing requests ----
 
-    def _prepare(self, it: Iterator[list[Row]]) -> tuple[list[Request], list[Result]] | None:
+    def _prepare(self, it: Iterator[list[Row]]) -> Prepared | None:
         """Runs in a worker thread: next input batch -> requests (and error rows)."""
         batch = next(it, None)
         if batch is None:
             return None
         done = self._done_ids
-        rows = [r for r in batch if r.id not in done and self._in_shard(r.id)]
-        errors: list[Result] = []
-        pending: list[tuple[Row, dict[str, Any]]] = []
-        for row in rows:
-            if row.error is not None:
-                errors.append(Result(row.id, STATUS_ERROR, error=row.error, keep={}))
-                continue
-            try:
-                pending.append((row, self.builder.build_body(row)))
-            except InputDataError as exc:
-                errors.append(Result(row.id, STATUS_ERROR, error=str(exc), keep={}))
-        by_model: dict[str, list[tuple[Row, dict[str, Any]]]] = {}
-        for row, body in pending:
-            by_model.setdefault(body["model"], []).append((row, body))
-        requests: list[Request] = []
-        for model, items in by_model.items():
-            prompts = count_prompt_tokens_batch([b["messages"] for _, b in items], model, 1)
-            limit = self.job.limit_for(model)
-            for (row, body), prompt in zip(items, prompts, strict=True):
-                out, default = max_output_tokens(body, self.job.assumed_max_tokens)
-                if default and not self._warned_default_max:
-                    self._warned_default_max = True
-                    log.warning(
-                        "requests set no max_tokens: each is charged %d tokens at admission "
-                        "(assumed_max_tokens), as the server does; set params.max_tokens to "
-                        "send faster",
-                        self.job.assumed_max_tokens,
-                    )
-                cost = prompt + out
-                keep = self.builder.keep(row)
-                if cost > limit.tpm:
-                    errors.append(
-                        Result(
-                            row.id,
-                            STATUS_ERROR,
-                            error=f"request needs {cost} tokens at admission ({prompt} prompt + "
-                            f"{out} max output), more than the {limit.tpm} TPM limit of {model}; "
-                            "lower max_tokens or shorten the prompt",
-                            keep=keep,
-                        )
-                    )
-                    continue
-                requests.append(Request(row.id, body, model, cost, keep))
-        return requests, errors
+        return self.preparer.prepare(
+            [r for r in batch if r.id not in done and self._in_shard(r.id)]
+        )
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
@@ -282,14 +233,21 @@ class Engine:
             prepared = await asyncio.to_thread(self._prepare, it)
             if prepared is None:
                 break
-            requests, errors = prepared
-            for req in requests:  # here, not in the thread: displays read stats on the loop
+            if prepared.default_max_tokens and not self._warned_default_max:
+                self._warned_default_max = True
+                log.warning(
+                    "requests set no max_tokens: each is charged %d tokens at admission "
+                    "(assumed_max_tokens), as the server does; set params.max_tokens to "
+                    "send faster",
+                    self.job.assumed_max_tokens,
+                )
+            for req in prepared.requests:  # here, not in the thread: displays read stats
                 if req.model not in self.stats.limits:
                     limit = self.job.limit_for(req.model)
                     self.stats.limits[req.model] = (limit.rpm, limit.tpm)
-            if errors:
-                await asyncio.gather(*(self._finish(r) for r in errors))
-            for req in requests:
+            if prepared.errors:
+                await asyncio.gather(*(self._finish(r) for r in prepared.errors))
+            for req in prepared.requests:
                 await self._queue.put(req)
         for _ in self._workers:
             await self._queue.put(None)
@@ -305,12 +263,17 @@ class Engine:
                 return
             try:
                 result = await self._process(req)
-            except BatcherError:
-                self._stopping = True  # a fatal error: no other worker may send another request
-                raise
+            except _Abandoned:
+                return
+            except BatcherError as exc:
+                self._stop(StopReason.FATAL, exc)  # no other worker sends another request
+                return
             self._busy.add(me)  # from here until durable, a stop waits for this row
             try:
                 await self._finish(result)
+            except BatcherError as exc:  # the journal cannot take it (disk full, replaced)
+                self._stop(StopReason.FATAL, exc)
+                return
             finally:
                 self._busy.discard(me)
 
@@ -349,22 +312,25 @@ class Engine:
         """All attempts for one row; row-level trouble becomes an error Result.
 
         While probing, a 404 or an unreachable server is raised instead (the setup is wrong,
-        the row is not to blame) after fewer attempts.
+        the row is not to blame) after fewer attempts. A stop during the attempts abandons
+        the row (`_Abandoned`): it is not an error, a rerun sends it.
         """
         policy = self._probe_policy if probing else self._policy
         attempts = 0
         try:
             while True:
-                if self._stopping:  # a stop or a fatal error: send nothing more
-                    raise asyncio.CancelledError
+                if self._stopping:
+                    raise _Abandoned
                 attempts += 1
                 try:
                     answer = await self._attempt(req, attempts)
                     break
                 except RetryableAPIError as exc:
-                    if not self._stopping and not policy.should_retry(exc, attempts):
+                    if self._stopping:
+                        raise _Abandoned from None
+                    if not policy.should_retry(exc, attempts):
                         raise
-                    await asyncio.sleep(0 if self._stopping else policy.wait_s(exc, attempts))
+                    await asyncio.sleep(policy.wait_s(exc, attempts))
         except AuthenticationError as exc:
             source = "--mock" if self.options.api_key else f"${self.job.endpoint.api_key_env}"
             exc.args = (f"{exc} (the key came from {source})",)
@@ -390,6 +356,8 @@ class Engine:
     async def _attempt(self, req: Request, attempt: int) -> Answer:
         assert self._client is not None
         await self.limiter.acquire(req.model, req.cost)
+        if self._stopping:  # a stop came while we waited for our slot: send nothing
+            raise _Abandoned
         if attempt > 1:
             self.stats.retries += 1
         self.stats.record_sent(req.cost)
@@ -399,14 +367,9 @@ class Engine:
         self._busy.add(me)
         try:
             answer = await self._client.complete(req.body)
-        except RateLimited as exc:
+        except RetryableAPIError as exc:
             self._busy.discard(me)
-            self.stats.rate_limited += 1
-            self.limiter.feedback(req.model, status=429, headers=exc.headers)
-            raise
-        except RetryableAPIError:
-            self._busy.discard(me)
-            self.stats.server_errors += 1
+            self._failed(req, exc)
             raise
         except BaseException:
             self._busy.discard(me)
@@ -414,8 +377,30 @@ class Engine:
         finally:
             self.stats.in_flight -= 1
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
+        self._breaker.success()
         self._opened.set()  # the endpoint, key and model work: let the others go
         return answer
+
+    def _failed(self, req: Request, exc: RetryableAPIError) -> None:
+        """Count one failed attempt, tell the limiter, and let the breaker judge the streak."""
+        kind = failure_kind(exc)
+        if isinstance(exc, RateLimited):
+            self.stats.rate_limited += 1
+            self.limiter.feedback(req.model, status=429, headers=exc.headers)
+        else:
+            self.stats.server_errors += 1
+            if kind == "truncated":  # a 200 the server billed but we could not read
+                self.stats.truncated += 1
+                self.stats.truncated_tokens += req.cost
+        if self._breaker.failure(kind, req.row_id, asyncio.get_running_loop().time()):
+            self._stop(
+                StopReason.OUTAGE,
+                APIError(
+                    f"the service failed the last {self._breaker.failures} requests the same "
+                    f"way ({kind}), the last with: {exc}. It looks like an outage; the rows it "
+                    "hit are not recorded as errors"
+                ),
+            )
 
     async def _finish(self, result: Result) -> None:
         assert self._journal is not None
@@ -432,24 +417,39 @@ class Engine:
 
     def request_stop(self, signum: int) -> None:
         """First signal: finish what is in flight (grace period). Second: stop at once."""
-        if self._stop_signal is None:
-            self._stop_signal = signum
-            self._stopping = True
-            log.warning(
-                "stopping: no new requests; waiting up to %g s for %d in flight "
-                "(press Ctrl-C again to stop at once; answered rows are kept either way)",
-                self.job.grace_period_s,
-                len(self._busy),
-            )
-            if self._producer is not None:
-                self._producer.cancel()
-            for task in self._workers:
-                if task not in self._busy:
-                    task.cancel()
-            asyncio.get_running_loop().call_later(self.job.grace_period_s, self._cancel_all)
-        else:
+        if self._reason in (StopReason.INTERRUPTED, StopReason.TERMINATED):
             log.warning("stopping now")
             self._cancel_all()
+            return
+        reason = StopReason.INTERRUPTED if signum == signal.SIGINT else StopReason.TERMINATED
+        if self._stopping:  # already stopping for another reason: a signal means "now"
+            self._cancel_all()
+            return
+        self._stop(reason)
+
+    def _stop(self, reason: StopReason, error: BatcherError | None = None) -> None:
+        """Admit nothing more; requests in flight finish and persist within the grace period."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._reason, self._error = reason, error
+        in_flight = len(self._busy)
+        if error is not None:
+            log.error("stopping: %s", error)
+        log.warning(
+            "stopping: no new requests; waiting up to %g s for %d in flight%s",
+            self.job.grace_period_s,
+            in_flight,
+            " (press Ctrl-C again to stop at once; answered rows are kept either way)"
+            if error is None
+            else "",
+        )
+        if self._producer is not None:
+            self._producer.cancel()
+        for task in self._workers:
+            if task not in self._busy and task is not asyncio.current_task():
+                task.cancel()
+        asyncio.get_running_loop().call_later(self.job.grace_period_s, self._cancel_all)
 
     def _cancel_all(self) -> None:
         for task in [*self._workers, self._producer]:
@@ -457,7 +457,7 @@ class Engine:
                 task.cancel()
 
     async def _drive(self) -> None:
-        """Run producer and workers; the first real exception stops everything."""
+        """Run producer and workers to the end; a bug (not a BatcherError) stops everything."""
         tasks: set[asyncio.Task[None]] = {*self._workers}
         assert self._producer is not None
         tasks.add(self._producer)
@@ -467,7 +467,9 @@ class Engine:
                 if task.cancelled():
                     continue
                 exc = task.exception()
-                if exc is not None:
+                if isinstance(exc, BatcherError):  # from the producer: reading, journal
+                    self._stop(StopReason.FATAL, exc)
+                elif exc is not None:
                     self._stopping = True
                     for other in tasks:
                         other.cancel()
@@ -494,6 +496,8 @@ class Engine:
     async def _run_locked(self, api_key: str) -> RunOutcome:
         job, opts = self.job, self.options
         total = await asyncio.to_thread(self.scan)
+        if total == 0:
+            log.warning("%s has no rows: nothing to send", job.input)
         self._clean_leftovers(opts.restart)
         fingerprint = request_fingerprint(job, await asyncio.to_thread(input_digest, job.input))
         journal, state = await asyncio.to_thread(
@@ -530,13 +534,12 @@ class Engine:
                 total,
                 journal_path(self.output).name,
             )
-        from batcher.progress import Progress, render_summary
+        from batcher.progress import Progress
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_stop, sig)
         ticker = asyncio.create_task(self._refresh_effective())
-        fatal: BaseException | None = None
         try:
             await self.limiter.start()
             base_url = opts.base_url or job.endpoint.url
@@ -562,52 +565,56 @@ class Engine:
                 )
                 try:
                     await self._drive()
-                except BatcherError as exc:
-                    fatal = exc
+                except BatcherError as exc:  # limiter.start, client setup
+                    self._stop(StopReason.FATAL, exc)
+        except BatcherError as exc:
+            self._stopping = True
+            self._reason, self._error = StopReason.FATAL, exc
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             ticker.cancel()
             self.stats.effective = self.limiter.snapshot()
             self.stats.finished = self.stats.clock()
-            await journal.drain()  # every finished row is on disk before we report or write
+            try:
+                await journal.drain()  # every finished row is on disk before we report
+            except BatcherError as exc:
+                if self._reason is None or self._error is None:
+                    self._reason, self._error = StopReason.FATAL, exc
             await self.limiter.aclose()
 
-        summary = render_summary(self.stats, fmt=opts.log_format)
-        if fatal is not None or self._stop_signal is not None:
+        if self._reason is not None:
             with contextlib.suppress(BatcherError):
                 journal.write_meta(end_record(False, **self._end_counts()))
-            rerun = "run the same command again to resume"
-            if fatal is not None:
-                code = getattr(fatal, "exit_code", ExitCode.FATAL)
-                message = f"{fatal}\n{self._saved()} Fix the problem, then {rerun}."
-            else:
-                code = (
-                    ExitCode.INTERRUPTED
-                    if self._stop_signal == signal.SIGINT
-                    else ExitCode.TERMINATED
-                )
-                message = f"interrupted. {self._saved()} To continue, {rerun}."
-            return RunOutcome(
-                code,
-                self.stats,
-                self.output,
-                f"{summary}\n{message}",
-                error=str(fatal) if fatal is not None else "interrupted",
-            )
+            return self._outcome(self._reason)
 
         rows, errors = await asyncio.to_thread(self._write_output, total)
         journal.write_meta(end_record(True, **self._end_counts()))
-        code = ExitCode.ROW_ERRORS if errors else ExitCode.OK
-        message = f"wrote {rows} rows to {self.output}"
-        if errors:
-            message += (
-                f"; {errors} rows are errors (`batcher inspect {self.output}` groups them; "
-                "send just those again with --retry-errors)"
-            )
+        return self._outcome(StopReason.COMPLETED, rows_written=rows, error_rows=errors)
+
+    def _outcome(
+        self, reason: StopReason, *, rows_written: int = 0, error_rows: int = 0
+    ) -> RunOutcome:
+        if reason is StopReason.COMPLETED:
+            code = ExitCode.ROW_ERRORS if error_rows else ExitCode.OK
+        elif reason is StopReason.INTERRUPTED:
+            code = ExitCode.INTERRUPTED
+        elif reason is StopReason.TERMINATED:
+            code = ExitCode.TERMINATED
+        elif self._error is not None:
+            code = self._error.exit_code
         else:
-            message += f" (`batcher inspect {self.output}` summarises it)"
-        return RunOutcome(code, self.stats, self.output, f"{summary}\n{message}")
+            code = ExitCode.FATAL
+        return RunOutcome(
+            exit_code=code,
+            reason=reason,
+            stats=self.stats,
+            output=self.output,
+            journal=journal_path(self.output),
+            rows_written=rows_written,
+            error_rows=error_rows,
+            error=self._error,
+        )
 
     def _clean_leftovers(self, restart: bool) -> None:
         """We hold the job lock: temp files of a crashed final write are ours to remove, and
@@ -616,10 +623,6 @@ class Engine:
             tmp.unlink(missing_ok=True)
         if restart:
             self.output.unlink(missing_ok=True)
-
-    def _saved(self) -> str:
-        done = self.stats.done_before + self.stats.done
-        return f"{done} of {self.stats.total_rows} rows are saved in {journal_path(self.output)}."
 
     def _end_counts(self) -> dict[str, Any]:
         return {"ok": self.stats.ok, "error": self.stats.error, "sent": self.stats.requests_sent}

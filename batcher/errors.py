@@ -25,6 +25,7 @@ to this tree; nothing else looks at status codes or message text.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from enum import IntEnum
@@ -115,6 +116,10 @@ class APIConnectionError(RetryableAPIError):
     pass
 
 
+class TruncatedAnswer(RetryableAPIError):
+    """A 2xx whose body is not a whole chat completion: the server billed it, we cannot read it."""
+
+
 class FatalAPIError(APIError):
     pass
 
@@ -141,9 +146,24 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
             value = float(raw) * scale
         except ValueError:
             continue
-        if value >= 0:
+        if value >= 0 and math.isfinite(value):  # "inf", "nan", "-1": no advice at all
             return value
     return None
+
+
+def failure_kind(exc: APIError) -> str:
+    """A short name for how an attempt failed: what the circuit breaker compares."""
+    if isinstance(exc, RateLimited):
+        return "429"
+    if isinstance(exc, TruncatedAnswer):
+        return "truncated"
+    if isinstance(exc, APITimeout):
+        return "timeout"
+    if isinstance(exc, APIConnectionError):
+        return "connection"
+    if exc.status is not None:
+        return f"{exc.status // 100}xx"
+    return type(exc).__name__
 
 
 def server_message(body: Any) -> str:

@@ -23,14 +23,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from batcher.errors import InputDataError
-from batcher.models import context_window
-from batcher.pricing import PRICES_AS_OF, base_model_name, cost_of, price_for
+from batcher.prepare import Prepared, Preparer
+from batcher.pricing import PRICES_AS_OF, cost_of, price_for
 from batcher.progress import format_duration
-from batcher.readers import Row, open_input
+from batcher.readers import open_input
 from batcher.requests import RequestBuilder
 from batcher.spec import Job
-from batcher.tokens import count_prompt_tokens_batch, max_output_tokens
 
 MAX_LISTED = 100  # over-context / over-TPM rows listed by id; the count is always whole
 BATCH_ROWS = 8192
@@ -47,82 +45,60 @@ class _ModelTotals:
     over_tpm_ids: list[str] = field(default_factory=list)
 
 
-@dataclass
-class _Pending:
-    """One model's share of a batch, its prompt counting running in a thread."""
-
-    model: str
-    rows: list[Row]
-    bodies: list[dict[str, Any]]
-    prompts: Future[list[int]]
-
-
 class _Estimator:
-    def __init__(self, job: Job, num_threads: int) -> None:
-        self.job = job
-        self.num_threads = num_threads
+    """Sums what `Preparer` makes of each batch: the very requests and errors of `run`."""
+
+    def __init__(self) -> None:
         self.models: dict[str, _ModelTotals] = {}
         self.bad_rows = 0
         self.bad_samples: list[str] = []
         self.over_context: list[dict[str, Any]] = []
         self.over_context_count = 0
 
-    def prepare(self, builder: RequestBuilder, batch: list[Row]) -> dict[str, list[Any]]:
-        """Bodies of one batch grouped by model; bad rows counted (on_bad_row: skip)."""
-        by_model: dict[str, list[Any]] = {}
-        for row in batch:
-            if row.error is not None:
-                self._bad(row.error)
-                continue
-            try:
-                body = builder.build_body(row)
-            except InputDataError as exc:
-                if self.job.on_bad_row == "fail":
-                    raise
-                self._bad(str(exc))
-                continue
-            rows_bodies = by_model.setdefault(body["model"], [[], []])
-            rows_bodies[0].append(row)
-            rows_bodies[1].append(body)
-        return by_model
-
-    def _bad(self, message: str) -> None:
-        self.bad_rows += 1
-        if len(self.bad_samples) < 5:
-            self.bad_samples.append(message)
-
-    def account(self, pending: _Pending) -> None:
-        model, prompts = pending.model, pending.prompts.result()
-        totals = self.models.setdefault(model, _ModelTotals())
-        tpm = self.job.limit_for(model).tpm
-        window = context_window(base_model_name(model))
-        assumed = self.job.assumed_max_tokens
-        for row, body, prompt in zip(pending.rows, pending.bodies, prompts, strict=True):
-            out, default = max_output_tokens(body, assumed)
-            cost = prompt + out
-            if cost > window:
+    def account(self, prepared: Prepared) -> None:
+        for req, prompt, reserved in zip(
+            prepared.requests, prepared.prompt_tokens, prepared.reserved_tokens, strict=True
+        ):
+            totals = self.models.get(req.model)
+            if totals is None:
+                totals = self.models[req.model] = _ModelTotals()
+            totals.rows += 1
+            totals.prompt_tokens += prompt
+            totals.reserved_completion_tokens += reserved
+            totals.largest_request = max(totals.largest_request, req.cost)
+        by_id = {r.id: r for r in prepared.errors} if prepared.rejections else {}
+        for rej in prepared.rejections:
+            if rej.kind == "bad_row":
+                self.bad_rows += 1
+                if len(self.bad_samples) < 5:
+                    self.bad_samples.append(by_id[rej.row_id].error or "")
+            elif rej.kind == "over_context":
                 self.over_context_count += 1
                 if len(self.over_context) < MAX_LISTED:
                     self.over_context.append(
-                        {"id": row.id, "model": model, "tokens": cost, "context_window": window}
+                        {
+                            "id": rej.row_id,
+                            "model": rej.model,
+                            "tokens": rej.tokens,
+                            "context_window": rej.limit,
+                        }
                     )
-            if cost > tpm:  # the engine records these as errors without sending
+            else:
+                assert rej.model is not None
+                totals = self.models.setdefault(rej.model, _ModelTotals())
                 totals.over_tpm += 1
                 if len(totals.over_tpm_ids) < MAX_LISTED:
-                    totals.over_tpm_ids.append(row.id)
-                continue
-            totals.rows += 1
-            totals.prompt_tokens += prompt
-            totals.reserved_completion_tokens += out
-            totals.default_max_tokens_rows += default
-            totals.largest_request = max(totals.largest_request, cost)
+                    totals.over_tpm_ids.append(rej.row_id)
+        for model, n in prepared.default_max_tokens.items():
+            self.models[model].default_max_tokens_rows += n
 
 
 def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
     """Read every row, build its body, count its tokens; report cost and duration. Sends nothing.
 
     Raises InputDataError / JobSpecError for what `batcher run` would refuse (with
-    on_bad_row: fail, the first bad row).
+    on_bad_row: fail, the first bad row). Rows longer than their model's context window or a
+    minute's TPM are the error rows `run` records without sending: not in the totals.
     """
     started = time.monotonic()
     reader = open_input(job)
@@ -130,31 +106,19 @@ def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS
     known = reader.column_names()
     if known is not None:
         builder.check_columns(known)
-    est = _Estimator(job, num_threads)
+    preparer = Preparer(job, builder, fail_on_bad_row=True)
+    est = _Estimator()
     # Counting (tiktoken's Rust encoder, GIL released) of batch k overlaps reading and
     # building batch k+1 (Python, holds the GIL): the two cores both work.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher-estimate") as pool:
-        in_flight: list[_Pending] = []
+        in_flight: Future[Prepared] | None = None
         for batch in reader.iter_batches(batch_rows):
-            by_model = est.prepare(builder, batch)
-            for pending in in_flight:
-                est.account(pending)
-            in_flight = [
-                _Pending(
-                    model,
-                    rows,
-                    bodies,
-                    pool.submit(
-                        count_prompt_tokens_batch,
-                        [b["messages"] for b in bodies],
-                        model,
-                        num_threads,
-                    ),
-                )
-                for model, (rows, bodies) in by_model.items()
-            ]
-        for pending in in_flight:
-            est.account(pending)
+            built = preparer.build(batch)
+            if in_flight is not None:
+                est.account(in_flight.result())
+            in_flight = pool.submit(preparer.count, built, num_threads=num_threads)
+        if in_flight is not None:
+            est.account(in_flight.result())
     return _report(job, est, time.monotonic() - started)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from batcher.admission.contract import ModelSnapshot
 
 
 @dataclass
@@ -66,7 +68,9 @@ class RunStats:
     requests_sent: int = 0  # HTTP attempts, first tries and retries
     retries: int = 0
     rate_limited: int = 0  # 429 answers
-    server_errors: int = 0  # 5xx, timeouts, dropped connections
+    server_errors: int = 0  # 5xx, timeouts, dropped connections, truncated answers
+    truncated: int = 0  # 2xx answers we could not read: billed all the same
+    truncated_tokens: int = 0  # their admission cost: the most they were billed
     prompt_tokens: int = 0  # from the server's usage
     completion_tokens: int = 0
     admitted_tokens: int = 0  # what admission charged (estimates): what TPM limits count
@@ -80,7 +84,7 @@ class RunStats:
     meter: RateMeter = field(default_factory=RateMeter)
     # model -> effective limits now (after adaptive slow-down), filled by the engine from the
     # limiter so displays need not know the limiter.
-    effective: dict[str, dict[str, Any]] = field(default_factory=dict)
+    effective: dict[str, ModelSnapshot] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.meter.clock = self.clock
@@ -147,6 +151,7 @@ class RunStats:
             "retries": self.retries,
             "rate_limited_429": self.rate_limited,
             "server_errors": self.server_errors,
+            "truncated_answers": self.truncated,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "admitted_tokens": self.admitted_tokens,
@@ -158,5 +163,5 @@ class RunStats:
             "current_tpm": round(cur_tpm, 1),
             "eta_s": None if (eta := self.eta_s()) is None else round(eta, 1),
             "limits": {m: {"rpm": r, "tpm": t} for m, (r, t) in self.limits.items()},
-            "effective": self.effective,
+            "effective": {m: asdict(snap) for m, snap in self.effective.items()},
         }

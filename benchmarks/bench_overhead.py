@@ -114,7 +114,7 @@ def run_batcher(url: str, directory: Path, output: str, concurrency: int, fsync:
     outcome = asyncio.run(go())
     wall = time.perf_counter() - start
     if outcome.exit_code != ExitCode.OK:
-        raise SystemExit(f"batcher run failed ({outcome.exit_code}): {outcome.message}")
+        raise SystemExit(f"batcher run failed ({outcome.exit_code}): {outcome.error}")
     stats = outcome.stats
     send_s = (stats.finished or stats.clock()) - stats.first_sent
     return {"ok": stats.ok, "wall_s": wall, "cpu_s": time.process_time() - cpu, "send_s": send_s}

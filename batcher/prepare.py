@@ -1,0 +1,151 @@
+"""Row -> the request `batcher run` sends and what admission charges for it; shared by `estimate`.
+
+One batch of rows goes through two steps, split so `estimate` can overlap them:
+
+    build   row + template -> body, grouped by model      (Python: holds the GIL)
+    count   prompt tokens + reserved output -> cost        (tiktoken's Rust encoder: releases it)
+
+and comes out as a `Prepared`: the requests to send, and the rows that become error rows
+without a request (a bad row under `on_bad_row: skip`, a row longer than its model's context
+window, a row that costs more than a whole minute's TPM). `run` journals those errors and
+`estimate` counts them, so the two always agree on what will be sent and what it costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from batcher.errors import InputDataError
+from batcher.models import CONTEXT_WINDOWS
+from batcher.pricing import base_model_name
+from batcher.readers import Row
+from batcher.records import STATUS_ERROR, Request, Result
+from batcher.requests import RequestBuilder
+from batcher.spec import Job
+from batcher.tokens import count_prompt_tokens_batch, max_output_tokens
+
+RejectKind = Literal["bad_row", "over_context", "over_tpm"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A row that gets no request, and why (estimate lists these; run journals the Result)."""
+
+    row_id: str
+    kind: RejectKind
+    model: str | None = None
+    tokens: int = 0  # admission tokens the row would need
+    limit: int = 0  # the context window or the TPM limit it exceeds
+
+
+@dataclass(slots=True)
+class Built:
+    """One batch after `build`: bodies by model, and rows refused while building."""
+
+    by_model: dict[str, tuple[list[Row], list[dict[str, Any]]]] = field(default_factory=dict)
+    errors: list[Result] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One batch ready to send. `prompt_tokens` / `reserved_tokens` run parallel to `requests`."""
+
+    requests: list[Request] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    reserved_tokens: list[int] = field(default_factory=list)
+    errors: list[Result] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    # model -> requests charged assumed_max_tokens (they set no max_tokens)
+    default_max_tokens: dict[str, int] = field(default_factory=dict)
+
+
+class Preparer:
+    """The one place a row becomes a request with its admission cost."""
+
+    def __init__(self, job: Job, builder: RequestBuilder, *, fail_on_bad_row: bool = False) -> None:
+        self.job = job
+        self.builder = builder
+        # estimate raises at the first bad row under on_bad_row: fail; run's scan already has.
+        self.fail_on_bad_row = fail_on_bad_row and job.on_bad_row == "fail"
+        self._keep = bool(job.keep_columns)
+
+    def build(self, rows: list[Row]) -> Built:
+        built = Built()
+        for row in rows:
+            if row.error is not None:
+                self._reject_bad(built, row, row.error)
+                continue
+            try:
+                body = self.builder.build_body(row)
+            except InputDataError as exc:
+                if self.fail_on_bad_row:
+                    raise
+                self._reject_bad(built, row, str(exc))
+                continue
+            group = built.by_model.get(body["model"])
+            if group is None:
+                group = built.by_model[body["model"]] = ([], [])
+            group[0].append(row)
+            group[1].append(body)
+        return built
+
+    def _reject_bad(self, built: Built, row: Row, message: str) -> None:
+        keep = self.builder.keep(row) if self._keep and row.error is None else {}
+        built.errors.append(Result(row.id, STATUS_ERROR, error=message, keep=keep))
+        built.rejections.append(Rejection(row.id, "bad_row"))
+
+    def count(self, built: Built, *, num_threads: int = 1) -> Prepared:
+        out = Prepared(errors=built.errors, rejections=built.rejections)
+        assumed = self.job.assumed_max_tokens
+        for model, (rows, bodies) in built.by_model.items():
+            prompts = count_prompt_tokens_batch([b["messages"] for b in bodies], model, num_threads)
+            tpm = self.job.limit_for(model).tpm
+            window = CONTEXT_WINDOWS.get(base_model_name(model))
+            defaults = 0
+            for row, body, prompt in zip(rows, bodies, prompts, strict=True):
+                reserved, default = max_output_tokens(body, assumed)
+                cost = prompt + reserved
+                keep = self.builder.keep(row) if self._keep else {}
+                if window is not None and cost > window:
+                    self._reject(out, row, keep, "over_context", model, cost, window)
+                    continue
+                if cost > tpm:
+                    self._reject(out, row, keep, "over_tpm", model, cost, tpm)
+                    continue
+                defaults += default
+                out.requests.append(Request(row.id, body, model, cost, keep))
+                out.prompt_tokens.append(prompt)
+                out.reserved_tokens.append(reserved)
+            if defaults:
+                out.default_max_tokens[model] = defaults
+        return out
+
+    def prepare(self, rows: list[Row]) -> Prepared:
+        return self.count(self.build(rows))
+
+    def _reject(
+        self,
+        out: Prepared,
+        row: Row,
+        keep: dict[str, Any],
+        kind: RejectKind,
+        model: str,
+        cost: int,
+        limit: int,
+    ) -> None:
+        if kind == "over_context":
+            why = (
+                f"the request needs {cost:,} tokens (prompt + max output), more than the "
+                f"{limit:,}-token context window of {model}: the server would refuse it. "
+                "Shorten the prompt or lower max_tokens"
+            )
+        else:
+            why = (
+                f"the request needs {cost:,} tokens at admission (prompt + max output), more "
+                f"than the {limit:,} TPM limit of {model}: it can never be sent. Lower "
+                "max_tokens or shorten the prompt"
+            )
+        out.errors.append(Result(row.id, STATUS_ERROR, error=why, keep=keep))
+        out.rejections.append(Rejection(row.id, kind, model, cost, limit))

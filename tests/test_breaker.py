@@ -1,0 +1,60 @@
+"""The circuit breaker's decision, with the clock given: when an outage trips it, when not."""
+
+from __future__ import annotations
+
+from batcher.breaker import CircuitBreaker
+
+
+def test_trips_after_k_same_failures_across_rows() -> None:
+    cb = CircuitBreaker(failures=10, window_s=60)
+    tripped = [cb.failure("5xx", f"r{i % 4}", now=i * 0.1) for i in range(10)]
+    assert tripped == [False] * 9 + [True]
+    assert cb.tripped == "5xx"
+    assert cb.failure("5xx", "r1", now=2.0) is False  # reports the trip once
+
+
+def test_a_success_resets_the_streak() -> None:
+    cb = CircuitBreaker(failures=3, window_s=60)
+    cb.failure("429", "a", 0)
+    cb.failure("429", "b", 0)
+    cb.success()
+    assert not cb.failure("429", "a", 0)
+    assert not cb.failure("429", "b", 0)
+    assert cb.failure("429", "c", 0)
+
+
+def test_another_kind_starts_a_new_streak() -> None:
+    cb = CircuitBreaker(failures=3, window_s=60)
+    cb.failure("429", "a", 0)
+    cb.failure("429", "b", 0)
+    assert not cb.failure("timeout", "c", 0)
+    assert cb.tripped is None
+
+
+def test_one_row_failing_alone_is_not_an_outage() -> None:
+    """At concurrency 1 a poisoned row's own attempts must not stop the job."""
+    cb = CircuitBreaker(failures=3, window_s=60)
+    assert not any(cb.failure("5xx", "only", t) for t in range(8))
+    assert cb.failure("5xx", "next", 9)
+
+
+def test_failures_spread_wider_than_the_window_do_not_trip() -> None:
+    cb = CircuitBreaker(failures=3, window_s=10)
+    cb.failure("5xx", "a", 0)
+    cb.failure("5xx", "b", 5)
+    assert not cb.failure("5xx", "c", 11)  # the streak restarts at 11
+    assert cb.tripped is None
+
+
+def test_default_trips_before_a_row_spends_its_attempts_at_concurrency_4_to_64() -> None:
+    """Round-robin failures over c rows: no row reaches 8 attempts before the trip."""
+    for concurrency in (4, 8, 16, 64):
+        cb = CircuitBreaker()
+        attempts: dict[str, int] = {}
+        i = 0
+        while cb.tripped is None:
+            row = f"r{i % concurrency}"
+            attempts[row] = attempts.get(row, 0) + 1
+            cb.failure("429", row, now=i * 0.01)
+            i += 1
+        assert max(attempts.values()) < 8, (concurrency, attempts)
