@@ -23,7 +23,7 @@ from batcher.readers import Row
 from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
 from batcher.spec import Job
-from batcher.tokens import count_prompt_tokens_batch, max_output_tokens
+from batcher.tokens import count_request_tokens_batch, max_output_tokens
 
 RejectKind = Literal["bad_row", "over_context", "over_tpm"]
 
@@ -100,7 +100,7 @@ class Preparer:
         out = Prepared(errors=built.errors, rejections=built.rejections)
         assumed = self.job.assumed_max_tokens
         for model, (rows, bodies) in built.by_model.items():
-            prompts = count_prompt_tokens_batch([b["messages"] for b in bodies], model, num_threads)
+            prompts = count_request_tokens_batch(bodies, model, self.job.images, num_threads)
             tpm = self.job.limit_for(model).tpm
             window = CONTEXT_WINDOWS.get(base_model_name(model))
             defaults = 0
