@@ -6,6 +6,12 @@
 `extra=` fields of a log call go into the JSON object (text lines stay short). While a live
 progress display owns the terminal, `route_to_console` sends the lines through its rich
 Console, which prints them above the live region instead of through it.
+
+With `--log-format json` every line on stderr must be JSON, so `setup_logging` also takes the
+lines that do not come from our logger: Python `warnings` (captured into logging), records of
+other libraries' loggers (asyncio's "Task exception was never retrieved", aiohttp's "Unclosed
+client session"), and an uncaught exception's traceback (`sys.excepthook`). Lines the CLI
+writes itself go through `stderr_line` / `stderr_error`, which follow the same format.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, Literal, TextIO
 
 from rich.console import Console
@@ -91,23 +98,79 @@ class BatcherHandler(logging.Handler):
             self.handleError(record)
 
 
+_format: Literal["text", "json"] = "text"  # the format of the last setup_logging
+
+
 def setup_logging(
     fmt: Literal["text", "json"] = "text", quiet: bool = False, stream: TextIO | None = None
 ) -> None:
     """Configure the "batcher" logger; calling again replaces the earlier setup.
 
-    quiet: warnings and errors only. stream: where lines go (default: stderr).
+    quiet: warnings and errors only. stream: where lines go (default: stderr). Warnings of
+    Python's `warnings` module and other libraries' log records (WARNING and up) are written
+    by the same handler, in the same format; so is an uncaught exception in JSON mode.
     """
+    global _format
     if fmt not in ("text", "json"):
         raise ValueError(f"log format must be 'text' or 'json', not {fmt!r}")
+    _format = fmt
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     logger = logging.getLogger(LOGGER_NAME)
     for old in [h for h in logger.handlers if isinstance(h, BatcherHandler)]:
         logger.removeHandler(old)
     handler = BatcherHandler(stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(formatter)
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False  # the root logger would print every line a second time
+
+    # Everything else that logs: asyncio, aiohttp, and `warnings` (via the py.warnings logger).
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, BatcherHandler)]:
+        root.removeHandler(old)
+    others = BatcherHandler(stream)
+    others.setFormatter(formatter)
+    others.setLevel(logging.WARNING)
+    root.addHandler(others)
+    logging.captureWarnings(True)
+
+    if fmt == "json":
+        sys.excepthook = _json_excepthook
+    elif sys.excepthook is _json_excepthook:
+        sys.excepthook = sys.__excepthook__
+
+
+def _json_excepthook(
+    kind: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
+    """An uncaught exception (a bug: exit 1) as one JSON line, traceback in "exc"."""
+    logging.getLogger(LOGGER_NAME).critical(
+        "internal error: %s: %s (please report this)", kind.__name__, exc, exc_info=(kind, exc, tb)
+    )
+
+
+def log_format() -> Literal["text", "json"]:
+    """The format set by the last `setup_logging` ("text" before any)."""
+    return _format
+
+
+def stderr_line(msg: str, *, level: str = "info", **extra: Any) -> None:
+    """A line the CLI writes to stderr itself: as it is in text mode, a JSON object in JSON
+    mode (`{"ts", "level", "msg", **extra}`), so stderr stays one format."""
+    if _format == "json":
+        obj: dict[str, Any] = {"ts": iso_ts(), "level": level, "msg": msg}
+        for key, value in extra.items():
+            obj.setdefault(key, value)
+        line = json.dumps(obj, ensure_ascii=False, default=str)
+    else:
+        line = msg
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def stderr_error(msg: str, **extra: Any) -> None:
+    """`error: <msg>` in text mode; {"level": "error", "msg": msg} in JSON mode."""
+    stderr_line(msg if _format == "json" else f"error: {msg}", level="error", **extra)
 
 
 @contextlib.contextmanager

@@ -4,6 +4,9 @@ that names the key, the row or the line, or skipped with a warning; never a trac
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +182,90 @@ def test_skipped_batch_line_keeps_its_custom_id(tmp_path: Path) -> None:
     assert [r.id for r in rows] == ["r1", "r2", "r3", "<line 4>"]
     assert [r.error is None for r in rows] == [True, False, False, False]
     assert "GET" in (rows[1].error or "") and "custom_id" in (rows[3].error or "")
+
+
+# ---- item 11: the API key, and JSON logs ----
+
+KEY = "sk-live-1234567890abcdef"
+
+
+@pytest.mark.parametrize(
+    ("raw", "said"),
+    [
+        (KEY[:10] + "\n" + KEY[10:], "line break"),
+        (KEY[:10] + "\x1b" + KEY[10:], "control character (U+001B)"),
+        (KEY[:10] + "\x00" + KEY[10:], "control character (U+0000)"),
+        (KEY[:10] + " " + KEY[10:], "a space"),
+        (KEY[:10] + "\u2019" + KEY[10:], "non-ASCII"),
+        ("Bearer " + KEY, "starts with 'Bearer '"),
+    ],
+)
+def test_unusable_api_keys_are_refused_without_showing_them(raw: str, said: str) -> None:
+    from batcher.secrets import check_api_key
+
+    with pytest.raises(JobSpecError, match=re.escape(said)) as info:
+        check_api_key(raw, source="the environment variable LANGDOCK_API_KEY")
+    message = str(info.value)
+    assert "LANGDOCK_API_KEY" in message
+    assert KEY[:6] not in message and KEY[-6:] not in message
+
+
+def test_api_key_surrounding_whitespace_is_dropped_and_a_missing_key_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batcher.secrets import check_api_key, resolve_api_key
+
+    job = load_job(_job(tmp_path))
+    monkeypatch.setenv("LANGDOCK_API_KEY", f"  {KEY}\n")
+    assert resolve_api_key(job) == KEY
+    monkeypatch.setenv("LANGDOCK_API_KEY", f"{KEY}\n{KEY}")  # two keys pasted
+    with pytest.raises(JobSpecError, match="LANGDOCK_API_KEY contains a line break") as info:
+        resolve_api_key(job)
+    assert KEY[:6] not in str(info.value)
+    monkeypatch.delenv("LANGDOCK_API_KEY")
+    with pytest.raises(JobSpecError, match="LANGDOCK_API_KEY is not set"):
+        resolve_api_key(job)
+    with pytest.raises(JobSpecError, match="the API key in --api-key is empty"):
+        check_api_key(" \n", source="--api-key")
+
+
+def test_every_stderr_line_is_json_in_json_mode() -> None:
+    """Our log lines, Python warnings, other libraries' loggers, lines the CLI writes itself
+    and an uncaught exception: all JSON objects on stderr."""
+    code = """if True:
+        import asyncio, logging, warnings
+        from batcher.logs import setup_logging, stderr_error, stderr_line
+        setup_logging("json")
+        logging.getLogger("batcher").info("ours", extra={"rows": 3})
+        warnings.warn("a library's warning", UserWarning)
+        logging.getLogger("asyncio").error("Task exception was never retrieved")
+        stderr_line("closing message")
+        stderr_error("the job stopped")
+        raise RuntimeError("a bug")
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    objs = [json.loads(line) for line in lines]  # every line parses
+    assert [o["msg"] for o in objs[:5]] == [
+        "ours",
+        objs[1]["msg"],
+        "Task exception was never retrieved",
+        "closing message",
+        "the job stopped",
+    ]
+    assert objs[0]["rows"] == 3 and "a library's warning" in objs[1]["msg"]
+    assert objs[4]["level"] == "error"
+    assert objs[5]["level"] == "critical" and "RuntimeError: a bug" in objs[5]["msg"]
+    assert "Traceback" in objs[5]["exc"] and len(objs) == 6
+
+
+def test_text_mode_cli_lines_are_unchanged(capsys: pytest.CaptureFixture[str]) -> None:
+    from batcher.logs import setup_logging, stderr_error, stderr_line
+
+    setup_logging("text")
+    stderr_line("wrote 3 rows")
+    stderr_error("the job stopped")
+    assert capsys.readouterr().err == "wrote 3 rows\nerror: the job stopped\n"
