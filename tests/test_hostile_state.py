@@ -4,6 +4,7 @@ that names the key, the row or the line, or skipped with a warning; never a trac
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,8 +17,12 @@ import pytest
 import yaml
 
 from batcher.errors import InputDataError, JobSpecError
+from batcher.inspect_output import inspect_path, render_inspection
+from batcher.journal import journal_path, open_journal
 from batcher.readers import open_input
+from batcher.records import Result
 from batcher.spec import load_job
+from batcher.status import job_status, render_status
 
 
 def _job(tmp_path: Path, text: str | None = None, **fields: Any) -> Path:
@@ -269,3 +274,63 @@ def test_text_mode_cli_lines_are_unchanged(capsys: pytest.CaptureFixture[str]) -
     stderr_line("wrote 3 rows")
     stderr_error("the job stopped")
     assert capsys.readouterr().err == "wrote 3 rows\nerror: the job stopped\n"
+
+
+# ---- item 5: a damaged journal, as status and inspect show it ----
+
+
+async def _journal_with_damage(tmp_path: Path) -> Any:
+    job = load_job(_job(tmp_path, id_column="id"))
+    (tmp_path / "in.jsonl").write_text(
+        "".join(json.dumps({"id": x, "text": x}) + "\n" for x in "abcd"), encoding="utf-8"
+    )
+    journal, _ = open_journal(job.output, "fp1")
+    for x in "abc":
+        await journal.append(Result(x, "ok", prompt_tokens=10, completion_tokens=1, model="m"))
+    journal.close()
+    path = journal_path(job.output)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = b'{"t": "r", "id": "a", "sta\n'  # line 3: torn in the middle of the file
+    lines.append(b'{"t": "r", "status": "ok"}\n')  # line 6: a result without an id
+    lines.append(  # line 7: odd types a summary must survive
+        b'{"t": "r", "id": "d", "status": "ok", "prompt_tokens": "7", "latency_s": "slow"}\n'
+    )
+    path.write_bytes(b"".join(lines))
+    return job
+
+
+async def test_status_names_skipped_journal_lines(tmp_path: Path) -> None:
+    job = await _journal_with_damage(tmp_path)
+    status = job_status(job)
+    assert status["rows_done"] == 3 and status["rows_remaining"] == 1  # b, c, d; a again
+    assert status["skipped_lines"] == 2
+    text = render_status(status)
+    assert "2 unreadable journal lines skipped" in text
+    assert "line 3 (not JSON), line 6 (a result without an id)" in text
+
+
+async def test_inspect_names_skipped_journal_lines(tmp_path: Path) -> None:
+    job = await _journal_with_damage(tmp_path)
+    report = inspect_path(job.output)
+    assert report["source"] == "journal" and report["rows"] == 3
+    assert report["skipped_lines"] == {
+        "count": 2,
+        "lines": [3, 6],
+        "reasons": ["not JSON", "a result without an id"],
+    }
+    assert report["tokens"]["prompt"] == 20  # "7" is not a count
+    text = render_inspection(report)
+    assert "warning: 2 unreadable journal lines skipped: line 3 (not JSON)" in text
+
+
+async def test_status_shows_the_lock_holder(tmp_path: Path) -> None:
+    from batcher.journal import JobLock
+
+    job = load_job(_job(tmp_path))
+    lock = JobLock(job.output)
+    lock.acquire()
+    try:
+        assert job_status(job)["running_now"] == f"pid {os.getpid()}"
+    finally:
+        lock.release()
+    assert job_status(job)["running_now"] is None
