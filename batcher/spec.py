@@ -247,7 +247,7 @@ def check_o_series_params(model: str, params: dict[str, Any], *, where: str) -> 
         raise ValueError(f"{where}: give max_completion_tokens or max_tokens, not both")
 
 
-def _format_validation_error(path: Path, exc: ValidationError) -> str:
+def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
     lines = [f"{path}: invalid job file"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -306,12 +306,18 @@ def load_job(path: str | Path) -> Job:
         raise JobSpecError(f"{path}: not valid YAML: {exc}") from None
     except RecursionError:  # deeply nested flow collections
         raise JobSpecError(f"{path}: not valid YAML: nested too deeply") from None
+    return job_from_mapping(raw, path.resolve().parent, source=str(path))
+
+
+def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
+    """A job from a mapping with a job file's keys (the Python API's dict); relative paths are
+    resolved against `job_dir`. Every problem becomes a JobSpecError naming `source`."""
+    path = source
     if not isinstance(raw, dict):
         raise JobSpecError(f"{path}: a job file is a YAML mapping (input:, output:, model:, ...)")
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise JobSpecError(f"{path}: key {bad_keys[0]!r} is not a name; keys are words")
-    job_dir = path.resolve().parent
     try:
         job = Job.model_validate({**raw, "job_dir": job_dir})
     except ValidationError as exc:
