@@ -566,7 +566,16 @@ def open_journal(
             "(Only limits, concurrency and other pacing settings may change between runs.)"
         )
     if state.records and state.fingerprint is None:
-        raise JournalError(f"{path}: journal has results but no header; use --restart")
+        header = json.dumps(
+            {"t": "h", "version": VERSION, "fingerprint": fingerprint, "created": _now()}
+        )
+        raise JournalError(
+            f"{path}: the journal holds {state.records} results but its header (line 1, which "
+            "says which job they belong to) is missing or unreadable, so batcher cannot tell "
+            "whether they were answers to this job. If they were, put this line back as the "
+            f"first line of the journal and run again: {header}  (or start over with "
+            "--restart, which pays for every row again)"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fh = path.open("a+b")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.errors import FingerprintMismatch, JobLocked, StorageError
+from batcher.errors import FingerprintMismatch, JobLocked, JournalError, StorageError
 from batcher.journal import (
     JobLock,
     SkippedLines,
@@ -228,3 +228,20 @@ async def test_keep_columns_types_inferred_across_chunks(tmp_path: Path) -> None
     await _write(out, results)
     write_output_from_journal(journal_path(out), out, keep_names=["n"])
     assert str(pq.read_schema(out).field("n").type) == "int64"
+
+
+async def test_damaged_header_says_how_to_keep_the_answers(tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    await _write(out, [Result("a", "ok"), Result("b", "ok")])
+    path = journal_path(out)
+    lines = path.read_bytes().split(b"\n")
+    lines[0] = b"\x00\x00garbage"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(JournalError, match="holds 2 results but its header") as info:
+        open_journal(out, "fp1")
+    header = str(info.value).split("run again: ")[1].split("  (or")[0]
+    lines[0] = header.encode()
+    path.write_bytes(b"\n".join(lines))
+    journal, state = open_journal(out, "fp1")
+    journal.close()
+    assert sorted(state.ids.to_pylist()) == ["a", "b"]
