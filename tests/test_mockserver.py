@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ import aiohttp
 import jsonschema
 import openai
 import pytest
+from PIL import Image
 
 from batcher.mock import (
     DATED_MODEL_NAMES,
@@ -28,12 +31,13 @@ from batcher.mock import (
     build_completion,
     canonical_digest,
     format_reset,
+    prompt_tokens,
     schema_instance,
     validate_request,
 )
 from batcher.mock.faults import RequestFaults, draw_faults, in_storm
 from batcher.models import DEFAULT_ASSUMED_MAX_TOKENS
-from batcher.tokens import count_prompt_tokens
+from batcher.tokens import count_prompt_tokens, tools_tokens
 
 KEY = "sk-test-secret-0123456789"
 StartMock = Callable[..., ThreadedMockServer]  # the conftest `mock_server` factory
@@ -89,6 +93,12 @@ def with_image(url: str, detail: str | None = None, **extra: Any) -> dict[str, A
     image: dict[str, Any] = {"url": url} if detail is None else {"url": url, "detail": detail}
     content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": image}]
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def png_data_url(width: int, height: int) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def admit_many(quota: SlidingWindowQuota, tokens: int, limit: int = 10_000) -> int:
@@ -435,6 +445,59 @@ def test_tool_call_arguments_are_cut_at_max_tokens() -> None:
     assert answer["usage"]["completion_tokens"] <= 6
     with pytest.raises(ValueError):
         json.loads(answer["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+
+
+# -- what the server charges: batcher.tokens' rule, imported -------------------------------------
+
+
+def without_images(body: dict[str, Any]) -> dict[str, Any]:
+    (message,) = body["messages"]
+    text = [p for p in message["content"] if p["type"] == "text"]
+    return {**body, "messages": [{**message, "content": text}]}
+
+
+@pytest.mark.parametrize(
+    ("model", "detail", "count_as", "extra"),
+    [
+        ("gpt-4o", "high", "billing", 85 + 4 * 170),  # 1024x1024 -> 768x768 -> 4 tiles
+        ("gpt-4o", "auto", "billing", 85 + 4 * 170),
+        ("gpt-4o", "low", "billing", 85),
+        ("gpt-4o-mini", "high", "billing", 2833 + 4 * 5667),
+        ("gpt-4o-mini", "high", "context", 85 + 4 * 170),
+    ],
+)
+def test_images_are_charged_by_the_providers_rule(
+    model: str, detail: str, count_as: Any, extra: int
+) -> None:
+    body = with_image(png_data_url(1024, 1024), detail, model=model)
+    text_only = prompt_tokens(without_images(body), count_as)
+    assert prompt_tokens(body, count_as) == text_only + extra
+
+
+def test_a_remote_image_is_charged_the_worst_case_without_fetching() -> None:
+    body = with_image("https://127.0.0.1:9/never-fetched.png", "high")
+    assert prompt_tokens(body) == prompt_tokens(without_images(body)) + 85 + 8 * 170
+
+
+def test_tool_definitions_are_charged_by_the_cookbook_convention() -> None:
+    for tools in ([WEATHER_TOOL], [WEATHER_TOOL, LABEL_TOOL, NO_ARGS_TOOL]):
+        body = chat("x", model="gpt-4o", tools=tools)
+        extra = prompt_tokens(body) - prompt_tokens(chat("x", model="gpt-4o"))
+        assert extra == tools_tokens(body, "gpt-4o") > 0
+
+
+async def test_usage_and_admission_count_images_and_tools(mock_server: StartMock) -> None:
+    srv = mock_server(rpm=None, tpm=None)
+    body = with_image(png_data_url(1024, 1024), "high", tools=[WEATHER_TOOL], max_tokens=50)
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http,
+        http.post(srv.url + "/chat/completions", json=body) as resp,
+    ):
+        answer = await resp.json()
+    assert answer["choices"][0]["finish_reason"] == "tool_calls"
+    plain = count_prompt_tokens(without_images(body)["messages"], "gpt-4o")
+    assert answer["usage"]["prompt_tokens"] == prompt_tokens(body) >= plain + 765 + 1
+    assert srv.stats()["admitted_tokens"] == prompt_tokens(body) + 50
 
 
 # -- faults: keyed to request numbers, pure ------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from batcher.models import DEFAULT_RPM, DEFAULT_TPM, SUPPORTED_MODELS
 
@@ -40,7 +41,7 @@ class MockConfig:
     slow_marker_s: float = 2.0  # extra latency for [[slow]]
     # gpt-4o-mini images: charged at the "billing" figure (what its usage reports) or the
     # "context" one (gpt-4o's); batcher's `images.count_as` setting names the same choice.
-    image_count_as: str = "billing"
+    image_count_as: Literal["billing", "context"] = "billing"
     stats_bucket_s: float = 1.0  # resolution of the admitted-per-interval series
 
     def __post_init__(self) -> None:

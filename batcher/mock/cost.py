@@ -9,18 +9,24 @@ a job at the limits stays free of 429s, and a test of one rule covers both sides
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from batcher.models import DEFAULT_ASSUMED_MAX_TOKENS
-from batcher.tokens import count_prompt_tokens
+from batcher.spec import Images
+from batcher.tokens import count_request_tokens
+
+ImageCountAs = Literal["billing", "context"]
 
 
-def prompt_tokens(body: Mapping[str, Any], image_count_as: str = "billing") -> int:
-    """Prompt tokens of a validated request, as `usage.prompt_tokens` reports them: messages,
-    images (a remote URL, never fetched, at the worst case for its detail) and tools."""
-    # ISSUE 13 CALL SITE (the one line to change): batcher.tokens' request counter with images
-    # and tools is not committed yet; until it is, images and tools are charged nothing here.
-    return count_prompt_tokens(body["messages"], body["model"])
+# The server never fetches a remote image: it charges the worst case for the detail level, as
+# batcher does by default (`images.fetch_sizes: false`).
+_IMAGES = {count_as: Images(count_as=count_as) for count_as in ("billing", "context")}
+
+
+def prompt_tokens(body: Mapping[str, Any], image_count_as: ImageCountAs = "billing") -> int:
+    """Prompt tokens of a validated request, as `usage.prompt_tokens` reports them: messages
+    (text and images by the model's image rule) plus tool definitions and tool_choice."""
+    return count_request_tokens(body, body["model"], _IMAGES[image_count_as])
 
 
 def admission_cost(body: Mapping[str, Any], prompt_tokens: int) -> int:
