@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
 from batcher.journal import SkippedLines, journal_latest_mask, journal_path, read_results
-from batcher.pricing import PRICES_AS_OF, price_for
+from batcher.pricing import PRICES_AS_OF, format_usd, price_for
 from batcher.progress import format_duration
-from batcher.records import RESULT_FIELDS
+from batcher.schema import RESULT_SCHEMA
 from batcher.spec import Price
 
 BATCH_ROWS = 16_384
@@ -38,22 +38,16 @@ MAX_LABEL_VALUES = 50  # a parsed field with more distinct values is not a label
 OTHER_ERRORS = "(other errors)"
 NONE = "(none)"
 
-# Every result column but the answer text, which a summary never needs (and may be large).
-_COLUMNS = tuple(c for c in RESULT_FIELDS if c != "content")
+# Every result column but the answer text and tool calls, which a summary never needs (and
+# which may be large); counts widened to int64 for the sums.
 _SCHEMA = pa.schema(
     [
-        ("id", pa.string()),
-        ("status", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("attempts", pa.int64()),
-        ("latency_s", pa.float64()),
-        ("error", pa.string()),
-        ("model", pa.string()),
+        pa.field(f.name, pa.int64() if pa.types.is_integer(f.type) else f.type)
+        for f in RESULT_SCHEMA
+        if f.name not in ("content", "tool_calls")
     ]
 )
+_COLUMNS = tuple(_SCHEMA.names)
 
 # Order matters: whole ids before the digits inside them.
 _NORMALISE: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -364,12 +358,6 @@ def _counts(counts: Mapping[str, int]) -> str:
     return " · ".join(f"{k} {v:,}" for k, v in counts.items()) or "-"
 
 
-def _usd(value: float | None) -> str:
-    if value is None:
-        return "unknown"
-    return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
-
-
 def _seconds(value: float) -> str:
     return f"{value:.2f}s" if value < 60 else format_duration(value)
 
@@ -398,16 +386,16 @@ def render_inspection(report: dict[str, Any]) -> str:
         f"= {tok['total']:,}",
     ]
     priced = [
-        f"{name} {_usd(m['cost_usd'])} ({m['price_source']})"
+        f"{name} {format_usd(m['cost_usd'])} ({m['price_source']})"
         for name, m in report["models"].items()
         if m["prompt_tokens"] or m["completion_tokens"]
     ]
     total = report["cost_usd"]
     cost = (
-        _usd(total)
+        format_usd(total)
         if total is not None
         else (
-            f"at least {_usd(report['cost_usd_priced_models'])} (some models have no price; "
+            f"at least {format_usd(report['cost_usd_priced_models'])} (some models have no price; "
             "add them under prices: in the job file)"
         )
     )

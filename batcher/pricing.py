@@ -79,3 +79,10 @@ def cost_usd(
     if price is None:
         return None
     return cost_of(price, prompt_tokens, completion_tokens)
+
+
+def format_usd(value: float | None) -> str:
+    """Dollars for people: cents from $1 up, four decimals below (a cheap job's $0.0042)."""
+    if value is None:
+        return "unknown"
+    return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"

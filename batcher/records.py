@@ -5,20 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Output columns every result has, in order (the input's kept columns and `parsed` follow).
-RESULT_FIELDS: tuple[str, ...] = (
-    "id",
-    "status",
-    "content",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "attempts",
-    "latency_s",
-    "error",
-    "model",
-)
+# The output columns every result has, in order, with their Arrow types: batcher/schema.py.
+from batcher.schema import RESULT_FIELDS
+
+__all__ = ["RESULT_FIELDS", "STATUS_ERROR", "STATUS_OK", "Request", "Result", "ToolCall"]
+
+# One entry of `Result.tool_calls`: {"id": ..., "name": ..., "arguments": ...}, strings or None.
+ToolCall = dict[str, str | None]
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -52,6 +45,7 @@ class Result:
     model: str | None = None  # the model the server says answered (a dated name)
     keep: dict[str, Any] = field(default_factory=dict)
     parsed: dict[str, Any] | None = None  # structured output, when response_format has a schema
+    tool_calls: list[ToolCall] | None = None  # the functions the model called, if any
 
     @property
     def ok(self) -> bool:
@@ -60,6 +54,8 @@ class Result:
     def to_record(self) -> dict[str, Any]:
         """Flat dict for the journal and the Parquet output."""
         rec: dict[str, Any] = {name: getattr(self, name) for name in RESULT_FIELDS}
+        if self.tool_calls is None:
+            del rec["tool_calls"]  # most answers have none: keep the journal's lines short
         if self.keep:
             rec["keep"] = self.keep
         if self.parsed is not None:

@@ -6,7 +6,6 @@ reader never sees a half-written output and a crash never loses a finished row.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,24 +17,8 @@ import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
 from batcher.journal import fsync_dir, journal_latest_mask, read_results, storage_error
-from batcher.records import RESULT_FIELDS
+from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, as_text, coerce_result_fields
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("status", pa.string()),
-        ("content", pa.string()),
-        ("finish_reason", pa.string()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("total_tokens", pa.int64()),
-        ("attempts", pa.int32()),
-        ("latency_s", pa.float64()),
-        ("error", pa.string()),
-        ("model", pa.string()),
-    ]
-)
-assert tuple(RESULT_SCHEMA.names) == RESULT_FIELDS
 CHUNK_ROWS = 8192
 
 
@@ -50,20 +33,63 @@ def _chunks(records: Iterable[dict[str, Any]], size: int = CHUNK_ROWS) -> Iterat
         yield chunk
 
 
-def _json_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, default=str)
-
-
-def _flatten(rec: dict[str, Any], keep_names: list[str], as_text: set[str]) -> dict[str, Any]:
+def _flatten(rec: dict[str, Any], keep_names: list[str], text_cols: set[str]) -> dict[str, Any]:
     out = {name: rec.get(name) for name in RESULT_FIELDS}
-    keep = rec.get("keep") or {}
+    keep = rec.get("keep")
+    keep = keep if isinstance(keep, dict) else {}
     for name in keep_names:
         value = keep.get(name)
-        out[name] = _json_text(value) if name in as_text else value
+        out[name] = as_text(value) if name in text_cols else value
     if "parsed" in rec:
         out["parsed"] = rec["parsed"]
+    return out
+
+
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
+
+
+def _to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> a table of `schema`. Never fails on what a journal holds: a row that will not
+    convert is written as an error row saying why (its answer text kept), not a failed job.
+
+    The whole batch is tried first, so a well-formed journal pays nothing for this.
+    """
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except _ARROW_ERRORS:
+        return pa.Table.from_pylist([_writable(r, schema) for r in rows], schema=schema)
+
+
+def _fits(value: Any, typ: pa.DataType) -> bool:
+    try:
+        pa.array([value], typ)
+    except _ARROW_ERRORS:
+        return False
+    return True
+
+
+def _writable(row: dict[str, Any], schema: pa.Schema) -> dict[str, Any]:
+    """The row as it is if it converts; else an error row with every value that fits."""
+    try:
+        pa.Table.from_pylist([row], schema=schema)
+        return row
+    except _ARROW_ERRORS as exc:
+        why = str(exc).splitlines()[0][:200]
+    out = coerce_result_fields(row)
+    bad = [name for name in RESULT_FIELDS if out[name] != row.get(name)]
+    for name in schema.names[len(RESULT_FIELDS) :]:  # kept columns, parsed
+        value = row.get(name)
+        if _fits(value, schema.field(name).type):
+            out[name] = value
+        else:
+            out[name] = None
+            bad.append(name)
+    previous = f"; before that: {row['error']}" if isinstance(row.get("error"), str) else ""
+    out["status"] = "error"
+    out["error"] = (
+        f"the journal's record does not fit the output ({', '.join(bad) or 'a value'}: {why}); "
+        f"run with --retry-errors to ask again{previous}"
+    )
     return out
 
 
@@ -202,13 +228,13 @@ def write_output_from_journal(
     """Publish the journal's latest result per id as the Parquet output: (rows, error rows)."""
     latest = _latest_mask(journal)
     schema = output_schema(keep_names, keep_types, parsed_type, lambda: read_results(journal))
-    as_text = {n for n in keep_names if pa.types.is_string(schema.field(n).type)}
+    text_cols = {n for n in keep_names if pa.types.is_string(schema.field(n).type)}
 
     def batches() -> Iterator[pa.Table]:
         seq = 0
         for chunk in _chunks(read_results(journal)):
-            flat = [_flatten(r, keep_names, as_text) for r in chunk]
-            table = pa.Table.from_pylist(flat, schema=schema)
+            flat = [_flatten(r, keep_names, text_cols) for r in chunk]
+            table = _to_table(flat, schema)
             if latest is not None:  # --retry-errors left superseded records: drop them
                 keep = pa.array(latest[seq : seq + len(chunk)], pa.uint8())
                 table = table.filter(pc.equal(keep, 1))
