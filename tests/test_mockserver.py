@@ -12,12 +12,14 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import jsonschema
 import openai
 import pytest
+from helpers import read_output, run_batcher, write_job, write_jsonl
 from PIL import Image
 
 from batcher.mock import (
@@ -89,9 +91,11 @@ LABEL_TOOL: dict[str, Any] = {
 NO_ARGS_TOOL: dict[str, Any] = {"type": "function", "function": {"name": "ping"}}
 
 
-def with_image(url: str, detail: str | None = None, **extra: Any) -> dict[str, Any]:
+def with_image(
+    url: str, detail: str | None = None, text: str = "Describe.", **extra: Any
+) -> dict[str, Any]:
     image: dict[str, Any] = {"url": url} if detail is None else {"url": url, "detail": detail}
-    content = [{"type": "text", "text": "Describe."}, {"type": "image_url", "image_url": image}]
+    content = [{"type": "text", "text": text}, {"type": "image_url", "image_url": image}]
     return {"model": "gpt-4o", "messages": [{"role": "user", "content": content}], **extra}
 
 
@@ -498,6 +502,48 @@ async def test_usage_and_admission_count_images_and_tools(mock_server: StartMock
     plain = count_prompt_tokens(without_images(body)["messages"], "gpt-4o")
     assert answer["usage"]["prompt_tokens"] == prompt_tokens(body) >= plain + 765 + 1
     assert srv.stats()["admitted_tokens"] == prompt_tokens(body) + 50
+
+
+def test_an_image_job_at_the_limits_gets_no_429(tmp_path: Path, mock_server: StartMock) -> None:
+    """batcher and the server count images and tools by one rule, so pacing at the server's
+    TPM never overruns it. The run lasts longer than one 10-s window, so it runs at the limit;
+    counting an image as its text (~800 tokens short per request) would send ~6x too fast."""
+    rows, tpm = 40, 180_000  # ~11 s of quota
+    srv = mock_server(rpm=100_000, tpm=tpm)
+    image = png_data_url(1024, 1024)
+    lines = [
+        {
+            "custom_id": f"img-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": with_image(
+                image, "high", text=f"Label photo {i}.", tools=[LABEL_TOOL], max_tokens=30
+            ),
+        }
+        for i in range(rows)
+    ]
+    write_jsonl(tmp_path / "batch.jsonl", lines)
+    job = write_job(
+        tmp_path,
+        srv.url,
+        input="batch.jsonl",
+        messages=None,
+        id_column=None,
+        model=None,
+        params={"temperature": 0},
+        concurrency=16,
+        limits={"gpt-4o": {"rpm": 100_000, "tpm": tpm}},
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert {r["status"] for r in read_output(tmp_path / "out/result.parquet")} == {"ok"}
+    stats = srv.stats()
+    assert stats["accepted"] == rows
+    assert stats["admitted_tokens"] > rows * (765 + 30)  # the images were charged
+    assert stats["rate_limited"] == 0
+    per_second = [tokens for _, _, tokens in stats["admitted_series"]]
+    busiest_window = max(sum(per_second[i : i + 10]) for i in range(len(per_second)))
+    assert busiest_window > 0.8 * tpm / 6  # it did run at the 10-s window's limit
 
 
 # -- faults: keyed to request numbers, pure ------------------------------------------------------
