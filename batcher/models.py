@@ -120,7 +120,17 @@ IMAGE_RULE_MINI_BILLING = ImageRule(base=2833, tile=5667)
 
 
 def image_rule(model: str, count_as: str = "billing") -> ImageRule:
-    """The image rule of a model; `count_as` is "billing" (what usage reports) or "context"."""
+    """The image rule of a model; `count_as` (job setting `images.count_as`) picks, for
+    gpt-4o-mini only, between its billing figure and the figure its context holds.
+
+    Which of the two Azure's per-minute limiter charges is not documented. We default to
+    "billing" because it is the figure the answers' `usage.prompt_tokens` report for
+    gpt-4o-mini, and quota is accounted in the tokens usage reports; if the limiter charges
+    less, we only send slower than we could (never a 429), and the adaptive rate, which reads
+    `x-ratelimit-remaining-tokens`, sees the unused quota. A job whose answers show
+    `prompt_tokens` near the 85/170 figure should set `images.count_as: context` and send
+    images 33x faster. A context-window check wants "context": billing tokens do not fill it.
+    """
     name = model.lower()
     if name == "gpt-4o-mini" or name.startswith("gpt-4o-mini-"):
         return IMAGE_RULE_MINI_BILLING if count_as == "billing" else IMAGE_RULE_DEFAULT

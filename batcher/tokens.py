@@ -339,6 +339,8 @@ def count_prompt_tokens(messages: list[dict[str, Any]], model: str) -> int:
     return count_request_tokens({"messages": messages}, model)
 
 
+_DEFAULT_IMAGES = Images()
+
 # Texts per task handed to a worker thread: large enough that per-task overhead vanishes.
 _BATCH_CHUNK = 2_000
 
@@ -370,7 +372,7 @@ def count_request_tokens_batch(
     (tiktoken's `encode_ordinary_batch` submits one future per text; over 200k short texts it
     measured 8x slower than this.)
     """
-    settings = images or Images()
+    settings = images or _DEFAULT_IMAGES
     encoding_name = encoding_name_for(model)
     enc = get_encoding(encoding_name)
     per_row: list[tuple[int, list[str]]] = []

@@ -9,6 +9,7 @@ from batcher.pricing import (
     PRICES_AS_OF,
     base_model_name,
     cost_usd,
+    format_usd,
     price_for,
 )
 from batcher.spec import Price
@@ -62,3 +63,17 @@ def test_cost_usd() -> None:
     assert cost_usd("gpt-4o-mini", 0, 0) == 0.0
     mine = {"gpt-4o": Price(input_per_1m=1.0, output_per_1m=0.0)}
     assert cost_usd("gpt-4o", 2_000_000, 999, mine) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, "unknown"),
+        (0.0, "$0.0000"),
+        (0.00421, "$0.0042"),
+        (1, "$1.00"),
+        (12345.678, "$12,345.68"),
+    ],
+)
+def test_format_usd(value: float | None, text: str) -> None:
+    assert format_usd(value) == text
