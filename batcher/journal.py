@@ -420,15 +420,17 @@ class Journal:
         self._waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._failed: StorageError | None = None
+        self._rescued: IO[bytes] | None = None  # where answers go after the journal was lost
         self.appended = 0
 
     async def append(self, result: Result) -> None:
         """Returns once the result is durable on disk; raises StorageError if it cannot be."""
-        if self._failed is not None:
-            raise self._failed
         rec = {"t": "r", **result.to_record()}
-        line = json.dumps(rec, ensure_ascii=False, default=_json_default)
-        self._pending.append(line.encode() + b"\n")
+        line = json.dumps(rec, ensure_ascii=False, default=_json_default).encode() + b"\n"
+        if self._failed is not None:
+            self._keep(line)  # an answer still in flight when the journal was lost: paid for
+            raise self._failed
+        self._pending.append(line)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if self._flusher is None or self._flusher.done():
@@ -448,6 +450,7 @@ class Journal:
                     self._failed = storage_error(self.path, exc, "write the journal")
                 else:
                     self._failed = StorageError(f"cannot write the journal {self.path}: {exc}")
+                self._keep(b"".join(self._pending))
                 for w in waiters + self._waiters:
                     if not w.done():
                         w.set_exception(self._failed)
@@ -460,6 +463,7 @@ class Journal:
 
     def _write_sync(self, data: bytes) -> None:
         if self._failed is not None:
+            self._keep(data)
             raise self._failed
         if not _same_file(self._fh.fileno(), self.path):
             self._failed = self._rescue(data)
@@ -496,6 +500,7 @@ class Journal:
             else:
                 tmp.unlink()
             fsync_dir(self.path.parent)
+            self._adopt(kept)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             return StorageError(
@@ -513,9 +518,30 @@ class Journal:
             )
         return StorageError(
             f"the journal {self.path} was {what} while this run was writing it; the run "
-            f"stops. Its {records} result records (answers already paid for) {where}. Do not "
-            "delete or move a running job's files."
+            f"stops. Its {records} result records (answers already paid for; answers still "
+            f"in flight are added as they arrive) {where}. Do not delete or move a running "
+            "job's files."
         )
+
+    def _adopt(self, kept: Path) -> None:
+        """Answers still in flight when the journal was lost go to the rescued copy; locked
+        first, so a run started meanwhile is not written into."""
+        fh = kept.open("ab")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            return
+        self._rescued = fh
+
+    def _keep(self, data: bytes) -> None:
+        if self._rescued is None or not data:
+            return
+        with contextlib.suppress(OSError):
+            self._rescued.write(data)
+            self._rescued.flush()
+            if self._fsync:
+                os.fsync(self._rescued.fileno())
 
     def write_meta(self, rec: dict[str, Any]) -> None:
         """Header/run/end lines: rare, written synchronously."""
@@ -535,6 +561,9 @@ class Journal:
         # those rows were never counted as saved.
         with contextlib.suppress(OSError):
             self._fh.close()
+        if self._rescued is not None:
+            with contextlib.suppress(OSError):
+                self._rescued.close()
 
 
 def open_journal(

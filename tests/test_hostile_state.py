@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import yaml
 
 from batcher.errors import InputDataError, JobSpecError
 from batcher.inspect_output import inspect_path, render_inspection
-from batcher.journal import journal_path, open_journal
+from batcher.journal import journal_path, open_journal, read_state
 from batcher.readers import open_input
 from batcher.records import Result
 from batcher.spec import load_job
@@ -334,3 +335,51 @@ async def test_status_shows_the_lock_holder(tmp_path: Path) -> None:
     finally:
         lock.release()
     assert job_status(job)["running_now"] is None
+
+
+# ---- items 6 and 7 through the real CLI ----
+
+
+def test_lock_note_deleted_and_journal_deleted_mid_run(tmp_path: Path, mock_server) -> None:
+    """The lock note deleted: a second run is still refused (exit 5). The journal deleted: the
+    run stops with exit 4 at its next commit, the answer it held is written back, and a plain
+    rerun pays only for the rows not answered."""
+    from helpers import review_rows, run_batcher, start_batcher, write_job, write_jsonl
+
+    srv = mock_server(rpm=None, tpm=None, slow_marker_s=1.0)
+    rows = review_rows(6, marker=dict.fromkeys(range(6), "[[slow]]"))
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    job = write_job(tmp_path, srv.url, concurrency=2)
+    output = tmp_path / "out" / "result.parquet"
+    path, note = journal_path(output), output.with_name(output.name + ".lock")
+    first = start_batcher("run", job, "--quiet")
+    try:
+        # Key to the journal's contents: the run line is written just before the first send,
+        # and the first (probe) answer takes 1 s to come back.
+        deadline = 60.0
+        while b'{"t": "run"' not in (path.read_bytes() if path.exists() else b""):
+            assert first.poll() is None, first.communicate()
+            deadline -= 0.01
+            assert deadline > 0, "the first run did not start"
+            time.sleep(0.01)
+        assert b'"t": "r"' not in path.read_bytes()
+        note.unlink()
+        second = run_batcher("run", job)
+        assert second.returncode == 5 and "already running" in second.stderr
+        path.unlink()
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 4, err
+    assert "was deleted while this run was writing it" in err
+    assert f"were written back to {path}" in err
+    kept = read_state(path)
+    assert kept.records >= 1 and srv.stats()["requests"] == kept.records
+    fast = mock_server(rpm=None, tpm=None, slow_marker_s=0.0)
+    write_job(tmp_path, fast.url, concurrency=2)
+    rerun = run_batcher("run", job)
+    assert rerun.returncode == 0, rerun.stderr
+    assert fast.stats()["requests"] == 6 - kept.records  # nothing paid twice
+    assert len(pq.read_table(output)) == 6

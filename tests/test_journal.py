@@ -204,7 +204,9 @@ async def test_journal_deleted_or_replaced_mid_run_stops_and_keeps_records(
         path.write_text("someone else's file\n")
     with pytest.raises(StorageError, match=f"was {how}") as info:
         await journal.append(Result("5", "ok"))
-    with pytest.raises(StorageError):  # every later write fails the same way, end record too
+    with pytest.raises(StorageError):  # a later answer fails the same way, but is kept
+        await journal.append(Result("6", "ok"))
+    with pytest.raises(StorageError):
         journal.write_meta({"t": "end"})
     journal.close()
     message = str(info.value)
@@ -217,7 +219,7 @@ async def test_journal_deleted_or_replaced_mid_run_stops_and_keeps_records(
         kept = next(tmp_path.glob("o.parquet.journal.saved-*"))
         assert kept.name in message
     state = read_state(kept)
-    assert sorted(state.ids.to_pylist(), key=int) == [str(i) for i in range(6)]
+    assert sorted(state.ids.to_pylist(), key=int) == [str(i) for i in range(7)]
     assert state.fingerprint == "fp1"
 
 
