@@ -10,12 +10,13 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import click
 
 from batcher import __version__
 from batcher.errors import BatcherError, ExitCode
+from batcher.progress import ProgressMode
 from batcher.spec import Job, load_job
 
 log = logging.getLogger("batcher")
@@ -129,9 +130,9 @@ def run(
     from batcher.engine import Engine, RunOptions
     from batcher.logs import setup_logging
 
-    setup_logging(log_format, quiet=quiet)  # type: ignore[arg-type]
+    setup_logging(cast(Literal["text", "json"], log_format), quiet=quiet)
     job = load_job(job_file)
-    mode = "quiet" if quiet else ("json" if log_format == "json" else progress)
+    mode = cast(ProgressMode, "quiet" if quiet else ("json" if log_format == "json" else progress))
 
     async def go() -> Any:
         async with _mock_endpoint(job, mock) as mock_url:
@@ -140,7 +141,6 @@ def run(
                 retry_errors=retry_errors,
                 shard=_parse_shard(shard),
                 progress=mode,
-                log_format=log_format,
                 base_url=mock_url,
                 api_key="mock-key" if mock else None,
             )
@@ -194,6 +194,27 @@ def inspect(path: Path, as_json: bool) -> None:
 
     report = inspect_path(path)  # a job file brings its prices: and finds output or journal
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render_inspection(report))
+
+
+@main.command()
+@click.argument("job_or_output", type=click.Path(path_type=Path))
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML page (opens offline) instead of printing text.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report's data as JSON.")
+@_edge
+def report(job_or_output: Path, html_path: Path | None, as_json: bool) -> None:
+    """A job's run: throughput against the limits, throttling, latency, errors, cost, labels."""
+    from batcher.report import build_report, render_text, write_html
+
+    data = build_report(job_or_output)  # a job file, its output, journal or run history
+    if html_path is not None:
+        click.echo(f"wrote {write_html(data, html_path)}")
+    else:
+        click.echo(json.dumps(data, indent=2, default=str) if as_json else render_text(data))
 
 
 @main.command()
@@ -288,3 +309,97 @@ def serve_mock(
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     main_serve(config, host, port)
+
+
+# -- the response store ---------------------------------------------------------------------------
+
+
+def _parsed_by(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback: parse's ValueError becomes a usage error naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return callback
+
+
+def _duration(text: str) -> float:
+    from batcher.cache import parse_duration
+
+    return parse_duration(text)
+
+
+def _size(text: str) -> int:
+    from batcher.cache import parse_size
+
+    return parse_size(text)
+
+
+def _store_options(func: F) -> F:
+    func = click.option(
+        "--mock", is_flag=True, help="The bundled server's own store (answers of --mock runs)."
+    )(func)
+    return click.option(
+        "--path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="The store file (default: $XDG_CACHE_HOME/batcher/responses.sqlite3).",
+    )(func)
+
+
+def _store_path(path: Path | None, mock: bool) -> Path:
+    from batcher.cache import default_store_path
+
+    return path if path is not None else default_store_path(mock)
+
+
+@main.group()
+def cache() -> None:
+    """The response store: answers kept by request and shared by every job, so reruns pay once."""
+
+
+@cache.command("stats")
+@_store_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_edge
+def cache_stats(path: Path | None, mock: bool, as_json: bool) -> None:
+    """Entries, size on disk and hits of the response store."""
+    from batcher.cache import render_stats, stats_record, store_stats
+
+    stats = store_stats(_store_path(path, mock))
+    click.echo(json.dumps(stats_record(stats)) if as_json else render_stats(stats))
+
+
+@cache.command("prune")
+@click.option(
+    "--older-than",
+    metavar="AGE",
+    callback=_parsed_by(_duration),
+    help="Remove entries not used for AGE: 30d, 12h, 90m, 45s, 2w.",
+)
+@click.option(
+    "--max-size",
+    metavar="SIZE",
+    callback=_parsed_by(_size),
+    help="Then remove the least recently used until the store fits: 2GB, 500MB, 1.5GiB.",
+)
+@_store_options
+@_edge
+def cache_prune(
+    older_than: float | None, max_size: int | None, path: Path | None, mock: bool
+) -> None:
+    """Remove old or least recently used answers from the response store."""
+    from batcher.cache import human_bytes, prune_store
+
+    if older_than is None and max_size is None:
+        raise click.UsageError("say what to remove: --older-than AGE and/or --max-size SIZE")
+    removed, stats = prune_store(_store_path(path, mock), older_than, max_size)
+    click.echo(
+        f"removed {removed:,} entries; {stats.entries:,} left, "
+        f"{human_bytes(stats.size_bytes)} on disk ({stats.path})"
+    )

@@ -51,6 +51,7 @@ from batcher.idhashes import has_repeats, int64_view
 from batcher.journal import JobLock, Journal, end_record, journal_path, open_journal
 from batcher.outcome import RunOutcome, StopReason
 from batcher.prepare import Prepared, Preparer
+from batcher.progress import ProgressMode
 from batcher.readers import InputReader, Row, input_digest, open_input
 from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
@@ -72,11 +73,13 @@ class RunOptions:
     restart: bool = False
     retry_errors: bool = False
     shard: tuple[int, int] | None = None  # (K, N), 1-based
-    progress: str = "auto"  # auto | live | plain | json | quiet
-    log_format: str = "text"
+    progress: ProgressMode = "auto"
     base_url: str | None = None  # overrides the job's endpoint (used by --mock)
     api_key: str | None = None  # overrides the key variable (used by --mock)
     fsync: bool = True  # False only for the benchmark that measures what durability costs
+    # SIGINT/SIGTERM stop the run gracefully. Off where the loop is not ours (Jupyter's, a
+    # thread's): the Python API stops the run by cancelling it instead.
+    handle_signals: bool = True
 
 
 class _Abandoned(Exception):
@@ -537,7 +540,8 @@ class Engine:
         from batcher.progress import Progress
 
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM) if opts.handle_signals else ()
+        for sig in signals:
             loop.add_signal_handler(sig, self.request_stop, sig)
         ticker = asyncio.create_task(self._refresh_effective())
         try:
@@ -571,7 +575,7 @@ class Engine:
             self._stopping = True
             self._reason, self._error = StopReason.FATAL, exc
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in signals:
                 loop.remove_signal_handler(sig)
             ticker.cancel()
             self.stats.effective = self.limiter.snapshot()

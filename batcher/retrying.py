@@ -61,7 +61,7 @@ def retry_policy(cfg: Retry) -> RetryPolicy:
     return RetryPolicy(
         max_attempts=cfg.max_attempts,
         wait=wait_retry_after_or(
-            wait_exponential_jitter(initial=cfg.initial_wait_s, max=cfg.max_wait_s, jitter=1.0),
+            wait_exponential_jitter(multiplier=cfg.initial_wait_s, max=cfg.max_wait_s, jitter=1.0),
             max_s=cfg.max_wait_s,
         ),
     )

@@ -1,0 +1,293 @@
+"""The Python API: a dataset in, the same rows with answers out, on the CLI's own engine.
+
+    import batcher
+    labeled = batcher.run("job.yaml", data=df)            # pandas in, pandas out
+    labeled = await batcher.arun({"model": "gpt-4o-mini", "messages": [...]}, data=table)
+
+`job` is a job file or a dict with a job file's keys (with `data` given, `input` is left out);
+`data` is a path, a `pyarrow.Table`, or a pandas or polars DataFrame; the answer is the same
+kind (a path gives a `pyarrow.Table`): the input rows in input order with the result columns
+added. Row errors are rows (`status`, `error`); a run that stops (key rejected, outage,
+interrupted) raises its typed `BatcherError`, whose `partial` holds the rows answered so far.
+
+The journal, resume, limiter (Redis too), cache and budget are the CLI's: a frame's rows are
+written to a Parquet file in the state directory under a name derived from the job and the
+data, so calling `run` again with the same job and data resumes where an interrupted call
+stopped (a notebook cell interrupted and run again sends only what is missing).
+
+`run` works in a plain script (it runs its own event loop) and inside a running loop, e.g.
+Jupyter (it runs the engine on a thread of its own; interrupting the cell stops the run
+gracefully and keeps every answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import threading
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batcher.engine import Engine, RunOptions
+from batcher.errors import BatcherError, ExitCode, InputDataError, JobSpecError
+from batcher.outcome import RunOutcome, StopReason
+from batcher.progress import ProgressMode
+from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, coerce_result_fields
+from batcher.spec import Job, job_from_mapping, load_job
+
+DataKind = Literal["arrow", "pandas", "polars", "path"]
+# Result columns an input column may not share a name with (the id column is the exception).
+RESULT_COLUMNS: tuple[str, ...] = (*[f for f in RESULT_FIELDS if f != "id"], "parsed")
+_OWN_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("batcher_own_loop", default=False)
+
+
+class RunInterrupted(BatcherError):
+    """The run was interrupted (Ctrl-C, a cancelled cell); run again to resume."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+def state_dir() -> Path:
+    """Where the API keeps the inputs and journals of jobs that name no output."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "batcher" / "runs"
+
+
+# ---- data in ----------------------------------------------------------------------------------
+
+
+def _as_table(data: Any) -> tuple[pa.Table, DataKind]:
+    if isinstance(data, pa.Table):
+        return data, "arrow"
+    module = type(data).__module__.split(".")[0]
+    if module == "pandas":
+        return pa.Table.from_pandas(data, preserve_index=False), "pandas"
+    if module == "polars":
+        return data.to_arrow(), "polars"
+    raise InputDataError(
+        f"data must be a path, a pyarrow.Table, or a pandas or polars DataFrame, not "
+        f"{type(data).__name__}"
+    )
+
+
+def _from_table(table: pa.Table, kind: DataKind) -> Any:
+    if kind == "pandas":
+        try:
+            return table.to_pandas()
+        except ImportError:  # pragma: no cover - pandas gave us the input
+            raise InputDataError("pandas is needed to return a DataFrame") from None
+    if kind == "polars":
+        import polars as pl
+
+        return pl.from_arrow(table)
+    return table
+
+
+def _table_digest(table: pa.Table) -> str:
+    """A fingerprint of the data's content: the same frame again names the same state files."""
+    digest = hashlib.sha256()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    digest.update(memoryview(sink.getvalue()))
+    return digest.hexdigest()[:16]
+
+
+def _check_columns(columns: list[str], id_column: str | None) -> None:
+    for name in columns:
+        if name in RESULT_COLUMNS and name != id_column:
+            raise InputDataError(
+                f"the input column {name!r} has the name of the result column {name!r}; "
+                "rename the input column (nothing was sent)"
+            )
+
+
+def _job_mapping(job: str | Path | Mapping[str, Any]) -> tuple[dict[str, Any], Path, str]:
+    """(the job's keys, the folder its relative paths start from, its name for messages)."""
+    if isinstance(job, Mapping):
+        return dict(job), Path.cwd(), "job"
+    path = Path(job)
+    loaded = load_job(path)  # validates the file as the CLI would
+    raw = loaded.model_dump(exclude={"job_dir"}, exclude_unset=True)
+    return raw, path.resolve().parent, str(path)
+
+
+def _digest(value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+async def arun(
+    job: str | Path | Mapping[str, Any],
+    data: Any = None,
+    *,
+    restart: bool = False,
+    retry_errors: bool = False,
+    progress: ProgressMode = "auto",
+    mock: bool = False,
+    **overrides: Any,
+) -> Any:
+    """Run `job` over `data` (see the module docstring); returns the answered rows.
+
+    `overrides` replace job keys (e.g. `concurrency=4`, `output="labels.parquet"`).
+    `mock=True` sends to the bundled local server (no API key needed).
+    """
+    raw, base, source = _job_mapping(job)
+    raw.update(overrides)
+    kind: DataKind = "path"
+    table: pa.Table | None = None
+    shape = {k: v for k, v in raw.items() if k not in ("input", "output")}
+    if isinstance(data, (str, os.PathLike)):
+        raw["input"] = str(data)
+    elif data is not None:
+        table, kind = _as_table(data)
+        _check_columns(table.column_names, raw.get("id_column"))
+        name = f"{_digest(shape)}-{_table_digest(table)}"
+        folder = state_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.input.parquet"
+        if not path.exists():  # the same frame again: the same file, so the run resumes
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        raw["input"] = str(path)
+        raw.setdefault("output", str(folder / f"{name}.parquet"))
+    if "input" not in raw:
+        raise JobSpecError(f"{source}: give the rows: data=... or input: in the job")
+    if "output" not in raw:
+        raw["output"] = str(state_dir() / f"{_digest(shape)}-{_digest(raw['input'])}.parquet")
+    spec = job_from_mapping(raw, base, source=source)
+
+    async with _endpoint(spec, mock) as (base_url, api_key):
+        options = RunOptions(
+            restart=restart,
+            retry_errors=retry_errors,
+            progress=progress,
+            base_url=base_url,
+            api_key=api_key,
+            # Signal handlers only in a loop `run` owns, never in Jupyter's or a caller's.
+            handle_signals=_OWN_LOOP.get()
+            and threading.current_thread() is threading.main_thread(),
+        )
+        outcome = await Engine(spec, options).run()
+    return _answer(outcome, table, kind, spec)
+
+
+@contextlib.asynccontextmanager
+async def _endpoint(job: Job, mock: bool) -> AsyncIterator[tuple[str | None, str | None]]:
+    if not mock:
+        yield None, None
+        return
+    from batcher.mock import MockConfig, MockServer
+
+    limits = {m: (lim.rpm, lim.tpm) for m, lim in job.limits.items()}
+    server = MockServer(MockConfig(model_limits=limits, latency_s=0.02, models=None))
+    url = await server.start("127.0.0.1", 0)
+    try:
+        yield url, "mock-key"
+    finally:
+        await server.stop()
+
+
+def _answer(outcome: RunOutcome, table: pa.Table | None, kind: DataKind, job: Job) -> Any:
+    result = _result_table(outcome, table, job)
+    if outcome.reason is StopReason.COMPLETED:
+        return _from_table(result, kind)
+    error: BatcherError = outcome.error or RunInterrupted(
+        f"interrupted; {outcome.saved_rows} of {outcome.stats.total_rows} rows are saved. "
+        "Run the same call again to resume."
+    )
+    error.partial = _from_table(result, kind)  # type: ignore[attr-defined]
+    error.outcome = outcome  # type: ignore[attr-defined]
+    raise error
+
+
+def _result_table(outcome: RunOutcome, table: pa.Table | None, job: Job) -> pa.Table:
+    """The input rows in input order with the result columns (partial: from the journal)."""
+    if outcome.output.exists() and outcome.completed:
+        results = pq.read_table(outcome.output)
+    else:
+        from batcher.journal import read_results
+
+        # The latest record of an id first: index_in takes the first match.
+        records = [coerce_result_fields(rec) for rec in read_results(outcome.journal)][::-1]
+        results = pa.Table.from_pylist(records, schema=RESULT_SCHEMA)
+    if table is None:
+        return results
+    if job.id_column is None:
+        ids = pa.array([str(i) for i in range(table.num_rows)], pa.string())
+    else:
+        ids = table.column(job.id_column).cast(pa.string())
+    # Each input row's result by id, in input order (a left join that keeps order and nested
+    # types, which Arrow's hash join does not).
+    index = pc.index_in(ids, value_set=results.column("id").cast(pa.string()))
+    aligned = results.take(index)
+    for name in aligned.column_names:
+        if name != "id" and name not in table.column_names:
+            table = table.append_column(name, aligned.column(name))
+    return table
+
+
+def run(
+    job: str | Path | Mapping[str, Any],
+    data: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """`arun` for code without an event loop, and for Jupyter's running one."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_owned(job, data, kwargs))
+    return _run_in_thread(job, data, kwargs)
+
+
+async def _owned(job: Any, data: Any, kwargs: dict[str, Any]) -> Any:
+    _OWN_LOOP.set(True)
+    return await arun(job, data, **kwargs)
+
+
+def _run_in_thread(job: Any, data: Any, kwargs: dict[str, Any]) -> Any:
+    """Inside a running loop (Jupyter): the engine gets a thread and a loop of its own."""
+    box: dict[str, Any] = {}
+    started = threading.Event()
+
+    def target() -> None:
+        loop = asyncio.new_event_loop()
+        box["loop"] = loop
+        started.set()
+        try:
+            box["task"] = loop.create_task(arun(job, data, **kwargs))
+            box["value"] = loop.run_until_complete(box["task"])
+        except BaseException as exc:  # handed to the caller's thread
+            box["error"] = exc
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=target, name="batcher-run", daemon=True)
+    thread.start()
+    started.wait()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        # The cell was interrupted: cancel the run; the journal keeps every answer.
+        loop = box["loop"]
+        with contextlib.suppress(RuntimeError, KeyError):
+            loop.call_soon_threadsafe(box["task"].cancel)
+        thread.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

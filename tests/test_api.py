@@ -1,0 +1,133 @@
+"""The Python API: frames and tables in, the same rows in input order with answers out."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pytest
+from helpers import API_KEY
+
+import batcher
+from batcher.errors import AuthenticationError, InputDataError
+
+FAST = {"rpm": None, "tpm": None}
+
+
+@pytest.fixture(autouse=True)
+def _key_and_state(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TEST_LANGDOCK_KEY", API_KEY)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def _job(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "gpt-4o-mini",
+        "endpoint": {"base_url": url, "api_key_env": "TEST_LANGDOCK_KEY"},
+        "messages": [{"role": "user", "content": "Label: {text}"}],
+        "params": {"max_tokens": 8, "temperature": 0},
+        "concurrency": 8,
+        "retry": {"max_attempts": 4, "initial_wait_s": 0.01, "max_wait_s": 0.1},
+        "progress_interval_s": 60,
+        **extra,
+    }
+
+
+def _texts(n: int) -> list[str]:
+    return [f"review {i} says something" for i in range(n)]
+
+
+def test_pandas_in_pandas_out_in_input_order(mock_server) -> None:
+    srv = mock_server(**FAST, latency_s=0.0, latency_jitter_s=0.02)
+    df = pd.DataFrame({"doc": [f"d{i}" for i in range(30)][::-1], "text": _texts(30)})
+    out = batcher.run(_job(srv.url, id_column="doc"), data=df, progress="quiet")
+    assert isinstance(out, pd.DataFrame)
+    assert list(out["doc"]) == list(df["doc"])  # input order, id column once
+    assert list(out["text"]) == list(df["text"])
+    assert set(out["status"]) == {"ok"} and out["content"].notna().all()
+    assert "id" not in out.columns
+
+
+def test_polars_and_arrow_with_position_ids(mock_server) -> None:
+    srv = mock_server(**FAST)
+    pdf = pl.DataFrame({"text": _texts(12)})
+    out = batcher.run(_job(srv.url), data=pdf, progress="quiet")
+    assert isinstance(out, pl.DataFrame)
+    assert out["text"].to_list() == _texts(12)
+    table = pa.table({"text": _texts(7)})
+    got = batcher.run(_job(srv.url), data=table, progress="quiet")
+    assert isinstance(got, pa.Table)
+    assert got.column("text").to_pylist() == _texts(7)
+    assert set(got.column("status").to_pylist()) == {"ok"}
+
+
+def test_a_clashing_input_column_is_refused_before_sending(mock_server) -> None:
+    srv = mock_server(**FAST)
+    df = pd.DataFrame({"text": _texts(3), "content": ["a", "b", "c"]})
+    with pytest.raises(InputDataError, match="'content'"):
+        batcher.run(_job(srv.url), data=df, progress="quiet")
+    assert srv.stats()["requests"] == 0
+
+
+def test_calling_again_resumes_without_resending(mock_server) -> None:
+    srv = mock_server(**FAST)
+    df = pd.DataFrame({"text": _texts(20)})
+    first = batcher.run(_job(srv.url), data=df, progress="quiet")
+    sent = srv.stats()["requests"]
+    again = batcher.run(_job(srv.url), data=df, progress="quiet")
+    assert srv.stats()["requests"] == sent  # answered rows are not sent again
+    assert list(again["content"]) == list(first["content"])
+
+
+async def test_arun_inside_a_running_loop_and_run_from_a_loop(mock_server) -> None:
+    srv = mock_server(**FAST)
+    table = pa.table({"text": _texts(5)})
+    got = await batcher.arun(_job(srv.url), data=table, progress="quiet")
+    assert got.num_rows == 5
+    # `run` called where a loop is running (as in Jupyter) gets a thread of its own.
+    again = await asyncio.to_thread(lambda: batcher.run(_job(srv.url), data=table))
+    assert again.column("content").to_pylist() == got.column("content").to_pylist()
+    assert batcher.run(_job(srv.url), data=table, progress="quiet").num_rows == 5
+
+
+def test_interrupted_arun_resumes_without_resending_answered_rows(mock_server) -> None:
+    srv = mock_server(**FAST, latency_s=0.05)
+    table = pa.table({"text": _texts(60)})
+    job = _job(srv.url, concurrency=2)
+
+    async def interrupted() -> None:
+        task = asyncio.create_task(batcher.arun(job, data=table, progress="quiet"))
+        while srv.stats()["accepted"] < 10:  # keyed to answers, not to time
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    before = srv.stats()["accepted"]
+    assert 10 <= before < 60
+    out = batcher.run(job, data=table, progress="quiet")
+    assert out.num_rows == 60 and set(out.column("status").to_pylist()) == {"ok"}
+    assert srv.stats()["accepted"] <= 60 + 2  # at most the in-flight requests twice
+
+
+def test_a_stopped_run_raises_its_error_with_the_partial_result(
+    mock_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = mock_server(**FAST, api_keys=frozenset({"right"}))
+    monkeypatch.setenv("TEST_LANGDOCK_KEY", "wrong")
+    with pytest.raises(AuthenticationError) as info:
+        batcher.run(_job(srv.url), data=pa.table({"text": _texts(4)}), progress="quiet")
+    partial = info.value.partial  # type: ignore[attr-defined]
+    assert partial.num_rows == 4
+    assert partial.column("status").null_count == 4  # nothing answered
+
+
+def test_public_names() -> None:
+    for name in batcher.__all__:
+        assert getattr(batcher, name) is not None
+    assert (Path(batcher.__file__).parent / "py.typed").exists()
