@@ -55,9 +55,8 @@ def _limit_totals(stats: RunStats) -> tuple[int | None, int | None, int | None, 
 
     The rate meter counts all models together, so the limits it is compared with are the
     sums. Effective is None unless adaptive slow-down has lowered some model's limit. The
-    engine fills `stats.effective` from the limiter's snapshot: per model `effective_rpm`,
-    `effective_tpm` and the slow-down `multiplier` (1 = not slowed; headroom alone is not
-    worth showing).
+    engine fills `stats.effective` from the limiter's snapshot (`ModelSnapshot` per model);
+    a `multiplier` below 1 is a slow-down (headroom alone is not worth showing).
     """
     if not stats.limits:
         return None, None, None, None
@@ -66,16 +65,14 @@ def _limit_totals(stats: RunStats) -> tuple[int | None, int | None, int | None, 
     eff_rpm = eff_tpm = 0.0
     lowered = False
     for model, (r, t) in stats.limits.items():
-        eff = stats.effective.get(model) or {}
-        e_rpm = min(r, _num(eff.get("effective_rpm", eff.get("rpm")), r))
-        e_tpm = min(t, _num(eff.get("effective_tpm", eff.get("tpm")), t))
-        multiplier = eff.get("multiplier")
-        if isinstance(multiplier, (int, float)):
-            lowered = lowered or multiplier < 0.999
-        else:
-            lowered = lowered or e_rpm < r or e_tpm < t
-        eff_rpm += e_rpm
-        eff_tpm += e_tpm
+        snap = stats.effective.get(model)
+        if snap is None:
+            eff_rpm += r
+            eff_tpm += t
+            continue
+        lowered = lowered or snap.slowed
+        eff_rpm += min(r, snap.effective_rpm)
+        eff_tpm += min(t, snap.effective_tpm)
     if not lowered:
         return rpm, tpm, None, None
     return rpm, tpm, round(eff_rpm), round(eff_tpm)
@@ -83,14 +80,18 @@ def _limit_totals(stats: RunStats) -> tuple[int | None, int | None, int | None, 
 
 def _paused_s(stats: RunStats) -> float:
     """Longest pause the limiter imposes now (after a 429 storm), 0 when sending."""
-    waits = [_num(e.get("paused_until_s"), 0.0) for e in stats.effective.values()]
-    return max(waits, default=0.0)
+    return max((snap.paused_until_s for snap in stats.effective.values()), default=0.0)
 
 
-def _num(value: Any, default: float) -> float:
-    return (
-        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
-    )
+def _slowdown_reasons(stats: RunStats) -> str:
+    """Why the limiter slowed down, from what happened (429s, headers); '' if nothing did."""
+    reasons = [
+        reason
+        for snap in stats.effective.values()
+        if snap.slowed
+        for reason in snap.slowdown_reasons()
+    ]
+    return "; ".join(reasons)
 
 
 def _rows(stats: RunStats) -> tuple[int, int, float | None]:
@@ -332,8 +333,9 @@ def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
             f"admission tokens in {format_duration(elapsed)}, under a minute{limits}"
         )
     if eff_rpm is not None:
+        why = _slowdown_reasons(stats)
         lines.append(
-            f"          adaptive slow-down (429s we did not expect: someone else shares the "
-            f"quota) ended at {eff_rpm:,} rpm, {eff_tpm:,} tpm"
+            f"          adaptive slow-down ({why or 'someone else shares the quota'}) ended at "
+            f"{eff_rpm:,} rpm, {eff_tpm:,} tpm"
         )
     return "\n".join(lines)

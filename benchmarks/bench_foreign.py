@@ -7,7 +7,7 @@ of its allowance for other users of the workspace, which no client can see; only
 One CLI run (`python -m batcher run job.yaml --log-format json`, local limiter) has the full
 quota in its job file, as a user who does not know about the others would write it, and must
 find the remaining 60 % from the server's answers alone (429s, x-ratelimit-* headers: the
-adaptive multiplier of batcher.limiter). Prompts of ~110-190 tokens + `max_tokens: 200`: tokens
+adaptive multiplier of batcher.admission). Prompts of ~110-190 tokens + `max_tokens: 200`: tokens
 bind.
 
 Variants (each against a fresh server):
@@ -55,7 +55,7 @@ from common import (
     write_rows,
 )
 
-from batcher.limiter import DEFAULT_HEADROOM
+from batcher.admission.policy import DEFAULT_HEADROOM
 
 FOREIGN_SHARE = 0.4
 TARGET_429 = 0.03

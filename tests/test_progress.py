@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 from rich.console import Console
 
+from batcher.admission import ModelSnapshot
 from batcher.logs import LOGGER_NAME, BatcherHandler, setup_logging
 from batcher.progress import Progress, format_duration, plain_line, render_summary
 from batcher.stats import RunStats
@@ -21,17 +22,19 @@ class FakeClock:
         return self.now
 
 
-def snapshot(rpm: float, tpm: float, multiplier: float, paused_s: float = 0.0) -> dict:
+def snapshot(rpm: float, tpm: float, multiplier: float, paused_s: float = 0.0) -> ModelSnapshot:
     """One model's entry as the limiter's snapshot() gives it (engine -> stats.effective)."""
-    return {
-        "rpm": 500,
-        "tpm": 60_000,
-        "effective_rpm": rpm,
-        "effective_tpm": tpm,
-        "multiplier": multiplier,
-        "paused_until_s": paused_s,
-        "backend": "local",
-    }
+    return ModelSnapshot(
+        rpm=500,
+        tpm=60_000,
+        effective_rpm=rpm,
+        effective_tpm=tpm,
+        multiplier=multiplier,
+        share=1.0,
+        paused_until_s=paused_s,
+        backend="local",
+        decreases_429=1 if multiplier < 1 else 0,
+    )
 
 
 def busy_stats(clock: FakeClock) -> RunStats:

@@ -1,0 +1,142 @@
+"""The in-process backend: the reference schedule per model, FIFO waiters, one timer each.
+
+No algorithm here: `schedule.reserve` gives the slot, the head waiter sleeps until it (one
+timer, no polling); a pause that arrived meanwhile (a 429) voids the slot and it takes another,
+exactly as the Redis backend does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from batcher.admission import schedule
+from batcher.admission.contract import Admission, ModelSnapshot
+from batcher.admission.feedback import read_feedback
+from batcher.admission.policy import Policy, us
+from batcher.admission.schedule import State, check_cost
+
+
+def policy_source(
+    limits: Callable[[str], tuple[int, int]], knobs: Mapping[str, Any]
+) -> Callable[[str], Policy]:
+    """Per model: its limits and the shared knobs (Policy's fields), built once, checked now."""
+    Policy(1, 1, **knobs)  # a bad knob fails at construction, not at the first request
+    cache: dict[str, Policy] = {}
+
+    def policy(model: str) -> Policy:
+        p = cache.get(model)
+        if p is None:
+            rpm, tpm = limits(model)
+            p = cache[model] = Policy(rpm, tpm, **knobs)
+        return p
+
+    return policy
+
+
+class LocalLimiter:
+    """A `Limiter` for this process alone. `knobs`: Policy fields (headroom, tolerance_s, ...)."""
+
+    backend = "local"
+
+    def __init__(
+        self,
+        limits: Callable[[str], tuple[int, int]],
+        *,
+        clock: Callable[[], float] | None = None,
+        **knobs: Any,
+    ) -> None:
+        self.policy = policy_source(limits, knobs)
+        self._clock = clock
+        self._states: dict[str, State] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last_cost: dict[str, int] = {}
+
+    def _now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        try:
+            return asyncio.get_running_loop().time()
+        except RuntimeError:  # outside a loop: the clock the default loop uses
+            return time.monotonic()
+
+    def state(self, model: str) -> State:
+        st = self._states.get(model)
+        if st is None:
+            st = self._states[model] = State()
+        return st
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def acquire(self, model: str, cost: int) -> Admission:
+        """Wait for `model`'s next slot for `cost` tokens (FIFO); ValueError at once if never.
+
+        Cancelled while it sleeps, the slot it took stays taken (as in Redis).
+        """
+        policy = self.policy(model)
+        check_cost(model, cost, policy.tpm)
+        st = self.state(model)
+        began = self._now()
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            while True:
+                now = us(self._now())
+                slot = schedule.reserve(policy, st, cost, now)
+                if slot.at > now:
+                    await asyncio.sleep((slot.at - now) / 1_000_000)
+                if st.pause <= slot.at:  # else a 429 paused the model meanwhile: retake
+                    self._last_cost[model] = cost
+                    return Admission(model, cost, slot.seq, slot.at, max(0.0, self._now() - began))
+
+    def feedback(
+        self,
+        model: str,
+        *,
+        status: int,
+        headers: Mapping[str, str],
+        admission: Admission | None = None,
+    ) -> None:
+        """Report an answer: 429s pause, remaining-* headers or AIMD set the pace."""
+        policy = self.policy(model)
+        failed = (admission.seq, admission.at_us, admission.cost) if admission else (0, 0, 0)
+        signal = read_feedback(
+            policy, status, headers, last_cost=self._last_cost.get(model, 0), failed=failed
+        )
+        if signal.urgent or signal.has_headers or signal.failed_seq:
+            schedule.feedback(policy, self.state(model), signal, us(self._now()))
+
+    def snapshot(self) -> dict[str, ModelSnapshot]:
+        now = us(self._now())
+        return {
+            model: model_snapshot(
+                self.policy(model), schedule.status(self.policy(model), st, now), "local"
+            )
+            for model, st in sorted(self._states.items())
+        }
+
+
+def model_snapshot(
+    policy: Policy, reply: schedule.Reply, backend: Any, **extra: Any
+) -> ModelSnapshot:
+    """A snapshot from the schedule's reply (either backend's)."""
+    m = reply.multiplier
+    return ModelSnapshot(
+        rpm=policy.rpm,
+        tpm=policy.tpm,
+        effective_rpm=policy.rpm * policy.headroom * m,
+        effective_tpm=policy.tpm * policy.headroom * m,
+        multiplier=m,
+        share=reply.share,
+        paused_until_s=max(0.0, (reply.pause - reply.now) / 1_000_000),
+        backend=backend,
+        decreases_429=reply.dec429,
+        decreases_near_limit=reply.decnear,
+        share_reductions=reply.shdown,
+        refunded=reply.refunded,
+        **extra,
+    )

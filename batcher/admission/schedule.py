@@ -1,0 +1,349 @@
+"""The reference admission schedule of one model: pure Python, the contract `lua/*.lua` follows.
+
+Both functions take the policy, the model's `State` and `now` (whole microseconds) and return a
+`Reply`; nothing else reads a clock. The Lua scripts do the same steps in the same order with
+the same float arithmetic, on a state hash and a log in Redis; tests replay random traces through
+both and compare every reply and every state.
+
+The schedule (server semantics in policy.py):
+
+- **Pacing** (GCRA, virtual scheduling) of requests and tokens: the theoretical arrival times
+  `rtat`, `ttat`; a request may go at `max(now, tat - tolerance)` and moves `tat` by
+  `cost / rate`, rate = limit x headroom x multiplier. A fresh schedule starts at `now +
+  tolerance`, as after a pause: no tolerance burst at the start of a run.
+- **Window caps**: a log of admissions (time, running token total); a request goes only when
+  every window (a little longer than the server's) has room for it, scaled by the revealed
+  share. Slots never go back in time (`last`), so each window's earliest fit is found on its
+  own and the latest of them fits all.
+- **Adaptive multiplier** (AIMD): a 429 our accounting let through means someone else uses the
+  quota: x beta, once per cooldown, then linear recovery. All the adaptation when answers carry
+  no x-ratelimit-remaining-* headers.
+- **Share**: what remaining-* headers reveal: our usage over the server's window plus what
+  remains is what the window allows us. Which window the header describes is not documented,
+  so each candidate length (10 and 60 s; while we ramp up, 1 s too) that could hold
+  `remaining` gives an estimate and the largest is taken (a window longer than the header's
+  reads low while we ramp up; one shorter cannot hold the remaining count; the 1 s reading is
+  noisy at Langdock's limits, one request being half a second's tokens, so it only counts
+  until the 10 s window has been filled). Smoothed, 4x faster downwards.
+- **Pauses**: a 429 or an unexplained near-limit header stops admission for its pause (capped),
+  and the pacing resumes at the paced rate when it ends.
+- **Failed admissions** (5xx): when the remaining-* of the answer, or of the next one, show the
+  server did not charge it (counting it would put the window over its budget, leaving it out
+  would not), its tokens and request no longer count in our windows.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from batcher.admission.feedback import Signal
+from batcher.admission.policy import Policy, us
+
+_EPS = 1e-9
+
+
+class Entry(NamedTuple):
+    """One admission in the log: its slot, the running token total including it, its number."""
+
+    at: int
+    cum: int
+    seq: int
+    cost: int
+
+
+class Refund(NamedTuple):
+    """A failed admission the server did not charge: no longer counted in the windows."""
+
+    at: int
+    seq: int
+    cost: int
+
+
+@dataclass(slots=True)
+class State:
+    """One model's schedule; None: never set. Redis keeps the same fields in a hash."""
+
+    rtat: int | None = None  # theoretical arrival time of the next request (pacing)
+    ttat: int | None = None  # ... of the next token
+    last: int = 0  # the latest slot handed out
+    start: int = 0  # the first slot since the log was last empty (ramp-up)
+    pause: int = 0  # nothing is admitted before this time
+    m0: float | None = None  # AIMD: m(t) = min(1, m0 + recovery (t - t0))
+    t0: int | None = None
+    tdec: int | None = None  # time of the last decrease (cooldown)
+    sh0: float | None = None  # revealed share, recovering likewise
+    sht: int | None = None
+    cum: int = 0  # running token total of the log
+    seq: int = 0  # admissions handed out
+    dec429: int = 0  # AIMD decreases caused by 429s
+    decnear: int = 0  # AIMD decreases caused by near-limit headers (no remaining counts)
+    shdown: int = 0  # header readings that lowered the share (others' load)
+    refunded: int = 0  # failed admissions given back
+    sus: int = 0  # a failed admission (seq) waiting for headers to judge it, its slot, cost
+    susat: int = 0
+    suscost: int = 0
+    log: list[Entry] = field(default_factory=list)
+    refunds: list[Refund] = field(default_factory=list)
+
+
+class Reply(NamedTuple):
+    """What both scripts return: the slot (RESERVE) and the state a snapshot reports."""
+
+    at: int  # the slot (0 for FEEDBACK)
+    now: int
+    seq: int  # the admission's number (0 for FEEDBACK)
+    multiplier: float  # the pacing's fraction of the limits now
+    share: float  # the revealed share now
+    pause: int
+    dec429: int
+    decnear: int
+    shdown: int
+    refunded: int
+    decreased: bool  # FEEDBACK: this answer lowered the multiplier
+
+
+def _mult(p: Policy, v0: float | None, t0: int | None, now: int) -> float:
+    if v0 is None or t0 is None:
+        return 1.0
+    return min(1.0, v0 + p.aimd_recovery_per_s * max(0, now - t0) / 1000000)
+
+
+def _share(p: Policy, st: State, now: int) -> float:
+    return _mult(p, st.sh0, st.sht, now) if p.adaptive else 1.0
+
+
+def _multiplier(p: Policy, st: State, now: int) -> float:
+    if not p.adaptive:
+        return 1.0
+    return min(_mult(p, st.m0, st.t0, now), _share(p, st, now))
+
+
+def _cap(p: Policy, share: float) -> float:
+    """The fraction of each window's budget we fill: a margin below an estimated share."""
+    return share - p.share_margin_factor * (1 - p.headroom) * (1 - share)
+
+
+def _wlen(p: Policy, w: float) -> int:
+    return us(w * (1 + p.window_margin))
+
+
+class _Window(NamedTuple):
+    first: int  # index of the oldest entry after `since`
+    n: int  # entries after `since`
+    total: int  # their tokens
+    before: int  # running total before the first
+    n_refunded: int
+    t_refunded: int
+
+
+def _window(st: State, since: int) -> _Window:
+    log = st.log
+    first = bisect_right(log, since, key=lambda e: e.at)
+    n = len(log) - first
+    nref = tref = 0
+    for r in st.refunds:
+        if r.at > since:
+            nref += 1
+            tref += r.cost
+    if n == 0:
+        return _Window(first, 0, 0, 0, nref, tref)
+    e0, e1 = log[first], log[-1]
+    return _Window(first, n, e1.cum - e0.cum + e0.cost, e0.cum - e0.cost, nref, tref)
+
+
+def _longest(p: Policy) -> int:
+    return max(_wlen(p, w) for w in (*p.request_windows_s, *p.token_windows_s))
+
+
+def _expire(p: Policy, st: State, now: int) -> None:
+    cutoff = now - _longest(p)  # entries strictly older go
+    if st.log and st.log[0].at < cutoff:
+        st.log = [e for e in st.log if e.at >= cutoff]
+    if st.refunds:
+        st.refunds = [r for r in st.refunds if r.at >= cutoff]
+
+
+def _reply(p: Policy, st: State, now: int, at: int, seq: int, decreased: bool) -> Reply:
+    return Reply(
+        at,
+        now,
+        seq,
+        _multiplier(p, st, now),
+        _share(p, st, now),
+        st.pause,
+        st.dec429,
+        st.decnear,
+        st.shdown,
+        st.refunded,
+        decreased,
+    )
+
+
+def reserve(p: Policy, st: State, cost: int, now: int) -> Reply:
+    """Take the earliest slot pacing, pause and every window allow, and commit it."""
+    _expire(p, st, now)
+    m = _multiplier(p, st, now)
+    cap = _cap(p, _share(p, st, now)) if p.adaptive else 1.0
+    tol = us(p.tolerance_s)
+    rtat = now + tol if st.rtat is None else st.rtat
+    ttat = now + tol if st.ttat is None else st.ttat
+    at = max(now, rtat - tol, ttat - tol, st.pause, st.last)
+    base = at
+    log = st.log
+    for w in p.request_windows_s:
+        length = _wlen(p, w)
+        win = _window(st, base - length)
+        excess = win.n - win.n_refunded + 1 - p.rpm * w / 60 * cap
+        if win.n > 0 and excess > 0:
+            k = min(win.n, math.ceil(excess))
+            at = max(at, log[win.first + k - 1].at + length)
+    for w in p.token_windows_s:
+        length = _wlen(p, w)
+        win = _window(st, base - length)
+        excess = win.total - win.t_refunded + cost - p.tpm * w / 60 * cap
+        if win.total > 0 and excess > 0:
+            lo, hi = win.first, win.first + win.n - 1
+            while lo < hi:  # the first entry whose leaving frees `excess`
+                mid = (lo + hi) // 2
+                if log[mid].cum - win.before >= excess:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            at = max(at, log[lo].at + length)
+    st.rtat = math.floor(max(rtat, at) + 60000000 / (p.rpm * p.headroom * m) + 0.5)
+    st.ttat = math.floor(max(ttat, at) + cost * 60000000 / (p.tpm * p.headroom * m) + 0.5)
+    if not log:
+        st.start = at
+    st.cum += cost
+    st.seq += 1
+    log.append(Entry(at, st.cum, st.seq, cost))
+    st.last = at
+    return _reply(p, st, now, at, st.seq, False)
+
+
+def _estimates(
+    p: Policy, st: State, left: int, limit: int, tokens: bool, now: int, without: Refund | None
+) -> float | None:
+    """The largest (usage over w + remaining) / budget over the windows that can hold `left`."""
+    best: float | None = None
+    windows = p.header_windows_s
+    if st.log and now - st.start < us(min(windows)):
+        windows = windows + p.ramp_header_windows_s
+    for w in windows:
+        budget = limit * w / 60
+        if left > budget:
+            continue  # the header cannot describe a window this small
+        since = now - us(w)
+        win = _window(st, since)
+        used = (win.total - win.t_refunded) if tokens else (win.n - win.n_refunded)
+        if without is not None and without.at > since:
+            used = used - (without.cost if tokens else 1)
+        est = (used + left) / budget
+        if best is None or est > best:
+            best = est
+    return best
+
+
+def _judge_failed(p: Policy, st: State, sig: Signal, now: int) -> None:
+    """Give back the suspect failed admission if this answer's headers show it was not charged."""
+    entry = Refund(st.susat, st.sus, st.suscost)
+    st.sus = st.susat = st.suscost = 0
+    if entry.at < now - _longest(p):
+        return  # out of every window already
+    if sig.remaining_tokens is not None:
+        left, limit, tokens = sig.remaining_tokens, p.tpm, True
+    else:
+        assert sig.remaining_requests is not None
+        left, limit, tokens = sig.remaining_requests, p.rpm, False
+    with_it = _estimates(p, st, left, limit, tokens, now, None)
+    without = _estimates(p, st, left, limit, tokens, now, entry)
+    if with_it is not None and without is not None and with_it > 1 >= without:
+        st.refunds.append(Refund(entry.at, entry.seq, entry.cost))
+        st.refunded += 1
+
+
+def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
+    """Apply one answer's signal: share, pause, AIMD, failed admissions."""
+    _expire(p, st, now)
+    share = _share(p, st, now)
+    before = _multiplier(p, st, now)
+    if sig.failed_seq:
+        st.sus, st.susat, st.suscost = sig.failed_seq, sig.failed_at, sig.failed_cost
+    if st.sus and sig.has_headers:
+        _judge_failed(p, st, sig, now)
+    revealed: float | None = None
+    if p.adaptive:
+        for left, limit, tokens in (
+            (sig.remaining_requests, p.rpm, False),
+            (sig.remaining_tokens, p.tpm, True),
+        ):
+            if left is None:
+                continue
+            best = _estimates(p, st, left, limit, tokens, now, None)
+            if best is not None and (revealed is None or best < revealed):
+                revealed = best
+        if revealed is not None:
+            revealed = max(p.aimd_min, min(1.0, revealed))
+            tau = us(p.share_smoothing_s if revealed >= share else p.share_smoothing_down_s)
+            if st.sht is not None and tau > 0:
+                weight = 1 - math.exp(-max(0, now - st.sht) / tau)
+                revealed = share + weight * (revealed - share)
+            if revealed < share - 1e-3:
+                st.shdown += 1
+            st.sh0, st.sht, share = revealed, now, revealed
+    # A near-limit answer our own sending (within the share) explains needs no pause: the
+    # windows hold the next request back until it fits.
+    explained = False
+    if sig.near_limit and not sig.is_429:
+        cap = _cap(p, share)
+        slack = us(p.feedback_slack_s)
+        if sig.by_requests:
+            for w in p.request_windows_s:
+                win = _window(st, now - _wlen(p, w) - slack)
+                if win.n - win.n_refunded + 1 > p.rpm * w / 60 * cap:
+                    explained = True
+        if sig.by_tokens:
+            for w in p.token_windows_s:
+                win = _window(st, now - _wlen(p, w) - slack)
+                if win.total - win.t_refunded + sig.last_cost > p.tpm * w / 60 * cap:
+                    explained = True
+    limited = sig.is_429 or (sig.near_limit and not explained)
+    pause_s = min(sig.pause_s, p.max_pause_s)
+    if limited and pause_s > 0 and now + us(pause_s) > st.pause:
+        st.pause = now + us(pause_s)
+        # Resume at the paced rate: a pacing left in the past would let the tolerance's burst
+        # go at once when the pause ends, into a window that just freed one entry.
+        tol = us(p.tolerance_s)
+        st.rtat = max(st.rtat if st.rtat is not None else 0, st.pause + tol)
+        st.ttat = max(st.ttat if st.ttat is not None else 0, st.pause + tol)
+    m = _mult(p, st.m0, st.t0, now)
+    cooled = st.tdec is None or now - st.tdec >= us(p.aimd_cooldown_s)
+    if p.adaptive and (sig.is_429 or (limited and revealed is None)) and cooled:
+        m = max(p.aimd_min, m * p.aimd_beta)
+        st.m0, st.t0, st.tdec = m, now, now
+        if sig.is_429:
+            st.dec429 += 1
+        else:
+            st.decnear += 1
+    after = _multiplier(p, st, now)
+    return _reply(p, st, now, 0, 0, after < before - _EPS)
+
+
+def check_cost(model: str, cost: int, tpm: int) -> None:
+    """Refuse at once what can never be admitted (the engine records such rows as errors)."""
+    if cost < 0:
+        raise ValueError(f"negative token cost {cost} for model {model!r}")
+    if cost > tpm:
+        raise ValueError(
+            f"a request to {model!r} costs {cost} tokens at admission, more than the whole "
+            f"per-minute limit of {tpm}: it can never be sent. Shorten the prompt or lower "
+            "max_tokens (or raise the model's tpm in the job file if the quota is larger)."
+        )
+
+
+def status(p: Policy, st: State, now: int) -> Reply:
+    """The state a snapshot reports, at `now`; changes nothing."""
+    return _reply(p, st, now, 0, 0, False)

@@ -1,0 +1,191 @@
+"""The Lua scripts are the reference schedule: random traces, compared reply by reply and state
+by state.
+
+Each trace mixes reservations, 200s with and without x-ratelimit-remaining-* headers, near-limit
+headers, 429s with and without retry-after, and 5xx answers naming their admission, at clock
+values both sides are given (`now` passed to the Lua in place of Redis TIME). After every step
+the Lua's reply equals `schedule.reserve` / `schedule.feedback`'s, and the Redis state (hash,
+log, refunds) equals the Python `State`. Some signals ride along with a RESERVE, as the Redis
+backend sends them. Needs BATCHER_TEST_REDIS_URL; skipped without it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from batcher.admission import schedule
+from batcher.admission.feedback import Signal, read_feedback
+from batcher.admission.policy import Policy
+from batcher.admission.redis_backend import RedisLimiter, keys
+from batcher.admission.schedule import Entry, Refund, State
+
+REDIS_URL = os.environ.get("BATCHER_TEST_REDIS_URL")
+pytestmark = pytest.mark.skipif(not REDIS_URL, reason="BATCHER_TEST_REDIS_URL is not set")
+MODEL = "gpt-4o"
+
+POLICIES: list[dict[str, Any]] = [
+    {"rpm": 120, "tpm": 6_000},
+    {"rpm": 600, "tpm": 20_000, "headroom": 0.9, "tolerance_s": 0.0},
+    {"rpm": 60, "tpm": 100_000, "adaptive": False},
+    {"rpm": 3_000, "tpm": 60_000, "window_margin": 0.02, "max_pause_s": 5.0},
+]
+
+INT_FIELDS = [
+    "rtat",
+    "ttat",
+    "last",
+    "start",
+    "pause",
+    "t0",
+    "tdec",
+    "sht",
+    "cum",
+    "seq",
+    "dec429",
+    "decnear",
+    "shdown",
+    "refunded",
+    "sus",
+    "susat",
+    "suscost",
+]
+
+
+@pytest_asyncio.fixture
+async def limiter() -> AsyncIterator[RedisLimiter]:
+    assert REDIS_URL is not None
+    lim = RedisLimiter(REDIS_URL, f"eq-{uuid.uuid4().hex[:8]}", lambda m: (1, 1))
+    await lim.start()
+    yield lim
+    assert lim._redis is not None
+    await lim._redis.delete(*keys(lim.workspace, MODEL))
+    await lim.aclose()
+
+
+async def redis_state(lim: RedisLimiter) -> State:
+    assert lim._redis is not None
+    pace, log, refunds = keys(lim.workspace, MODEL)
+    h = {str(k): str(v) for k, v in (await lim._redis.hgetall(pace)).items()}
+    st = State()
+    for name in INT_FIELDS:
+        if name in h:
+            setattr(st, name, int(h[name]))
+    for name in ("m0", "sh0"):
+        if name in h:
+            setattr(st, name, float(h[name]))
+    entries: Any = await lim._redis.zrange(log, 0, -1, withscores=True)
+    for member, score in entries:
+        cum, seq, cost = (int(x) for x in str(member).split(":"))
+        st.log.append(Entry(int(score), cum, seq, cost))
+    refunded: Any = await lim._redis.zrange(refunds, 0, -1, withscores=True)
+    for member, score in refunded:
+        seq, cost = (int(x) for x in str(member).split(":"))
+        st.refunds.append(Refund(int(score), seq, cost))
+    st.refunds.sort()
+    return st
+
+
+def comparable(st: State) -> dict[str, Any]:
+    """The Python state as Redis stores it (absent fields: the defaults the Lua reads)."""
+    out = {name: getattr(st, name) for name in (*INT_FIELDS, "m0", "sh0")}
+    out["log"] = list(st.log)
+    out["refunds"] = sorted(st.refunds)
+    return out
+
+
+def random_answer(
+    rng: random.Random, p: Policy, admissions: list[tuple[int, int, int]]
+) -> tuple[int, dict[str, str], tuple[int, int, int]]:
+    """(status, headers, failed admission) of one random answer."""
+    headers: dict[str, str] = {}
+    kind = rng.random()
+    status = 200
+    failed = (0, 0, 0)
+    if kind < 0.15:
+        status = 429
+        if rng.random() < 0.5:
+            headers["retry-after"] = str(rng.choice([0, 1, 2, 7, 120]))
+        elif rng.random() < 0.5:
+            headers["retry-after-ms"] = str(rng.randint(1, 3000))
+    elif kind < 0.25 and admissions:
+        status = rng.choice([500, 503])
+        failed = rng.choice(admissions[-5:])
+    if rng.random() < 0.6:
+        w = rng.choice([1, 10, 60])
+        headers["x-ratelimit-remaining-requests"] = str(rng.randint(0, max(1, p.rpm * w // 60)))
+        headers["x-ratelimit-remaining-tokens"] = str(rng.randint(0, max(1, p.tpm * w // 60)))
+        if rng.random() < 0.3:
+            headers["x-ratelimit-reset-requests"] = rng.choice(["120ms", "1s", "6s", "1m0s"])
+            headers["x-ratelimit-reset-tokens"] = rng.choice(["250ms", "2s", "2m"])
+        if rng.random() < 0.2:
+            del headers["x-ratelimit-remaining-requests"]
+    return status, headers, failed
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_random_traces_give_equal_slots_and_states(limiter: RedisLimiter, seed: int) -> None:
+    rng = random.Random(seed)
+    knobs = POLICIES[seed % len(POLICIES)]
+    policy = Policy(**knobs)
+    limiter.policy = lambda model: policy
+    st = State()
+    now = 1_700_000_000_000_000 + rng.randint(0, 10**6)
+    admissions: list[tuple[int, int, int]] = []
+    last_cost = 0
+    ridealong: list[Signal] = []
+    for step in range(160):
+        now += rng.choice([0, 0, rng.randint(1, 2_000), rng.randint(1, 200_000), 3_000_000])
+        if rng.random() < 0.55:
+            cost = rng.choice([0, 1, rng.randint(1, policy.tpm // 20), policy.tpm // 6])
+            for sig in ridealong:
+                schedule.feedback(policy, st, sig, now)
+            limiter._queued[MODEL] = ridealong
+            ridealong = []
+            want = schedule.reserve(policy, st, cost, now)
+            got = await limiter.reserve(MODEL, cost, now_us=now)
+            admissions.append((want.seq, want.at, cost))
+            last_cost = cost
+        else:
+            status, headers, failed = random_answer(rng, policy, admissions)
+            sig = read_feedback(policy, status, headers, last_cost=last_cost, failed=failed)
+            if not sig.urgent and rng.random() < 0.5:
+                ridealong.append(sig)  # goes with the next RESERVE
+                continue
+            want = schedule.feedback(policy, st, sig, now)
+            got = await limiter.send_feedback(MODEL, sig, now_us=now)
+        assert got == want, (seed, step)
+        assert comparable(await redis_state(limiter)) == comparable(st), (seed, step)
+    assert st.seq > 30  # the trace really reserved
+
+
+async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:
+    """Windows hold slots back, pauses and AIMD happen, headers lower the share, a 5xx is
+    given back: the comparison above is not only about idle paths."""
+    policy = Policy(rpm=60, tpm=1_000)
+    st = State()
+    now = 10**15
+    slots = [schedule.reserve(policy, st, 100, now) for _ in range(12)]
+    assert slots[-1].at - now > 9_000_000  # the 10 s token window (166 tokens) held them back
+    sig = read_feedback(policy, 429, {"retry-after": "3"}, last_cost=100)
+    out = schedule.feedback(policy, st, sig, now)
+    assert out.decreased and st.dec429 == 1 and st.pause == now + 3_000_000
+    # remaining-* of the minute: (our 1200 + 0 left) / 1000 -> capped at 1; of 10 s windows:
+    # others use most of it.
+    sig = read_feedback(
+        policy,
+        200,
+        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-remaining-requests": "0"},
+        last_cost=100,
+    )
+    schedule.feedback(policy, st, sig, now + 1)
+    failed = (slots[0].seq, slots[0].at, 100)
+    sig = read_feedback(policy, 503, {}, failed=failed)
+    schedule.feedback(policy, st, sig, now + 2)
+    assert st.sus == slots[0].seq
