@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -260,7 +262,8 @@ def test_any_json_answer_is_a_typed_result_or_a_row_error(body: Any, structured:
     rec = json.loads(line)
     del rec["t"]
     schema = output_schema(["k"], None, so.arrow_type if so is not None else None)
-    pa.Table.from_pylist([_flatten(rec, ["k"], {"k"})], schema=schema)
+    table = pa.Table.from_pylist([_flatten(rec, ["k"], {"k"})], schema=schema)
+    pq.write_table(table, io.BytesIO())
 
 
 STRUCTURED = StructuredOutput.from_params(
