@@ -383,3 +383,35 @@ def test_lock_note_deleted_and_journal_deleted_mid_run(tmp_path: Path, mock_serv
     assert rerun.returncode == 0, rerun.stderr
     assert fast.stats()["requests"] == 6 - kept.records  # nothing paid twice
     assert len(pq.read_table(output)) == 6
+
+
+def test_run_goes_on_past_a_corrupt_journal_line(tmp_path: Path, mock_server) -> None:
+    """A damaged line in the middle: the rerun warns naming it, keeps every good record, sends
+    only the row whose result was on it, and status and inspect say so."""
+    from helpers import review_rows, run_batcher, write_job, write_jsonl
+
+    srv = mock_server(rpm=None, tpm=None)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(6))
+    job = write_job(tmp_path, srv.url)
+    output = tmp_path / "out" / "result.parquet"
+    assert run_batcher("run", job).returncode == 0
+    assert srv.stats()["requests"] == 6
+    path = journal_path(output)
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines[3].startswith(b'{"t": "r"')
+    lines[3] = b"\x00" * 20 + b"\n"  # line 4: what a crash can leave in the middle
+    path.write_bytes(b"".join(lines))
+
+    status = run_batcher("status", job)
+    assert status.returncode == 0, status.stderr
+    assert "1 unreadable journal line skipped (line 4 (not JSON))" in status.stdout
+    inspected = run_batcher("inspect", path)
+    assert inspected.returncode == 0, inspected.stderr
+    assert "5 rows" in inspected.stdout and "line 4 (not JSON)" in inspected.stdout
+
+    rerun = run_batcher("run", job)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "line 4 (not JSON)" in rerun.stderr
+    assert srv.stats()["requests"] == 7  # only the row whose result was lost
+    table = pq.read_table(output)
+    assert sorted(table.column("id").to_pylist()) == [f"r{i}" for i in range(6)]
