@@ -7,7 +7,7 @@ as a value that later breaks the output for every run that follows.
 
     content            a string, or a list of parts whose text parts are joined
     tool_calls         [{id, name, arguments}] strings (arguments as the JSON text sent)
-    usage              non-negative integers; total_tokens may be left out (the sum)
+    usage              non-negative integers; a count left out is unknown (total: the sum)
     model, finish_reason, refusal   strings or null
 
 An answer outside these shapes is an error row (retriable with --retry-errors) whose `error`
@@ -207,7 +207,8 @@ def _tool_calls(message: dict[str, Any]) -> list[ToolCall] | None:
 
 
 def _usage(body: dict[str, Any]) -> dict[str, int]:
-    """The token counts; no `usage` at all gives no counts (some gateways leave it out)."""
+    """The token counts. A count left out is unknown (some gateways send no `usage`, or no
+    total: then it is the sum); a count present must be a non-negative integer."""
     if "usage" not in body:
         return {}
     usage = body["usage"]
@@ -215,12 +216,14 @@ def _usage(body: dict[str, Any]) -> dict[str, int]:
         raise MalformedAnswer(f"usage is {_kind(usage)}, not an object")
     counts: dict[str, int] = {}
     for key in _USAGE_KEYS:
-        value = usage.get(key)
-        if key == "total_tokens" and value is None:
-            value = counts["prompt_tokens"] + counts["completion_tokens"]
+        if key not in usage:
+            continue
+        value = usage[key]
         if not is_count(value):
             raise MalformedAnswer(f"usage.{key} is {value!r:.40}, not a non-negative integer")
         counts[key] = value
+    if "total_tokens" not in counts and "prompt_tokens" in counts and "completion_tokens" in counts:
+        counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
     return counts
 
 

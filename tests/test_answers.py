@@ -80,11 +80,12 @@ def test_content_parts_are_joined() -> None:
     assert (r.status, r.content) == ("ok", "positive")
 
 
-def test_usage_without_total_is_summed_and_missing_usage_is_none() -> None:
-    r = result_from_answer(
-        REQ, answer({"content": "a"}, usage={"prompt_tokens": 4, "completion_tokens": 1}), 1, None
-    )
+def test_usage_without_total_is_summed_and_missing_counts_are_none() -> None:
+    usage = {"prompt_tokens": 4, "completion_tokens": 1}
+    r = result_from_answer(REQ, answer({"content": "a"}, usage=usage), 1, None)
     assert (r.prompt_tokens, r.completion_tokens, r.total_tokens) == (4, 1, 5)
+    r = result_from_answer(REQ, answer({"content": "a"}, usage={"total_tokens": 9}), 1, None)
+    assert r.ok and (r.prompt_tokens, r.completion_tokens, r.total_tokens) == (None, None, 9)
     body = dict(answer({"content": "a"}).body)
     del body["usage"]
     r = result_from_answer(REQ, Answer(body, {}, 0.1), 1, None)
