@@ -349,7 +349,7 @@ def test_lock_note_deleted_and_journal_deleted_mid_run(tmp_path: Path, mock_serv
     srv = mock_server(rpm=None, tpm=None, slow_marker_s=1.0)
     rows = review_rows(6, marker=dict.fromkeys(range(6), "[[slow]]"))
     write_jsonl(tmp_path / "input.jsonl", rows)
-    job = write_job(tmp_path, srv.url, concurrency=2)
+    job = write_job(tmp_path, srv.url, concurrency=1)
     output = tmp_path / "out" / "result.parquet"
     path, note = journal_path(output), output.with_name(output.name + ".lock")
     first = start_batcher("run", job, "--quiet")
