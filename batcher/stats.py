@@ -8,7 +8,7 @@ server's per-minute limits count.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -85,6 +85,19 @@ class RunStats:
     # model -> effective limits now (after adaptive slow-down), filled by the engine from the
     # limiter so displays need not know the limiter.
     effective: dict[str, ModelSnapshot] = field(default_factory=dict)
+    # Attempts by how they ended: "200", "429", "503", ... or a failure kind without a status
+    # ("timeout", "connection"); metrics and the run history read it.
+    responses: Counter[str] = field(default_factory=Counter)
+    # The server's model name -> [prompt, completion] tokens: what spend is priced on.
+    usage_by_model: dict[str, list[int]] = field(default_factory=dict)
+
+    def count_response(self, status: int | str) -> None:
+        self.responses[str(status)] += 1
+
+    def add_usage(self, model: str | None, prompt: int, completion: int) -> None:
+        used = self.usage_by_model.setdefault(model or "", [0, 0])
+        used[0] += prompt
+        used[1] += completion
 
     def __post_init__(self) -> None:
         self.meter.clock = self.clock
