@@ -313,6 +313,13 @@ def test_refusals(body: dict[str, Any], status: int, param: str) -> None:
     assert info.value.body["error"]["type"] == "invalid_request_error"
 
 
+def test_an_image_that_does_not_decode_is_refused() -> None:
+    with pytest.raises(Refusal) as info:
+        validate_request(with_image("data:image/png;base64,bm90IGFuIGltYWdl"), None)
+    assert info.value.status == 400
+    assert info.value.body["error"]["code"] == "invalid_image_format"
+
+
 def test_accepted_requests() -> None:
     models = ("gpt-4o-mini", "o3-mini")
     validate_request(chat(model="o3-mini", max_completion_tokens=10, temperature=1), models)
@@ -321,7 +328,7 @@ def test_accepted_requests() -> None:
     validate_request(chat(tools=[WEATHER_TOOL, NO_ARGS_TOOL], tool_choice="required"), models)
     validate_request(chat(functions=[{"name": "f"}], function_call={"name": "f"}), models)
     validate_request(with_image("https://example.com/a.png", "low"), None)
-    validate_request(with_image("data:image/png;base64,iVBORw0KGgo=", "high"), None)
+    validate_request(with_image(png_data_url(3, 2), "high"), None)
 
 
 def test_completion_is_deterministic_and_truthful() -> None:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from batcher.images import size_from_data_url
 from batcher.mock.faults import MARKER_FAIL_400
 from batcher.models import O_SERIES_REFUSED_PARAMS, UNSUPPORTED_PARAMS, is_o_series
 
@@ -223,6 +224,14 @@ def _validate_images(messages: list[dict[str, Any]]) -> None:
                     "(data:image/png;base64,...).",
                     param=f"{where}.url",
                     code="invalid_image_url",
+                )
+            if url.startswith("data:") and size_from_data_url(url) is None:
+                raise Refusal(
+                    400,
+                    "You uploaded an unsupported image. Please make sure your image is below "
+                    "20 MB in size and is of one the following formats: "
+                    "['png', 'jpeg', 'gif', 'webp'].",
+                    code="invalid_image_format",
                 )
             detail = image.get("detail", "auto") if isinstance(image, dict) else "auto"
             if detail not in IMAGE_DETAILS:
