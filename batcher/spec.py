@@ -111,9 +111,36 @@ class Images(_Strict):
     fetch_timeout_s: float = Field(default=5.0, gt=0)
 
 
+class MetricsConfig(_Strict):
+    """Prometheus: `/metrics` while the run goes, a textfile at its end (batcher/metrics.py)."""
+
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    host: str = "127.0.0.1"  # another interface exposes the metrics beyond this machine
+    textfile: Path | None = None  # node_exporter's textfile collector; relative: to the job file
+
+
+class NotifyConfig(_Strict):
+    webhook: str | None = None  # POSTed one JSON summary when a run finishes or stops
+    timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("webhook")
+    @classmethod
+    def _http_webhook(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s):// URL")
+        return url
+
+
+class ReportConfig(_Strict):
+    html: Path | None = None  # write `batcher report --html` here after each run
+
+
 class Job(_Strict):
     input: Path
     output: Path
+    metrics: MetricsConfig = MetricsConfig()
+    notify: NotifyConfig = NotifyConfig()
+    report: ReportConfig = ReportConfig()
     images: Images = Images()
     input_format: Literal["auto", "jsonl", "parquet", "batch"] = "auto"
     id_column: str | None = None
