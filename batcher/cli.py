@@ -16,6 +16,7 @@ import click
 
 from batcher import __version__
 from batcher.errors import BatcherError, ExitCode
+from batcher.logs import stderr_error, stderr_line
 from batcher.progress import ProgressMode
 from batcher.spec import Job, load_job
 
@@ -31,10 +32,10 @@ def _edge(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except BatcherError as exc:
-            click.echo(f"error: {exc}", err=True)
+            stderr_error(str(exc), exit_code=int(exc.exit_code))
             sys.exit(int(exc.exit_code))
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            stderr_line("interrupted", level="warning")
             sys.exit(int(ExitCode.INTERRUPTED))
 
     return wrapper  # type: ignore[return-value]
@@ -152,8 +153,8 @@ def run(
     if log_format == "json":
         click.echo(json.dumps(outcome_record(outcome)))
         if outcome.error is not None:
-            click.echo(f"error: {outcome.error}", err=True)
-        click.echo(closing_message(outcome).splitlines()[-1], err=True)
+            stderr_error(str(outcome.error))
+        stderr_line(closing_message(outcome).splitlines()[-1])
     elif not quiet or outcome.exit_code != ExitCode.OK:
         click.echo(render_outcome(outcome), err=True)
     sys.exit(int(outcome.exit_code))

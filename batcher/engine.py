@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from array import array
 from collections.abc import Iterator
@@ -56,6 +55,7 @@ from batcher.readers import InputReader, Row, input_digest, open_input
 from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
 from batcher.retrying import retry_policy
+from batcher.secrets import resolve_api_key
 from batcher.sharding import shard_of, shard_output
 from batcher.spec import Job, request_fingerprint
 from batcher.stats import RunStats
@@ -84,16 +84,6 @@ class RunOptions:
 
 class _Abandoned(Exception):
     """A row whose attempts a stop cut short: it stays undone (a rerun sends it), no error row."""
-
-
-def resolve_api_key(job: Job) -> str:
-    key = os.environ.get(job.endpoint.api_key_env, "").strip()
-    if not key:
-        raise JobSpecError(
-            f"the environment variable {job.endpoint.api_key_env} is not set; export it with "
-            "your Langdock API key (or name another variable in endpoint.api_key_env)"
-        )
-    return key
 
 
 class Engine:

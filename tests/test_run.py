@@ -323,7 +323,7 @@ def test_bad_rows_skipped_are_recorded_as_errors(tmp_path: Path, mock_server) ->
     assert res.returncode == 3, res.stderr
     rows = {r["id"]: r for r in read_output(tmp_path / "out/result.parquet")}
     assert rows["a"]["status"] == rows["d"]["status"] == "ok"
-    assert rows["line-2"]["status"] == "error" and "not valid JSON" in rows["line-2"]["error"]
+    assert rows["<line 2>"]["status"] == "error" and "not valid JSON" in rows["<line 2>"]["error"]
     assert rows["c"]["status"] == "error" and "'text'" in rows["c"]["error"]
     assert srv.stats()["requests"] == 2
 
