@@ -135,9 +135,17 @@ class ReportConfig(_Strict):
     html: Path | None = None  # write `batcher report --html` here after each run
 
 
+class CacheConfig(_Strict):
+    """The response store (batcher/cache.py): answers kept by request, shared by every job."""
+
+    enabled: bool = True
+    path: Path | None = None  # relative to the job file; default $XDG_CACHE_HOME/batcher/
+
+
 class Job(_Strict):
     input: Path
     output: Path
+    cache: CacheConfig = CacheConfig()
     metrics: MetricsConfig = MetricsConfig()
     notify: NotifyConfig = NotifyConfig()
     report: ReportConfig = ReportConfig()
