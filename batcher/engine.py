@@ -178,9 +178,7 @@ class Engine:
         if total and failed == total and first_failure is not None:
             # Not a few bad rows: the template itself is wrong (a typo in a {column}).
             raise InputDataError(f"every row is unusable, e.g. {first_failure}")
-        check_models = getattr(self.job, "check_limit_models", None)
-        if check_models is not None:
-            check_models(models)  # a limits: entry for a model no row uses is a typo
+        self.job.check_limit_models(models)  # a limits: entry no row uses is a typo
         if total and has_repeats(int64_view(hashes)):
             self._report_duplicates(hashes)
         del hashes

@@ -119,6 +119,7 @@ def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS
             in_flight = pool.submit(preparer.count, built, num_threads=num_threads)
         if in_flight is not None:
             est.account(in_flight.result())
+    job.check_limit_models(set(est.models))  # as `run` refuses it: a typo in limits:
     return _report(job, est, time.monotonic() - started)
 
 

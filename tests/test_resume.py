@@ -25,7 +25,7 @@ from helpers import env_with_key, read_output, review_rows, run_batcher, write_j
 # The job's own limiter must not be what paces these runs: the server is unlimited too.
 BIG = {"rpm": 1_000_000, "tpm": 1_000_000_000}
 BASE: dict[str, Any] = {
-    "limits": {"gpt-4o-mini": BIG, "gpt-4o": BIG},
+    "limits": {"gpt-4o-mini": BIG},
     "concurrency": 8,
     "retry": {"max_attempts": 3, "initial_wait_s": 0.05, "max_wait_s": 0.2},
 }
@@ -328,7 +328,7 @@ def test_fingerprint_refuses_request_edits_allows_pacing_edits(
     edits: dict[str, dict[str, Any]] = {
         "messages": {"messages": [{"role": "user", "content": "Label this review: {text}"}]},
         "params": {"params": {"max_tokens": 9, "temperature": 0}},
-        "model": {"model": "gpt-4o"},
+        "model": {"model": "gpt-4o", "limits": {"gpt-4o": BIG}},
         "input": {},
     }
     journal_before = journal_of(output).read_bytes()
