@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batcher.prepare import Prepared, Preparer
-from batcher.pricing import PRICES_AS_OF, cost_of, price_for
+from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
 from batcher.readers import open_input
 from batcher.requests import RequestBuilder
@@ -191,12 +191,6 @@ def _report(job: Job, est: _Estimator, elapsed_s: float) -> dict[str, Any]:
     }
 
 
-def _usd(value: float | None) -> str:
-    if value is None:
-        return "unknown"
-    return f"${value:,.2f}" if value >= 1 else f"${value:.4f}"
-
-
 def render_estimate(report: Mapping[str, Any]) -> str:
     """The estimate for people: what it will cost, how long, what to fix first."""
     lines = [
@@ -207,8 +201,8 @@ def render_estimate(report: Mapping[str, Any]) -> str:
     ]
     if report["cost_usd"] is not None:
         lines.append(
-            f"cost:      {_usd(report['cost_usd_prompt_only'])} (prompts only) to "
-            f"{_usd(report['cost_usd'])} (every answer at its max_tokens)"
+            f"cost:      {format_usd(report['cost_usd_prompt_only'])} (prompts only) to "
+            f"{format_usd(report['cost_usd'])} (every answer at its max_tokens)"
         )
     else:
         lines.append(
@@ -228,7 +222,7 @@ def render_estimate(report: Mapping[str, Any]) -> str:
         lines.append(
             f"  {name}: {m['rows']:,} rows, {m['prompt_tokens']:,} prompt tokens "
             f"(avg {m['avg_prompt_tokens']:g}), {m['reserved_completion_tokens']:,} reserved; "
-            f"{_usd(m['cost_usd'])}; {price}"
+            f"{format_usd(m['cost_usd'])}; {price}"
         )
         lines.append(
             f"  {' ' * len(name)}  limits {m['rpm']:,} rpm / {m['tpm']:,} tpm -> "

@@ -23,7 +23,7 @@ from batcher.readers import Row
 from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
 from batcher.spec import Job
-from batcher.tokens import count_request_tokens_batch, max_output_tokens
+from batcher.tokens import count_request_tokens, count_request_tokens_batch, max_output_tokens
 
 RejectKind = Literal["bad_row", "over_context", "over_tpm"]
 
@@ -108,7 +108,7 @@ class Preparer:
                 reserved, default = max_output_tokens(body, assumed)
                 cost = prompt + reserved
                 keep = self.builder.keep(row) if self._keep else {}
-                if window is not None and cost > window:
+                if window is not None and cost > window and self._fills(body, model) > window:
                     self._reject(out, row, keep, "over_context", model, cost, window)
                     continue
                 if cost > tpm:
@@ -121,6 +121,14 @@ class Preparer:
             if defaults:
                 out.default_max_tokens[model] = defaults
         return out
+
+    def _fills(self, body: dict[str, Any], model: str) -> int:
+        """What the request fills of the context window: images as the model sees them
+        (gpt-4o-mini's billing figure, what admission charges by default, does not fill it).
+        Only rows over the window get here, so one body at a time is fine."""
+        as_seen = self.job.images.model_copy(update={"count_as": "context"})
+        reserved = max_output_tokens(body, self.job.assumed_max_tokens)[0]
+        return count_request_tokens(body, model, as_seen) + reserved
 
     def prepare(self, rows: list[Row]) -> Prepared:
         return self.count(self.build(rows))

@@ -206,7 +206,7 @@ class StructuredOutput:
 
     @property
     def arrow_type(self) -> pa.StructType:
-        return self._shape.arrow  # type: ignore[return-value]
+        return self._shape.arrow
 
     def parse(self, content: str) -> dict[str, Any]:
         """The answer as a dict shaped like `arrow_type`; ValueError says what is wrong."""
