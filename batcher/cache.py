@@ -232,7 +232,7 @@ class ResponseStore:
         self.disabled_reason = disabled_reason
         self.mismatches = 0  # entries whose check hash or answer did not verify (served as misses)
         self._warned_busy = False
-        self._hits: dict[bytes, tuple[int, float]] = {}  # key -> (hits, last hit) not yet written
+        self._hits: dict[bytes, int] = {}  # key -> hits not yet written
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -300,30 +300,29 @@ class ResponseStore:
         decompress to a JSON object, is a miss (warned once per store). Hits are counted in
         memory and written every _HIT_FLUSH hits, by stats(), prune() and close(); they only
         feed the statistics and LRU pruning."""
-        wanted = {k.key: k for k in keys}
+        wanted = {bytes.fromhex(k.key): k for k in keys}
         if not wanted:
             return {}
         found: dict[str, CachedAnswer] = {}
         with self._guard("reading") as conn:
             if conn is None:
                 return {}
-            blobs = [bytes.fromhex(k) for k in wanted]
+            blobs = list(wanted)
             rows: list[tuple[Any, ...]] = []
             for chunk in _chunks(blobs):
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT {_COLUMNS} FROM entries WHERE key IN ({marks})"
                 rows.extend(conn.execute(sql, chunk).fetchall())
-            now = self._clock()
+            pending = self._hits
             for key, check, codec, answer, model, ptok, ctok, created, hits in rows:
-                want = wanted[key.hex()]
+                want = wanted[key]
                 body = _decode(codec, answer) if check == want.check else None
                 if body is None:
                     self._mismatch(want.key)
                     continue
                 found[want.key] = CachedAnswer(body, model, ptok, ctok, created, hits)
-                count, _ = self._hits.get(key, (0, now))
-                self._hits[key] = (count + 1, now)
-            if len(self._hits) >= _HIT_FLUSH:
+                pending[key] = pending.get(key, 0) + 1
+            if len(pending) >= _HIT_FLUSH:
                 self._flush_hits(conn)
         return found
 
@@ -415,11 +414,13 @@ class ResponseStore:
         return total
 
     def _flush_hits(self, conn: sqlite3.Connection) -> None:
-        """Write the counted hits in one transaction, in key order (index locality). If
-        another process holds the write lock they stay pending for the next flush."""
+        """Write the counted hits in one transaction, in key order (index locality), stamped
+        with the time of the flush (close enough for LRU: at most one run late). If another
+        process holds the write lock they stay pending for the next flush."""
         if not self._hits:
             return
-        rows = [(n, last, key) for key, (n, last) in sorted(self._hits.items())]
+        now = self._clock()
+        rows = [(n, now, key) for key, n in sorted(self._hits.items())]
         try:
             with _write(conn):
                 conn.executemany(
@@ -582,11 +583,19 @@ def _encode(body: Mapping[str, Any]) -> tuple[int, bytes]:
 def _decode(codec: int, blob: bytes) -> dict[str, Any] | None:
     """The answer, or None when it does not decode (zlib's adler32 catches damaged bytes)."""
     try:
-        raw = zlib.decompress(blob) if codec == _ZLIB else blob if codec == _RAW else None
-        body = json.loads(raw) if raw is not None else None
-    except (zlib.error, ValueError, TypeError):
+        if codec == _ZLIB:
+            body = _loads(_decompress(blob).decode())
+        elif codec == _RAW:
+            body = _loads(blob.decode())
+        else:
+            return None
+    except (zlib.error, ValueError, TypeError):  # UnicodeDecodeError is a ValueError
         return None
-    return body if isinstance(body, dict) else None
+    return body if type(body) is dict else None
+
+
+_decompress = zlib.decompress
+_loads = json.JSONDecoder().decode  # json.loads without its per-call checks
 
 
 # -- for the CLI --------------------------------------------------------------------------------
