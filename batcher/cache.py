@@ -112,11 +112,10 @@ def canonical_request(body: Mapping[str, Any]) -> bytes:
     """The bytes both hashes are taken of: the body minus IGNORED_FIELDS, as canonical JSON.
 
     A body holding something JSON cannot write raises TypeError: hashing `str()` of it could
-    let two different requests share one answer."""
+    let two different requests share one answer. Dict keys are sorted at every depth, so two
+    schemas that differ only in property order share an answer; list order always counts."""
     kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
-    text = json.dumps(
-        kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8")
 
 
@@ -197,10 +196,6 @@ def resolve_store_path(configured: Path | None, job_dir: Path, *, mock: bool) ->
 # -- the store ----------------------------------------------------------------------------------
 
 
-class _Busy(Exception):
-    """Another process held the write lock longer than busy_timeout_s: skip, do not disable."""
-
-
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
 
 
@@ -253,11 +248,15 @@ class ResponseStore:
         path = Path(path) if path is not None else default_store_path(mock)
         conn: sqlite3.Connection | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Answers can be as private as the prompts: only the user reads the store.
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            new = not path.exists()
             conn = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
             _prepare(conn)
+            if new:
+                path.chmod(0o600)  # SQLite gives its -wal and -shm files the same mode
         except (sqlite3.Error, OSError, _NotOurs) as exc:
             if conn is not None:
                 conn.close()
@@ -371,16 +370,15 @@ class ResponseStore:
 
     def stats(self) -> CacheStats:
         """Entries, size on disk, hits, oldest/newest; zeros (with the reason) when disabled."""
-        empty = CacheStats(self.path, 0, 0, 0, None, None, self.disabled_reason)
         with self._guard("reading statistics") as conn:
-            if conn is None:
-                return empty
-            self._flush_hits(conn)
-            entries, hits, oldest, newest = conn.execute(
-                "SELECT count(*), coalesce(sum(hits), 0), min(created), max(created) FROM entries"
-            ).fetchone()
-            return CacheStats(self.path, entries, self._size_on_disk(), hits, oldest, newest)
-        return empty
+            if conn is not None:
+                self._flush_hits(conn)
+                entries, hits, oldest, newest = conn.execute(
+                    "SELECT count(*), coalesce(sum(hits), 0), min(created), max(created)"
+                    " FROM entries"
+                ).fetchone()
+                return CacheStats(self.path, entries, self._size_on_disk(), hits, oldest, newest)
+        return CacheStats(self.path, 0, 0, 0, None, None, self.disabled_reason)
 
     def prune(self, older_than_s: float | None = None, max_size_bytes: int | None = None) -> int:
         """Remove entries not used (stored or hit) for `older_than_s` seconds, then the least
@@ -457,7 +455,8 @@ class ResponseStore:
                             doing,
                         )
                     return
-                self._conn.close()
+                with suppress(sqlite3.Error):
+                    self._conn.close()
                 self._conn = None
                 self._disable(f"{_reason(exc)} while {doing}")
 

@@ -112,6 +112,14 @@ def test_key_is_canonical_and_the_check_is_independent() -> None:
 # -- reading and writing ------------------------------------------------------------------------
 
 
+def test_only_the_user_reads_a_new_store(tmp_path: Path) -> None:
+    path = tmp_path / "private" / "store.sqlite3"
+    with ResponseStore.open(path) as store:
+        store.put_many([entry(1)])
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
 def test_round_trip_and_misses(store: ResponseStore) -> None:
     assert store.put_many([entry(i) for i in range(10)]) == 10
     got = store.get_many([cache_key(body(i)) for i in range(15)])
@@ -287,7 +295,8 @@ def _bypassed(store: ResponseStore) -> None:
     assert not store.enabled and store.disabled_reason
     assert store.get_many([cache_key(body(1))]) == {}
     assert store.put_many([entry(1)]) == 0
-    assert store.stats().entries == 0
+    stats = store.stats()
+    assert stats.entries == 0 and stats.disabled_reason == store.disabled_reason
     assert store.prune(older_than_s=0) == 0
 
 
