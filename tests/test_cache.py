@@ -177,6 +177,31 @@ def test_threads_share_one_store(store: ResponseStore) -> None:
     assert store.stats().entries == 800
 
 
+def test_a_store_held_too_long_by_another_writer_is_skipped_not_disabled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "busy.sqlite3"
+    store = ResponseStore.open(path, busy_timeout_s=0.05)
+    store.put_many([entry(1)])
+    store.get_many([cache_key(body(1))])
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # holds the write lock until we let go
+    try:
+        assert store.put_many([entry(2)]) == 0
+        assert store.put_many([entry(3)]) == 0
+        assert store.get_many([cache_key(body(1))])  # reading goes on (WAL)
+        assert store.stats().entries == 1  # the hit counts stay pending
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.enabled
+    assert store.put_many([entry(2)]) == 1
+    assert store.stats().hits == 2
+    store.close()
+    [warning] = _warnings(caplog)
+    assert "busy" in warning
+
+
 # -- several processes, and a crash -------------------------------------------------------------
 
 _WRITER = """
