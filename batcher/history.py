@@ -223,6 +223,7 @@ class HistoryRecorder:
                     "t": round(self.wall_clock(), 3),
                     "reason": self.end_reason,
                     "elapsed_s": round(s.elapsed(), 3),
+                    "rows_total": s.total_rows,
                     "rows_ok": s.ok,
                     "rows_error": s.error,
                     "requests": s.requests_sent,
