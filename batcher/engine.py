@@ -59,8 +59,9 @@ from batcher.secrets import resolve_api_key
 from batcher.sharding import shard_of, shard_output
 from batcher.spec import Job, request_fingerprint
 from batcher.stats import RunStats
+from batcher.storage import publish, with_name
 from batcher.structured import StructuredOutput
-from batcher.writer import write_output_from_journal
+from batcher.writer import write_batch_output_from_journal, write_output_from_journal
 
 log = logging.getLogger("batcher")
 
@@ -620,6 +621,17 @@ class Engine:
         return {"ok": self.stats.ok, "error": self.stats.error, "sent": self.stats.requests_sent}
 
     def _write_output(self, expected_rows: int) -> tuple[int, int]:
+        if self.job.output_format == "batch":
+            counts = write_batch_output_from_journal(
+                journal_path(self.output), self.output, expected_rows=expected_rows
+            )
+        else:
+            counts = self._write_parquet(expected_rows)
+        if self.job.output_url is not None:  # complete and durable locally: now publish it
+            publish(self.output, with_name(self.job.output_url, self.output.name))
+        return counts
+
+    def _write_parquet(self, expected_rows: int) -> tuple[int, int]:
         keep_types = None
         if self.job.keep_columns and self.reader.format == "parquet":
             schema = self.reader.arrow_schema()

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from batcher.errors import InputDataError
 from batcher.sharding import shard_of
 from batcher.spec import Job
+from batcher.storage import fetch_input
 
 Format = Literal["jsonl", "parquet", "batch"]
 BATCH_URL = "/v1/chat/completions"
@@ -37,6 +38,14 @@ class Row:
     line: int
     data: dict[str, Any]
     error: str | None = None  # set for a bad row skipped under on_bad_row: skip
+
+
+def local_input(job: Job) -> Path:
+    """The input as a local file: an s3:// gs:// hf:// input is first copied into the state
+    dir (downloaded only when the object changed; batcher/storage.py), then read like a file."""
+    if job.input_url is not None:
+        fetch_input(job.input_url, job.input)
+    return job.input
 
 
 def detect_format(job: Job) -> Format:
@@ -78,7 +87,7 @@ class InputReader:
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.path = job.input
+        self.path = local_input(job)
         if not self.path.exists():
             raise InputDataError(f"{self.path}: input file not found")
         self.format: Format = detect_format(job)

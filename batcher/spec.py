@@ -25,6 +25,7 @@ from batcher.models import (
     is_o_series,
 )
 from batcher.records import RESULT_FIELDS
+from batcher.storage import check_url, is_url, state_path
 
 LANGDOCK_HOST = "https://api.langdock.com"
 # Columns batcher writes itself; a kept input column must not take one of these names.
@@ -170,12 +171,21 @@ class Job(_Strict):
     prices: dict[str, Price] = Field(default_factory=dict)
     # Where the job file lives; relative paths were resolved against it.
     job_dir: Path = Field(default=Path("."), exclude=True)
+    # parquet, or OpenAI's Batch-API output JSONL (batcher/writer.py, write_batch_output).
+    output_format: Literal["parquet", "batch"] = "parquet"
+    # Local home of the journal, lock and local copies when input/output are URLs
+    # (batcher/storage.py); relative to the job file, default its `.batcher/` folder.
+    state_dir: Path | None = None
+    # Set by job_from_mapping for s3:// gs:// hf:// input/output; `input`/`output` are then
+    # the local copies in state_dir that the run reads and writes (the output is published).
+    input_url: str | None = Field(default=None, exclude=True)
+    output_url: str | None = Field(default=None, exclude=True)
 
     @field_validator("input", "output", mode="before")
     @classmethod
     def _plain_path(cls, value: Any) -> Any:
         if isinstance(value, str) and (not value.strip() or "\x00" in value):
-            raise ValueError("must be a file path (not empty, no NUL character)")
+            raise ValueError("must be a file path or URL (not empty, no NUL character)")
         return value
 
     @field_validator("params")
@@ -353,11 +363,29 @@ def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise JobSpecError(f"{path}: key {bad_keys[0]!r} is not a name; keys are words")
+    urls: dict[str, str] = {}
+    for key in ("input", "output"):
+        value = raw.get(key)
+        if is_url(value):  # not a path: never joined with job_dir
+            try:
+                urls[key] = check_url(value.strip())
+            except ValueError as exc:
+                raise JobSpecError(f"{path}: {key}: {exc}") from None
     try:
-        job = Job.model_validate({**raw, "job_dir": job_dir})
+        job = Job.model_validate({**raw, "job_dir": job_dir, "input_url": None, "output_url": None})
     except ValidationError as exc:
         raise JobSpecError(_format_validation_error(path, exc)) from None
-    job = job.model_copy(update={"input": job_dir / job.input, "output": job_dir / job.output})
+    state_dir = job_dir / (job.state_dir or ".batcher")
+    job = job.model_copy(
+        update={
+            # A URL's run works on a local copy in state_dir (batcher/storage.py).
+            **{key: state_path(state_dir, url) for key, url in urls.items()},
+            **{key: job_dir / getattr(job, key) for key in ("input", "output") if key not in urls},
+            "input_url": urls.get("input"),
+            "output_url": urls.get("output"),
+            "state_dir": state_dir if job.state_dir is not None or urls else None,
+        }
+    )
     try:
         same = job.output.resolve() == job.input.resolve()
         output_is_dir = job.output.is_dir()

@@ -6,7 +6,10 @@ reader never sees a half-written output and a crash never loses a finished row.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,8 @@ import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
 from batcher.journal import fsync_dir, journal_latest_mask, read_results, storage_error
-from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, as_text, coerce_result_fields
+from batcher.records import STATUS_OK
+from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, as_text, coerce_result_fields, is_count
 
 CHUNK_ROWS = 8192
 
@@ -281,3 +285,118 @@ def merge_outputs(
             yield from f.iter_batches(batch_size=CHUNK_ROWS)
 
     return write_parquet_atomic(output, schema, batches())
+
+
+# ---- OpenAI Batch-API output (output_format: batch) ----
+
+
+def _ref(kind: str, row_id: str) -> str:
+    # Stable per row, so writing the output again gives the same lines.
+    return f"{kind}_{hashlib.blake2b(row_id.encode(), digest_size=12).hexdigest()}"
+
+
+def batch_output_line(rec: dict[str, Any], *, created: int) -> dict[str, Any]:
+    """One journal record as a line of OpenAI's Batch output file (pure).
+
+    The journal keeps the answer's fields, not its raw body, so the chat.completion is rebuilt
+    from them (content, tool_calls, finish_reason, usage, model). What it cannot keep:
+    `request_id` and the completion's `id` are made from the row id, `created` is when the
+    output was written. A failed row carries `response: null` and `error: {code, message}`:
+    `invalid_input` for a row refused before sending, `request_failed` for one that was sent.
+    """
+    row_id = str(rec.get("id"))
+    line: dict[str, Any] = {"id": _ref("batch_req", row_id), "custom_id": row_id}
+    if rec.get("status") != STATUS_OK:
+        code = "request_failed" if is_count(rec.get("attempts")) and rec["attempts"] else None
+        message = rec.get("error")
+        line["response"] = None
+        line["error"] = {
+            "code": code or "invalid_input",
+            "message": message if isinstance(message, str) else "failed (no message recorded)",
+        }
+        return line
+    message = {"role": "assistant", "content": rec.get("content"), "refusal": None}
+    calls = rec.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        message["tool_calls"] = [
+            {
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": call.get("name"), "arguments": call.get("arguments")},
+            }
+            for call in calls
+            if isinstance(call, dict)
+        ]
+    body = {
+        "id": _ref("chatcmpl", row_id),
+        "object": "chat.completion",
+        "created": created,
+        "model": rec.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": rec.get("finish_reason"),
+            }
+        ],
+        "usage": {
+            name: rec.get(name) for name in ("prompt_tokens", "completion_tokens", "total_tokens")
+        },
+    }
+    line["response"] = {"status_code": 200, "request_id": _ref("req", row_id), "body": body}
+    line["error"] = None
+    return line
+
+
+def write_batch_output(
+    output: Path,
+    records: Iterable[dict[str, Any]],
+    *,
+    expected_rows: int | None = None,
+    created: int | None = None,
+) -> tuple[int, int]:
+    """Write records as OpenAI Batch output JSONL via a temp file + fsync + rename (streamed:
+    one line at a time). Returns (rows written, error rows); with `expected_rows`, a different
+    count is an error raised before anything is published."""
+    created = int(time.time()) if created is None else created
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    rows = errors = 0
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as fh:
+            for rec in records:
+                line = batch_output_line(rec, created=created)
+                fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+                rows += 1
+                errors += line["error"] is not None
+            if expected_rows is not None and rows != expected_rows:
+                raise BatcherError(
+                    f"internal error: {output.name} would hold {rows} rows but the input has "
+                    f"{expected_rows}; nothing was published and the journal is intact. Please "
+                    "report this."
+                )
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(output, exc, "write the output") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows, errors
+
+
+def write_batch_output_from_journal(
+    journal: Path, output: Path, *, expected_rows: int | None = None
+) -> tuple[int, int]:
+    """The journal's latest result per id (journal.latest_mask's rule), in completion order, as
+    OpenAI Batch output JSONL: (rows, error rows). OpenAI's own file is in no particular
+    order either; readers match lines on custom_id."""
+    latest = _latest_mask(journal)
+    records = read_results(journal)
+    if latest is not None:  # --retry-errors left superseded records: drop them
+        records = (rec for rec, last in zip(records, latest, strict=False) if last)
+    return write_batch_output(output, records, expected_rows=expected_rows)
