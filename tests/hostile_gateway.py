@@ -180,6 +180,7 @@ class Received:
     n: int  # 1-based ordinal over the gateway's life
     body: Any
     behaviour: str
+    in_flight: int = 0  # other requests being answered when this one arrived
 
 
 class HostileGateway:
@@ -189,6 +190,7 @@ class HostileGateway:
         self.context_chars = context_chars
         self.received: list[Received] = []
         self.ok_sent = 0  # well-formed 200 answers sent: what the user paid for
+        self.in_flight = 0
         self._script: list[Phase] = list(script)
         self._base = 0  # requests before the current script began
         self._loop = asyncio.new_event_loop()
@@ -234,7 +236,14 @@ class HostileGateway:
         behaviour = self._next()
         if self.context_chars is not None and len(raw) > self.context_chars:
             behaviour = context_length()
-        self.received[-1] = Received(self.received[-1].n, body, behaviour.name)
+        self.received[-1] = Received(self.received[-1].n, body, behaviour.name, self.in_flight)
+        self.in_flight += 1
+        try:
+            return await self._perform(request, behaviour)
+        finally:
+            self.in_flight -= 1
+
+    async def _perform(self, request: web.Request, behaviour: Behaviour) -> web.StreamResponse:
         if behaviour.latency_s:
             await asyncio.sleep(behaviour.latency_s)
         if behaviour.action == "stall":

@@ -339,6 +339,8 @@ def test_key_rejected_mid_run_keeps_answers_in_flight(
     assert sum(r["status"] == "ok" for r in journaled.values()) == gw.ok_sent  # none lost
     assert [r for r in journaled.values() if r["status"] != "ok"] == []
     assert gw.requests - gw.ok_sent <= 8  # no more than one wave of rejected requests
+    first_rejected = next(r for r in gw.received if r.behaviour == str(status))
+    assert first_rejected.in_flight >= 3  # good answers were on their way when it came
 
 
 # ---- 4. malformed 200s: an error row with the raw body, never a poisoned journal -----------
@@ -360,9 +362,15 @@ def test_malformed_answer_is_an_error_row_and_reruns_cleanly(
     rows = {r["id"]: r for r in read_output(tmp_path / OUT)}
     assert len(rows) == 4
     bad = rows["r1"]
+    for command in ("status", "inspect"):  # both read the journal this answer went into
+        shown = run_batcher(command, job)
+        assert shown.returncode == 0, shown.stderr
+        no_traceback(shown)
     if shape in FIXABLE or (shape in EITHER and bad["status"] == "ok"):
         assert res.returncode == 0, res.stderr
         assert bad["status"] == "ok" and isinstance(bad["content"], str)
+        if shape == "content_list":
+            assert bad["content"] == "label: fine"
         return
     assert res.returncode == 3, res.stderr
     assert bad["status"] == "error"
@@ -478,19 +486,31 @@ def test_empty_input_with_limits_for_the_job_model(
 # ---- 7. a key with a newline; JSON logs ----------------------------------------------------
 
 
-@pytest.mark.parametrize("log_format", ["text", "json"])
+@pytest.mark.parametrize(
+    ("log_format", "sep", "words"),
+    [
+        ("text", "\n", "line break"),
+        ("json", "\n", "line break"),
+        ("text", "\r\n", "line break"),
+        ("text", "\x1b", "control character"),
+    ],
+)
 def test_key_with_a_newline_is_refused_unprinted(
-    tmp_path: Path, gateway: Callable[..., HostileGateway], log_format: str
+    tmp_path: Path,
+    gateway: Callable[..., HostileGateway],
+    log_format: str,
+    sep: str,
+    words: str,
 ) -> None:
     gw = gateway([(None, ok())])
     write_jsonl(tmp_path / "input.jsonl", review_rows(3))
     job = job_file(tmp_path, gw)
     res = run_batcher(
-        "run", job, "--log-format", log_format, env=env_with_key("sk-first-half\nsecond-half")
+        "run", job, "--log-format", log_format, env=env_with_key(f"sk-first-half{sep}second-half")
     )
     no_traceback(res)
     assert res.returncode == 2, res.stderr
-    assert "line break" in res.stderr and "TEST_LANGDOCK_KEY" in res.stderr
+    assert words in res.stderr and "TEST_LANGDOCK_KEY" in res.stderr
     assert "first-half" not in res.stderr + res.stdout
     assert "second-half" not in res.stderr + res.stdout
     assert gw.requests == 0
