@@ -72,8 +72,10 @@ class Signal:
 
     @property
     def urgent(self) -> bool:
-        """Must reach the shared schedule now (a pause), not with the next reservation."""
-        return self.is_429 or self.near_limit
+        """Must reach the shared schedule now, not with the next reservation: a 429. (A
+        near-limit answer was accepted; at saturation most answers are near the limit, and our
+        own sending explains them: they ride along with the next reservation.)"""
+        return self.is_429
 
     def encode(self) -> dict[str, Any]:
         """The Lua scripts' form: names as here, -1 for an absent count."""

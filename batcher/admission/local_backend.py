@@ -107,7 +107,7 @@ class LocalLimiter:
         signal = read_feedback(
             policy, status, headers, last_cost=self._last_cost.get(model, 0), failed=failed
         )
-        if signal.urgent or signal.has_headers or signal.failed_seq:
+        if signal.is_429 or signal.near_limit or signal.has_headers or signal.failed_seq:
             schedule.feedback(policy, self.state(model), signal, us(self._now()))
 
     def snapshot(self) -> dict[str, ModelSnapshot]:

@@ -8,9 +8,9 @@ expire `policy.idle_ttl_s` after the last slot or pause.
 
 Round trips: admission is one RESERVE (take the slot, sleep it off); each process keeps at most
 one reservation per model outstanding (local waiters queue FIFO), so processes interleave.
-Answers that only carry x-ratelimit-remaining-* headers, and failed attempts, ride along with
-the next RESERVE (no round trip of their own); 429s and near-limit answers go at once in a
-FEEDBACK script (they pause every process), and the next acquire waits for them.
+Answers that carry x-ratelimit-* headers (near the limit or not) and failed attempts ride
+along with the next RESERVE (no round trip of their own); 429s go at once in a FEEDBACK script
+(they pause every process), and the next acquire waits for them.
 
 Each call carries its process's policy (JSON): processes configured differently do not corrupt
 the state; the tightest configuration governs the slots it takes.
@@ -315,13 +315,15 @@ class RedisLimiter:
             policy, status, headers, last_cost=self._last_cost.get(model, 0), failed=failed
         )
         if not signal.urgent:
-            if signal.failed_seq or signal.has_headers:
+            if signal.failed_seq or signal.has_headers or signal.near_limit:
                 queued = self._queued.setdefault(model, [])
-                # Only the latest headers matter (the share is smoothed over time); a failed
-                # admission waits for its verdict.
-                if queued and not queued[-1].failed_seq:
+                # Only the latest plain headers matter (the share is smoothed over time); a
+                # failed admission waits for its verdict, a near-limit answer may pause.
+                if queued and not (queued[-1].failed_seq or queued[-1].near_limit):
                     queued.pop()
                 queued.append(signal)
+                if len(queued) > 64:  # an idle process: keep what counts, not every answer
+                    del queued[:-64]
             return
         task = asyncio.get_running_loop().create_task(
             self._send_urgent(model, signal, status, headers)

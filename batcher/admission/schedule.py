@@ -35,7 +35,7 @@ The schedule (server semantics in policy.py):
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -161,7 +161,7 @@ def _longest(p: Policy) -> int:
 def _expire(p: Policy, st: State, now: int) -> None:
     cutoff = now - _longest(p)  # entries strictly older go
     if st.log and st.log[0].at < cutoff:
-        st.log = [e for e in st.log if e.at >= cutoff]
+        del st.log[: bisect_left(st.log, cutoff, key=lambda e: e.at)]
     if st.refunds:
         st.refunds = [r for r in st.refunds if r.at >= cutoff]
 
