@@ -20,6 +20,7 @@ from helpers import review_rows, run_batcher, write_job
 
 from batcher import storage
 from batcher.errors import InputDataError, JobSpecError, StorageError
+from batcher.journal import read_results
 from batcher.spec import job_from_mapping
 
 moto_server = pytest.importorskip("moto.server")
@@ -118,10 +119,10 @@ def test_interrupted_publish_resumes_from_the_local_journal(
     job = write_job(tmp_path, srv.url, input=in_url, output=out_url)
     first = run_batcher("run", job)
     assert first.returncode == 4, first.stderr
-    assert f"cannot publish" in first.stderr and "run the same command again" in first.stderr
+    assert "cannot publish" in first.stderr and "run the same command again" in first.stderr
     local = storage.state_path(tmp_path / ".batcher", out_url)  # the default state dir
     journal = local.with_name(local.name + ".journal")
-    assert journal.read_text().count('"t":"r"') + journal.read_text().count('"t": "r"') == 25
+    assert len(list(read_results(journal))) == 25  # every answer kept, locally
     copy = storage.state_path(tmp_path / ".batcher", in_url)
     downloaded_at = copy.stat().st_mtime_ns
 
