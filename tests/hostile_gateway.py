@@ -13,6 +13,7 @@ everything" in request counts, never in time. `switch()` replaces the script whi
     stall()                    no answer until the client gives up (ends when the server stops)
     drop()                     the connection closed without an answer
     truncated()                200 whose JSON body stops half-way
+    cut()                      200 whose connection closes half-way through the body
     malformed(shape)           200 with one field in a wrong shape (MALFORMED_SHAPES)
 
 A request whose body is longer than `context_chars` is answered `context_length()` whatever
@@ -36,7 +37,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Action = Literal["answer", "stall", "drop"]
+Action = Literal["answer", "stall", "drop", "cut"]
 STALL_MAX_S = 30.0  # a stalled answer ends by itself after this, even if nobody stops us
 PAD = "x" * 5_000  # makes a malformed body long: the row's error must keep only its start
 
@@ -168,6 +169,10 @@ def truncated() -> Behaviour:
     return Behaviour("truncated", body=whole[: len(whole) // 2])
 
 
+def cut() -> Behaviour:
+    return Behaviour("cut", action="cut", body=json.dumps(completion()).encode())
+
+
 def malformed(shape: str) -> Behaviour:
     return Behaviour(f"malformed:{shape}", body=json.dumps(MALFORMED_SHAPES[shape]()).encode())
 
@@ -255,6 +260,15 @@ class HostileGateway:
             if request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError  # nothing to answer on a closed connection
+        if behaviour.action == "cut":  # the status line and half the body, then nothing
+            assert behaviour.body is not None
+            resp = web.StreamResponse(headers={"content-type": "application/json"})
+            resp.content_length = len(behaviour.body)
+            await resp.prepare(request)
+            await resp.write(behaviour.body[: len(behaviour.body) // 2])
+            if request.transport is not None:
+                request.transport.close()
+            return resp
         headers = {"content-type": "application/json", **behaviour.headers}
         if behaviour.body is None:
             self.ok_sent += 1
