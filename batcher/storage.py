@@ -38,7 +38,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import TypeGuard
+from typing import Any, TypeGuard
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -113,17 +113,17 @@ def filesystem(url: str) -> tuple[pafs.FileSystem, str]:
             return pafs.FileSystem.from_uri(url)  # asks AWS for the bucket's region
         if scheme in ("gs", "gcs"):
             return pafs.GcsFileSystem(), rest
-        return _hf_filesystem(), rest
+        return pafs.PyFileSystem(pafs.FSSpecHandler(_hf_filesystem())), rest
     except (OSError, pa.ArrowException) as exc:
         raise StorageError(f"cannot reach {url}: {_short(exc)}; {_hint(scheme)}") from None
 
 
-def _hf_filesystem() -> pafs.FileSystem:
+def _hf_filesystem() -> Any:
     try:
         from huggingface_hub import HfFileSystem
     except ImportError:
         raise JobSpecError("hf:// URLs need huggingface_hub: pip install 'batcher[hf]'") from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem()))
+    return HfFileSystem()
 
 
 def _hint(scheme: str) -> str:
@@ -204,12 +204,17 @@ def publish(local: Path, url: str) -> None:
     folder, _, name = path.rpartition("/")
     tmp = path if direct else f"{folder}/.{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
+        if scheme == "hf":
+            # One commit with the whole file (fsspec's stream would commit a part on error).
+            _hf_filesystem().put_file(str(local), path)
+            return
         _upload(fs, local, tmp)
         if not direct:
             got = fs.get_file_info(tmp).size
             if got != size:
                 raise OSError(f"the uploaded copy holds {got} bytes, not {size}")
             fs.move(tmp, path)
+        _remove_leftovers(fs, folder, name)
     except (OSError, pa.ArrowException) as exc:
         if not direct:
             with contextlib.suppress(OSError, pa.ArrowException):
@@ -224,6 +229,16 @@ def publish(local: Path, url: str) -> None:
             with contextlib.suppress(OSError, pa.ArrowException):
                 fs.delete_file(tmp)
         raise
+
+
+def _remove_leftovers(fs: pafs.FileSystem, folder: str, name: str) -> None:
+    """Temp keys of earlier publishes of this output that died (a SIGKILL mid-upload): the
+    job lock makes this process the output's only publisher, so they are ours to delete."""
+    prefix = f".{name}.tmp-"
+    with contextlib.suppress(OSError, pa.ArrowException):  # tidiness only: never fatal
+        for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            if info.base_name.startswith(prefix):
+                fs.delete_file(info.path)
 
 
 def _upload(fs: pafs.FileSystem, local: Path, path: str) -> None:

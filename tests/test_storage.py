@@ -179,6 +179,8 @@ def test_output_object_appears_only_complete(
     assert _listing(bucket) == [f"{bucket}/out/result.bin"]
 
     monkeypatch.setattr(storage, "_upload", real_upload)
+    with fs.open_output_stream(f"{bucket}/out/.result.bin.tmp-999-dead") as stale:
+        stale.write(b"left by a publish that was killed")  # a SIGKILL skips the cleanup
     storage.publish(new, url)
     with fs.open_input_stream(path) as fh:
         assert fh.read() == new.read_bytes()
@@ -239,3 +241,14 @@ def test_unusable_urls_are_refused(tmp_path: Path, url: str, message: str) -> No
 def test_the_same_url_in_and_out_is_refused(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError, match="output is the input"):
         job_from_mapping({**BASE, "input": "s3://b/x.jsonl", "output": "s3://b/x.jsonl"}, tmp_path)
+
+
+def test_hf_urls_say_which_extra_to_install() -> None:
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("huggingface_hub is installed")
+    with pytest.raises(JobSpecError, match=r"pip install 'batcher\[hf\]'"):
+        storage.filesystem("hf://datasets/org/name/data.parquet")
