@@ -177,6 +177,7 @@ async def arun(
             progress=progress,
             base_url=base_url,
             api_key=api_key,
+            mock=mock,
             # Signal handlers only in a loop `run` owns, never in Jupyter's or a caller's.
             handle_signals=_OWN_LOOP.get()
             and threading.current_thread() is threading.main_thread(),

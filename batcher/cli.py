@@ -53,6 +53,7 @@ def main() -> None:
       3   the job finished but some rows are recorded as errors
       4   the job stopped: key rejected, disk full, shared limiter lost, ...
       5   another process is running this job
+      6   max_cost_usd (--max-cost) reached: raise it and run again to go on
       130 / 143  interrupted by SIGINT / SIGTERM (run again to resume)
     """
 
@@ -116,6 +117,27 @@ async def _mock_endpoint(job: Job, enabled: bool) -> AsyncIterator[str | None]:
     is_flag=True,
     help="Send to the bundled local server (no API key needed): for demos and dry runs.",
 )
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Ask the API afresh instead of reusing stored answers (new answers are still stored).",
+)
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="USD",
+    help="Stop admitting requests before the job's spending (all its runs) passes USD "
+    "(overrides max_cost_usd; exit 6 when reached).",
+)
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Answer only N rows, the same ones each time (chosen by a hash of the id), into "
+    "<output>.sample.parquet; the full run later takes their answers from the store.",
+)
 @_edge
 def run(
     job_file: Path,
@@ -126,6 +148,9 @@ def run(
     progress: str,
     log_format: str,
     mock: bool,
+    no_cache: bool,
+    max_cost: float | None,
+    sample: int | None,
 ) -> None:
     """Run JOB_FILE: send every row, write the Parquet output. Run again to resume."""
     from batcher.engine import Engine, RunOptions
@@ -144,6 +169,10 @@ def run(
                 progress=mode,
                 base_url=mock_url,
                 api_key="mock-key" if mock else None,
+                mock=mock,
+                read_cache=not no_cache,
+                max_cost_usd=max_cost,
+                sample=sample,
             )
             return await Engine(job, options).run()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from array import array
@@ -32,6 +33,8 @@ import pyarrow.compute as pc
 from batcher.admission import Limiter, make_limiter
 from batcher.answers import result_from_answer
 from batcher.breaker import CircuitBreaker
+from batcher.budget import Budget, worst_case_usd
+from batcher.cache import CacheEntry, CacheKey, ResponseStore, resolve_store_path
 from batcher.client import Answer, ChatClient
 from batcher.errors import (
     APIConnectionError,
@@ -39,29 +42,41 @@ from batcher.errors import (
     AuthenticationError,
     BadRequest,
     BatcherError,
+    BudgetReached,
     ExitCode,
     InputDataError,
     JobSpecError,
     RateLimited,
     RetryableAPIError,
+    TruncatedAnswer,
     failure_kind,
 )
 from batcher.idhashes import has_repeats, int64_view
-from batcher.journal import JobLock, Journal, end_record, journal_path, open_journal
+from batcher.journal import (
+    JobLock,
+    Journal,
+    JournalState,
+    end_record,
+    journal_path,
+    key_hash,
+    open_journal,
+)
 from batcher.outcome import RunOutcome, StopReason
 from batcher.prepare import Prepared, Preparer
+from batcher.pricing import Price, cost_of, format_usd, price_for
 from batcher.progress import ProgressMode
 from batcher.readers import InputReader, Row, input_digest, open_input
-from batcher.records import STATUS_ERROR, Request, Result
+from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
 from batcher.retrying import retry_policy
+from batcher.reuse import Reuse
 from batcher.secrets import resolve_api_key
-from batcher.sharding import shard_of, shard_output
+from batcher.sharding import shard_of, shard_output, stable_hash
 from batcher.spec import Job, request_fingerprint
 from batcher.stats import RunStats
 from batcher.storage import publish, with_name
 from batcher.structured import StructuredOutput
-from batcher.writer import write_batch_output_from_journal, write_output_from_journal
+from batcher.writer import write_batch_output_from_journal, write_output_ordered
 
 log = logging.getLogger("batcher")
 
@@ -81,6 +96,10 @@ class RunOptions:
     # SIGINT/SIGTERM stop the run gracefully. Off where the loop is not ours (Jupyter's, a
     # thread's): the Python API stops the run by cancelling it instead.
     handle_signals: bool = True
+    read_cache: bool = True  # False: --no-cache, ask afresh (answers are still stored)
+    mock: bool = False  # the bundled server answers: its own response store, never the user's
+    max_cost_usd: float | None = None  # --max-cost: overrides the job's max_cost_usd
+    sample: int | None = None  # --sample N: only N rows chosen by a hash of the id
 
 
 class _Abandoned(Exception):
@@ -94,6 +113,8 @@ class Engine:
         self.job = job
         self.options = options
         self.output = shard_output(job.output, *options.shard) if options.shard else job.output
+        if options.sample is not None:  # its own output and journal beside the job's
+            self.output = self.output.with_name(f"{self.output.stem}.sample{self.output.suffix}")
         self.limiter = limiter or make_limiter(job)
         self.stats = RunStats()
         self.structured = self._structured()
@@ -109,7 +130,13 @@ class Engine:
         self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=job.concurrency * 2)
         self._journal: Journal | None = None
         self._client: ChatClient | None = None
-        self._done_ids: frozenset[str] = frozenset()
+        # id -> key hash of its journaled result (journal.key_hash): rows to leave out
+        self._done: dict[str, int] = {}
+        self._sample_max: int | None = None  # the largest id hash --sample takes
+        cap = options.max_cost_usd if options.max_cost_usd is not None else job.max_cost_usd
+        self.budget = Budget(cap)
+        self._prices: dict[str, Price | None] = {}
+        self.reuse: Reuse | None = None  # opened with the journal
         self._stopping = False
         self._reason: StopReason | None = None  # why the run stops early; None: it completes
         self._error: BatcherError | None = None
@@ -145,10 +172,22 @@ class Engine:
     # ---- before sending: everything that can be wrong with the input is found here ----
 
     def _in_shard(self, row_id: str) -> bool:
-        if self.options.shard is None:
+        """This run's rows: its shard (--shard K/N), and the sample (--sample N)."""
+        if self.options.shard is not None:
+            k, n = self.options.shard
+            if shard_of(row_id, n) != k:
+                return False
+        return self._sample_max is None or stable_hash(row_id) <= self._sample_max
+
+    def _done_row(self, row_id: str, key: CacheKey | None) -> bool:
+        """Does the journal hold this row's answer to this very request? (A row whose request
+        changed since, e.g. an edited template or input text, is asked again.)"""
+        held = self._done.get(row_id)
+        if held is None:
+            return False
+        if key is None or held == 0:  # a bad row, or a record from before keys were kept
             return True
-        k, n = self.options.shard
-        return shard_of(row_id, n) == k
+        return held == key_hash(key.key)
 
     def scan(self) -> int:
         """Read the whole input once: bad rows, missing columns, duplicate ids; count rows."""
@@ -156,6 +195,7 @@ class Engine:
         if known is not None:
             self.builder.check_columns(known)
         hashes = array("q")  # 8 bytes per row: duplicate ids are found without keeping ids
+        stable = array("q") if self.options.sample is not None else None
         total = failed = 0
         first_failure: InputDataError | None = None
         models: set[str] = set()
@@ -164,6 +204,8 @@ class Engine:
                 if not self._in_shard(row.id):
                     continue
                 hashes.append(hash(row.id))
+                if stable is not None:
+                    stable.append(stable_hash(row.id))
                 total += 1
                 if row.error is not None:
                     continue
@@ -180,11 +222,26 @@ class Engine:
             # Not a few bad rows: the template itself is wrong (a typo in a {column}).
             raise InputDataError(f"every row is unusable, e.g. {first_failure}")
         self.job.check_limit_models(models)  # a limits: entry no row uses is a typo
+        self._check_prices(models)
         if total and has_repeats(int64_view(hashes)):
             self._report_duplicates(hashes)
         del hashes
+        if stable is not None and self.options.sample is not None:
+            picked = sorted(stable)[: self.options.sample]
+            self._sample_max = picked[-1] if picked else None
+            total = len(picked)
         pa.default_memory_pool().release_unused()
         return total
+
+    def _check_prices(self, models: set[str]) -> None:
+        for model in models:
+            self._prices[model] = price_for(model, self.job.prices)[0]
+        unpriced = sorted(m for m, p in self._prices.items() if p is None)
+        if self.budget.cap_usd is not None and unpriced:
+            raise JobSpecError(
+                f"max_cost_usd needs a price for {', '.join(unpriced)}: add it under prices: "
+                "in the job file (input_per_1m, output_per_1m in USD)"
+            )
 
     def _report_duplicates(self, hashes: array[int]) -> None:
         """Some hashes repeat: find the ids behind them (a second pass) and name them."""
@@ -209,22 +266,29 @@ class Engine:
 
     # ---- producing requests ----
 
-    def _prepare(self, it: Iterator[list[Row]]) -> Prepared | None:
-        """Runs in a worker thread: next input batch -> requests (and error rows)."""
+    def _prepare(self, it: Iterator[list[Row]]) -> tuple[Prepared, list[Result], int] | None:
+        """Runs in a worker thread: next input batch -> (requests and error rows, answers
+        served from the store, rows the journal already answers)."""
         batch = next(it, None)
         if batch is None:
             return None
-        done = self._done_ids
-        return self.preparer.prepare(
-            [r for r in batch if r.id not in done and self._in_shard(r.id)]
-        )
+        in_shard = self._in_shard
+        built = self.preparer.build([r for r in batch if in_shard(r.id)])
+        skipped = built.drop(self._done_row) if self._done else 0
+        prepared = self.preparer.count(built)
+        served: list[Result] = []
+        if self.reuse is not None:
+            prepared.requests, served = self.reuse.lookup(prepared.requests)
+        return prepared, served, skipped
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
         while not self._stopping:
-            prepared = await asyncio.to_thread(self._prepare, it)
-            if prepared is None:
+            step = await asyncio.to_thread(self._prepare, it)
+            if step is None:
                 break
+            prepared, served, skipped = step
+            self.stats.done_before += skipped
             if prepared.default_max_tokens and not self._warned_default_max:
                 self._warned_default_max = True
                 log.warning(
@@ -237,10 +301,16 @@ class Engine:
                 if req.model not in self.stats.limits:
                     limit = self.job.limit_for(req.model)
                     self.stats.limits[req.model] = (limit.rpm, limit.tpm)
-            if prepared.errors:
-                await asyncio.gather(*(self._finish(r) for r in prepared.errors))
+            if prepared.errors or served:
+                await asyncio.gather(*(self._finish(r) for r in [*prepared.errors, *served]))
             for req in prepared.requests:
-                await self._queue.put(req)
+                claim = True if self.reuse is None else self.reuse.claim(req)
+                if isinstance(claim, Result):  # an identical request was just answered
+                    await self._finish(claim)
+                elif claim:
+                    await self._queue.put(req)
+            if self.reuse is not None:
+                await self._flush_store(self.reuse.take_pending())
         for _ in self._workers:
             await self._queue.put(None)
 
@@ -254,22 +324,30 @@ class Engine:
             if req is None or self._stopping:
                 return
             try:
-                result = await self._process(req)
+                result, answer = await self._process(req)
             except _Abandoned:
+                if self.reuse is not None:
+                    self.reuse.abandoned(req)
                 return
             except BatcherError as exc:
-                self._stop(StopReason.FATAL, exc)  # no other worker sends another request
+                if self.reuse is not None:
+                    self.reuse.abandoned(req)
+                reason = StopReason.BUDGET if isinstance(exc, BudgetReached) else StopReason.FATAL
+                self._stop(reason, exc)  # no other worker sends another request
                 return
+            shared = [] if self.reuse is None else self.reuse.answered(req, result, answer)
             self._busy.add(me)  # from here until durable, a stop waits for this row
             try:
                 await self._finish(result)
+                for other in shared:
+                    await self._finish(other)
             except BatcherError as exc:  # the journal cannot take it (disk full, replaced)
                 self._stop(StopReason.FATAL, exc)
                 return
             finally:
                 self._busy.discard(me)
 
-    async def _process(self, req: Request) -> Result:
+    async def _process(self, req: Request) -> tuple[Result, Answer | None]:
         """Until the server has answered once (any 2xx), requests go one at a time, so a wrong
         key, URL or model costs one request, not a wave of `concurrency` requests."""
         if not self._opened.is_set():
@@ -278,10 +356,10 @@ class Engine:
                     return await self._probe(req)
         return await self._send(req)
 
-    async def _probe(self, req: Request) -> Result:
+    async def _probe(self, req: Request) -> tuple[Result, Answer | None]:
         where = "check endpoint.region / endpoint.base_url and model"
         try:
-            result = await self._send(req, probing=True)
+            result, answer = await self._send(req, probing=True)
         except BadRequest as exc:  # only a 404 gets here: the route or the model is wrong
             raise JobSpecError(f"the first request failed: {exc}; {where}") from None
         except APIConnectionError as exc:
@@ -298,9 +376,9 @@ class Engine:
                     f"the first {PROBE_FAILURES_FATAL} requests all failed, the last with: "
                     f"{result.error}; {where}, and params"
                 )
-        return result
+        return result, answer
 
-    async def _send(self, req: Request, *, probing: bool = False) -> Result:
+    async def _send(self, req: Request, *, probing: bool = False) -> tuple[Result, Answer | None]:
         """All attempts for one row; row-level trouble becomes an error Result.
 
         While probing, a 404 or an unreachable server is raised instead (the setup is wrong,
@@ -309,13 +387,14 @@ class Engine:
         """
         policy = self._probe_policy if probing else self._policy
         attempts = 0
+        reserved = 0.0
         try:
             while True:
                 if self._stopping:
                     raise _Abandoned
                 attempts += 1
                 try:
-                    answer = await self._attempt(req, attempts)
+                    answer, reserved = await self._attempt(req, attempts)
                     break
                 except RetryableAPIError as exc:
                     if self._stopping:
@@ -330,25 +409,55 @@ class Engine:
         except RetryableAPIError as exc:
             if probing:
                 raise
-            return Result(
-                req.row_id,
-                STATUS_ERROR,
-                attempts=attempts,
-                error=f"gave up after {attempts} attempts: {exc}",
-                keep=req.keep,
-            )
+            return self._error_row(req, attempts, f"gave up after {attempts} attempts: {exc}")
         except BadRequest as exc:
             if probing and exc.status == 404:
                 raise
-            return Result(
-                req.row_id, STATUS_ERROR, attempts=attempts, error=str(exc), keep=req.keep
-            )
-        return result_from_answer(req, answer, attempts, self.structured)
+            return self._error_row(req, attempts, str(exc))
+        result = result_from_answer(req, answer, attempts, self.structured)
+        cost = self._settle(req, reserved, result.prompt_tokens, result.completion_tokens)
+        key = None if req.key is None else req.key.key
+        return dataclasses.replace(result, cost_usd=cost, key=key), answer
 
-    async def _attempt(self, req: Request, attempt: int) -> Answer:
+    def _error_row(self, req: Request, attempts: int, error: str) -> tuple[Result, None]:
+        key = None if req.key is None else req.key.key
+        row = Result(req.row_id, STATUS_ERROR, attempts=attempts, error=error, keep=req.keep)
+        return dataclasses.replace(row, key=key, cost_usd=0.0), None
+
+    def _settle(
+        self, req: Request, reserved: float, prompt: int | None, completion: int | None
+    ) -> float | None:
+        """Book an answered attempt at what its usage says (the worst case if it says none)."""
+        price = self._price(req.model)
+        if price is None:
+            self.budget.settle(reserved, 0.0)
+            return None
+        if prompt is None and completion is None:
+            actual = reserved
+        else:
+            actual = cost_of(price, prompt or 0, completion or 0)
+        self.budget.settle(reserved, actual)
+        self.stats.spent_usd += actual
+        return actual
+
+    def _price(self, model: str) -> Price | None:
+        if model not in self._prices:
+            self._prices[model] = price_for(model, self.job.prices)[0]
+        return self._prices[model]
+
+    async def _attempt(self, req: Request, attempt: int) -> tuple[Answer, float]:
+        """One attempt: (the answer, the worst case reserved for it in the budget)."""
         assert self._client is not None
-        await self.limiter.acquire(req.model, req.cost)
+        worst = worst_case_usd(self._price(req.model), req.cost - req.max_output, req.max_output)
+        if not self.budget.try_reserve(worst):
+            raise BudgetReached(self._budget_message())
+        try:
+            await self.limiter.acquire(req.model, req.cost)
+        except BaseException:
+            self.budget.settle(worst, 0.0)
+            raise
         if self._stopping:  # a stop came while we waited for our slot: send nothing
+            self.budget.settle(worst, 0.0)
             raise _Abandoned
         if attempt > 1:
             self.stats.retries += 1
@@ -361,17 +470,31 @@ class Engine:
             answer = await self._client.complete(req.body)
         except RetryableAPIError as exc:
             self._busy.discard(me)
+            billed = worst if isinstance(exc, TruncatedAnswer) else 0.0  # billed, unreadable
+            self.budget.settle(worst, billed)
+            self.stats.spent_usd += billed
+            self.stats.unrecorded_usd += billed
             self._failed(req, exc)
             raise
         except BaseException:
             self._busy.discard(me)
+            self.budget.settle(worst, 0.0)
             raise
         finally:
             self.stats.in_flight -= 1
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._breaker.success()
         self._opened.set()  # the endpoint, key and model work: let the others go
-        return answer
+        return answer, worst
+
+    def _budget_message(self) -> str:
+        b = self.budget
+        return (
+            f"the budget is reached: {format_usd(b.spent_usd)} of max_cost_usd "
+            f"{format_usd(b.cap_usd)} spent (this job, all its runs), and the next request "
+            "could cost more than what is left. To go on, raise the cap (max_cost_usd in the "
+            "job file or --max-cost) and run the same command again: it resumes"
+        )
 
     def _failed(self, req: Request, exc: RetryableAPIError) -> None:
         """Count one failed attempt, tell the limiter, and let the breaker judge the streak."""
@@ -397,6 +520,12 @@ class Engine:
     async def _finish(self, result: Result) -> None:
         assert self._journal is not None
         await self._journal.append(result)
+        if result.source == SOURCE_CACHE:
+            self.stats.cache_hits += 1
+            self.stats.saved_usd += self._cost(result)
+        elif result.source == SOURCE_DEDUPE:
+            self.stats.dedupe_hits += 1
+            self.stats.saved_usd += self._cost(result)
         if result.ok:
             self.stats.ok += 1
         else:
@@ -404,6 +533,18 @@ class Engine:
             log.debug("row %s: %s", result.id, result.error)
         self.stats.prompt_tokens += result.prompt_tokens or 0
         self.stats.completion_tokens += result.completion_tokens or 0
+
+    def _cost(self, result: Result) -> float:
+        """What an answer would have cost (for the savings of reused answers)."""
+        price = self._price(result.model) if result.model else None
+        if price is None:
+            return 0.0
+        return cost_of(price, result.prompt_tokens or 0, result.completion_tokens or 0)
+
+    async def _flush_store(self, batch: list[CacheEntry]) -> None:
+        if batch and self.reuse is not None:
+            await asyncio.to_thread(self.reuse.store.put_many, batch)
+            self.reuse.stored(batch)
 
     # ---- stopping ----
 
@@ -501,31 +642,73 @@ class Engine:
             fsync=opts.fsync,
         )
         self._journal = journal
+        self.reuse = await asyncio.to_thread(self._open_reuse)
         try:
             if state.ok_count:
                 # This job already had answers: the endpoint, key and model work. The rows
                 # left (--retry-errors especially) may fail for their own reasons.
                 self._opened.set()
-            return await self._run_journaled(
-                journal, state.done_ids(opts.retry_errors), total, api_key
-            )
+            self._remember_done(state, opts.retry_errors)
+            self.budget.spent_usd = state.spent_usd
+            if self.budget.cap_usd is not None:
+                await asyncio.to_thread(self._warn_if_over_budget)
+            return await self._run_journaled(journal, total, api_key)
         finally:
             journal.close()
+            await asyncio.to_thread(self.reuse.store.close)
 
-    async def _run_journaled(
-        self, journal: Journal, done_ids: pa.Array, total: int, api_key: str
-    ) -> RunOutcome:
-        job, opts = self.job, self.options
-        self._done_ids = frozenset(done_ids.to_pylist())
-        self.stats.total_rows = total
-        self.stats.done_before = len(self._done_ids)
-        if self.stats.done_before:
+    def _open_reuse(self) -> Reuse:
+        cfg, opts = self.job.cache, self.options
+        if not cfg.enabled:
+            store = ResponseStore.disabled("cache: enabled: false")
+        else:
+            path = resolve_store_path(cfg.path, self.job.job_dir, mock=opts.mock)
+            store = ResponseStore.open(path)
+        return Reuse(
+            store, read=opts.read_cache, dedupe=self.job.dedupe, structured=self.structured
+        )
+
+    def _remember_done(self, state: JournalState, retry_errors: bool) -> None:
+        """The rows the journal answers (all of them, or the ok ones with --retry-errors), with
+        the request each was answered for: a row whose request changed is asked again."""
+        ids, keys = state.ids, state.key_hashes
+        if retry_errors:
+            ids, keys = pc.filter(ids, state.ok), pc.filter(keys, state.ok)
+        self._done = dict(zip(ids.to_pylist(), keys.to_pylist(), strict=True))
+        if self._done:
             log.info(
-                "resuming: %d of %d rows already done (%s)",
-                self.stats.done_before,
-                total,
+                "resuming: the journal (%s) holds answers for %d rows; rows whose request "
+                "changed since are asked again",
                 journal_path(self.output).name,
+                len(self._done),
             )
+
+    def _warn_if_over_budget(self) -> None:
+        """Before the first request: say what the cap will buy if the estimate exceeds it."""
+        from batcher.estimate import estimate_job
+
+        report = estimate_job(self.job)
+        worst, left = report.get("cost_usd"), self.budget.left_usd
+        if worst is None or left is None or worst <= left:
+            return
+        rows = report.get("rows") or 0
+        buys = int(rows * left / worst) if worst else rows
+        log.warning(
+            "the estimate (up to %s for %d rows) exceeds what is left of max_cost_usd (%s of "
+            "%s): the run stops at the cap, after about %d rows (every answer at its "
+            "max_tokens; usually more)",
+            format_usd(worst),
+            rows,
+            format_usd(left),
+            format_usd(self.budget.cap_usd),
+            buys,
+        )
+
+    async def _run_journaled(self, journal: Journal, total: int, api_key: str) -> RunOutcome:
+        job, opts = self.job, self.options
+        self.stats.total_rows = total
+        self.stats.cap_usd = self.budget.cap_usd
+        self.stats.spent_before_usd = self.budget.spent_usd
         from batcher.progress import Progress
 
         loop = asyncio.get_running_loop()
@@ -569,6 +752,8 @@ class Engine:
             ticker.cancel()
             self.stats.effective = self.limiter.snapshot()
             self.stats.finished = self.stats.clock()
+            if self.reuse is not None:
+                await self._flush_store(self.reuse.take_pending(at_least=1))
             try:
                 await journal.drain()  # every finished row is on disk before we report
             except BatcherError as exc:
@@ -618,7 +803,19 @@ class Engine:
             self.output.unlink(missing_ok=True)
 
     def _end_counts(self) -> dict[str, Any]:
-        return {"ok": self.stats.ok, "error": self.stats.error, "sent": self.stats.requests_sent}
+        return {
+            "ok": self.stats.ok,
+            "error": self.stats.error,
+            "sent": self.stats.requests_sent,
+            # billed but in no row's cost_usd (truncated answers): the budget counts it
+            "unrecorded_usd": round(self.stats.unrecorded_usd, 9),
+        }
+
+    def _input_rows(self) -> Iterator[list[Row]]:
+        """This run's input rows in input order, read afresh (for the output's order)."""
+        in_shard = self._in_shard
+        for batch in self.reader.iter_batches(4096):
+            yield [r for r in batch if in_shard(r.id)]
 
     def _write_output(self, expected_rows: int) -> tuple[int, int]:
         if self.job.output_format == "batch":
@@ -636,9 +833,11 @@ class Engine:
         if self.job.keep_columns and self.reader.format == "parquet":
             schema = self.reader.arrow_schema()
             keep_types = pa.schema([schema.field(c) for c in self.job.keep_columns])
-        return write_output_from_journal(
+        return write_output_ordered(
             journal_path(self.output),
             self.output,
+            self._input_rows,
+            order=self.job.output_order,
             keep_names=list(self.job.keep_columns),
             keep_types=keep_types,
             parsed_type=self.structured.arrow_type if self.structured else None,

@@ -41,6 +41,7 @@ class ExitCode(IntEnum):
     ROW_ERRORS = 3  # the job finished, but some rows are recorded as errors
     FATAL = 4  # the job stopped: auth rejected, disk full, limiter lost, ...
     LOCKED = 5  # another batcher process is running this job
+    BUDGET = 6  # max_cost_usd reached: raise it and run again to go on
     INTERRUPTED = 130  # SIGINT (Ctrl-C)
     TERMINATED = 143  # SIGTERM
 
@@ -77,6 +78,12 @@ class StorageError(BatcherError):
 
 class LimiterError(BatcherError):
     exit_code = ExitCode.FATAL
+
+
+class BudgetReached(BatcherError):
+    """max_cost_usd is reached: nothing more is admitted; raise it and run again."""
+
+    exit_code = ExitCode.BUDGET
 
 
 class APIError(BatcherError):

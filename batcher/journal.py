@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 from array import array
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batcher.errors import FingerprintMismatch, JobLocked, JournalError, StorageError
+from batcher.errors import JobLocked, JournalError, StorageError
 from batcher.idhashes import int64_view
 from batcher.records import STATUS_OK, Result
 
@@ -206,6 +207,8 @@ class JournalState:
     records: int = 0  # result lines, superseded ones included
     ids: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))  # latest per id
     ok: pa.Array = field(default_factory=lambda: pa.array([], pa.bool_()))
+    key_hashes: pa.Array = field(default_factory=lambda: pa.array([], pa.int64()))  # per id
+    spent_usd: float = 0.0  # cost_usd of every record and run, superseded ones included
     prompt_tokens: int = 0  # spent, superseded attempts included: they were paid for
     completion_tokens: int = 0
     dropped_tail: bool = False
@@ -272,6 +275,7 @@ def read_state(path: Path, *, repair: bool = False) -> JournalState:
         return state
     ids: list[str] = []
     oks: list[bool] = []
+    keys = array("q")
     torn_at: int | None = None
     for lineno, offset, rec in _parse(path):
         if isinstance(rec, str):
@@ -280,7 +284,7 @@ def read_state(path: Path, *, repair: bool = False) -> JournalState:
             else:
                 state.skipped.add(lineno, rec)
             continue
-        _apply(state, rec, ids, oks)
+        _apply(state, rec, ids, oks, keys)
     if torn_at is not None:
         state.dropped_tail = True
         if repair:  # (a reader like `status` may just be seeing a line being written)
@@ -305,18 +309,41 @@ def read_state(path: Path, *, repair: bool = False) -> JournalState:
         mask, _ = latest_mask(lambda: ids)
         id_array = pa.array(ids, pa.string())
         ok_array = pa.array(oks, pa.bool_())
-        if mask is not None:  # --retry-errors left superseded records: keep the last of each
+        key_array = int64_view(keys)
+        if mask is not None:  # reruns left superseded records: keep the last of each
             keep = pc.equal(pa.array(mask, pa.uint8()), 1)
             id_array, ok_array = pc.filter(id_array, keep), pc.filter(ok_array, keep)
-        state.ids, state.ok = id_array, ok_array
+            key_array = pc.filter(key_array, keep)
+        state.ids, state.ok, state.key_hashes = id_array, ok_array, key_array
     return state
 
 
-def _apply(state: JournalState, rec: dict[str, Any], ids: list[str], oks: list[bool]) -> None:
+def key_hash(key: str | None) -> int:
+    """A request key (sha256 hex) as a signed 64-bit number; 0 for none. What a rerun compares
+    to tell an unchanged row's request from a changed one, in 8 bytes a row."""
+    if not key:
+        return 0
+    try:
+        return int(key[:16], 16) - (1 << 63)
+    except ValueError:
+        return 0
+
+
+def _money(value: Any) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if ok and math.isfinite(value) and value > 0 else 0.0
+
+
+def _apply(
+    state: JournalState, rec: dict[str, Any], ids: list[str], oks: list[bool], keys: array[int]
+) -> None:
     kind = rec.get("t")
     if kind == "r":
         ids.append(rec["id"])
         oks.append(rec.get("status") == STATUS_OK)
+        key = rec.get("key")
+        keys.append(key_hash(key if isinstance(key, str) else None))
+        state.spent_usd += _money(rec.get("cost_usd"))
         state.records += 1
         state.prompt_tokens += _tokens(rec.get("prompt_tokens"))
         state.completion_tokens += _tokens(rec.get("completion_tokens"))
@@ -334,8 +361,12 @@ def _apply(state: JournalState, rec: dict[str, Any], ids: list[str], oks: list[b
         state.runs += 1
         started = rec.get("started")
         state.last_run = started if isinstance(started, str) else "(unknown)"
+        fingerprint = rec.get("fingerprint")
+        if isinstance(fingerprint, str) and state.fingerprint is not None:
+            state.fingerprint = fingerprint  # the job as this run saw it (after the header)
     elif kind == "end":
         state.last_end = rec
+        state.spent_usd += _money(rec.get("unrecorded_usd"))
 
 
 def read_results(path: Path, skipped: SkippedLines | None = None) -> Iterator[dict[str, Any]]:
@@ -588,11 +619,12 @@ def open_journal(
             raise storage_error(path, exc, "empty the old journal") from None
     state = read_state(path, repair=True)
     if state.fingerprint is not None and state.fingerprint != fingerprint:
-        raise FingerprintMismatch(
-            f"{output}: the job changed since this output was started (model, messages, "
-            f"params or input differ from journal {path.name}). Answers already paid for "
-            "belong to the old requests. Run with --restart to start over, or undo the edit. "
-            "(Only limits, concurrency and other pacing settings may change between runs.)"
+        # Not a refusal: each result carries the key of the request it answered, so the run
+        # asks again exactly the rows whose request changed, and keeps the others' answers.
+        log.info(
+            "the job changed since %s began (model, messages, params or input): rows whose "
+            "request changed are asked again, the others keep their answers",
+            path.name,
         )
     if state.records and state.fingerprint is None:
         header = json.dumps(
@@ -618,8 +650,15 @@ def open_journal(
         fsync_dir(path.parent)  # the new file's directory entry must survive a crash too
         state.fingerprint = fingerprint
     journal.write_meta(
-        {"t": "run", "started": _now(), "pid": os.getpid(), "retry_errors": retry_errors}
+        {
+            "t": "run",
+            "started": _now(),
+            "pid": os.getpid(),
+            "retry_errors": retry_errors,
+            "fingerprint": fingerprint,
+        }
     )
+    state.fingerprint = fingerprint
     return journal, state
 
 

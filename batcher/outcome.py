@@ -20,6 +20,7 @@ class StopReason(StrEnum):
     TERMINATED = "terminated"  # SIGTERM
     FATAL = "fatal"  # a BatcherError stopped it: key rejected, disk full, limiter lost, ...
     OUTAGE = "outage"  # the circuit breaker saw the service fail every request
+    BUDGET = "budget"  # max_cost_usd reached
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,11 @@ window, a row that costs more than a whole minute's TPM). `run` journals those e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from batcher.cache import CacheKey, cache_key
 from batcher.errors import InputDataError
 from batcher.models import CONTEXT_WINDOWS
 from batcher.pricing import base_model_name
@@ -43,9 +45,36 @@ class Rejection:
 class Built:
     """One batch after `build`: bodies by model, and rows refused while building."""
 
-    by_model: dict[str, tuple[list[Row], list[dict[str, Any]]]] = field(default_factory=dict)
+    # model -> (rows, bodies, request keys), parallel lists
+    by_model: dict[str, tuple[list[Row], list[dict[str, Any]], list[CacheKey | None]]] = field(
+        default_factory=dict
+    )
     errors: list[Result] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+
+    def drop(self, done: Callable[[str, CacheKey | None], bool]) -> int:
+        """Leave out the rows `done(id, key)` says already have their answer (a resume, or a
+        rerun whose row kept its request); how many."""
+        before = len(self.errors) + sum(len(g[0]) for g in self.by_model.values())
+        self.errors = [r for r in self.errors if not done(r.id, None)]
+        self.rejections = [r for r in self.rejections if not done(r.row_id, None)]
+        for model, (rows, bodies, keys) in list(self.by_model.items()):
+            kept = [
+                i
+                for i, (row, key) in enumerate(zip(rows, keys, strict=True))
+                if not done(row.id, key)
+            ]
+            if len(kept) == len(rows):
+                continue
+            if not kept:
+                del self.by_model[model]
+                continue
+            self.by_model[model] = (
+                [rows[i] for i in kept],
+                [bodies[i] for i in kept],
+                [keys[i] for i in kept],
+            )
+        return before - len(self.errors) - sum(len(g[0]) for g in self.by_model.values())
 
 
 @dataclass(slots=True)
@@ -59,6 +88,15 @@ class Prepared:
     rejections: list[Rejection] = field(default_factory=list)
     # model -> requests charged assumed_max_tokens (they set no max_tokens)
     default_max_tokens: dict[str, int] = field(default_factory=dict)
+
+
+def _key(body: dict[str, Any]) -> CacheKey | None:
+    """The request's identity; None for a body JSON cannot write (it is neither cached nor
+    deduplicated: the server will refuse it anyway)."""
+    try:
+        return cache_key(body)
+    except (TypeError, ValueError):
+        return None
 
 
 class Preparer:
@@ -86,36 +124,37 @@ class Preparer:
                 continue
             group = built.by_model.get(body["model"])
             if group is None:
-                group = built.by_model[body["model"]] = ([], [])
+                group = built.by_model[body["model"]] = ([], [], [])
             group[0].append(row)
             group[1].append(body)
+            group[2].append(_key(body))
         return built
 
     def _reject_bad(self, built: Built, row: Row, message: str) -> None:
         keep = self.builder.keep(row) if self._keep and row.error is None else {}
-        built.errors.append(Result(row.id, STATUS_ERROR, error=message, keep=keep))
+        built.errors.append(Result(row.id, STATUS_ERROR, error=message, keep=keep, source=None))
         built.rejections.append(Rejection(row.id, "bad_row"))
 
     def count(self, built: Built, *, num_threads: int = 1) -> Prepared:
         out = Prepared(errors=built.errors, rejections=built.rejections)
         assumed = self.job.assumed_max_tokens
-        for model, (rows, bodies) in built.by_model.items():
+        for model, (rows, bodies, keys) in built.by_model.items():
             prompts = count_request_tokens_batch(bodies, model, self.job.images, num_threads)
             tpm = self.job.limit_for(model).tpm
             window = CONTEXT_WINDOWS.get(base_model_name(model))
             defaults = 0
-            for row, body, prompt in zip(rows, bodies, prompts, strict=True):
+            for row, body, key, prompt in zip(rows, bodies, keys, prompts, strict=True):
                 reserved, default = max_output_tokens(body, assumed)
                 cost = prompt + reserved
                 keep = self.builder.keep(row) if self._keep else {}
                 if window is not None and cost > window and self._fills(body, model) > window:
-                    self._reject(out, row, keep, "over_context", model, cost, window)
+                    self._reject(out, row, keep, key, "over_context", model, cost, window)
                     continue
                 if cost > tpm:
-                    self._reject(out, row, keep, "over_tpm", model, cost, tpm)
+                    self._reject(out, row, keep, key, "over_tpm", model, cost, tpm)
                     continue
                 defaults += default
-                out.requests.append(Request(row.id, body, model, cost, keep))
+                out.requests.append(Request(row.id, body, model, cost, keep, key, reserved))
                 out.prompt_tokens.append(prompt)
                 out.reserved_tokens.append(reserved)
             if defaults:
@@ -138,6 +177,7 @@ class Preparer:
         out: Prepared,
         row: Row,
         keep: dict[str, Any],
+        key: CacheKey | None,
         kind: RejectKind,
         model: str,
         cost: int,
@@ -155,5 +195,14 @@ class Preparer:
                 f"than the {limit:,} TPM limit of {model}: it can never be sent. Lower "
                 "max_tokens or shorten the prompt"
             )
-        out.errors.append(Result(row.id, STATUS_ERROR, error=why, keep=keep))
+        out.errors.append(
+            Result(
+                row.id,
+                STATUS_ERROR,
+                error=why,
+                keep=keep,
+                source=None,
+                key=None if key is None else key.key,
+            )
+        )
         out.rejections.append(Rejection(row.id, kind, model, cost, limit))

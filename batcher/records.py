@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # The output columns every result has, in order, with their Arrow types: batcher/schema.py.
 from batcher.schema import RESULT_FIELDS
 
-__all__ = ["RESULT_FIELDS", "STATUS_ERROR", "STATUS_OK", "Request", "Result", "ToolCall"]
+if TYPE_CHECKING:
+    from batcher.cache import CacheKey
+
+__all__ = [
+    "RESULT_FIELDS",
+    "SOURCE_API",
+    "SOURCE_CACHE",
+    "SOURCE_DEDUPE",
+    "STATUS_ERROR",
+    "STATUS_OK",
+    "Request",
+    "Result",
+    "ToolCall",
+]
 
 # One entry of `Result.tool_calls`: {"id": ..., "name": ..., "arguments": ...}, strings or None.
 ToolCall = dict[str, str | None]
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+SOURCE_API = "api"  # answered by the server in this job
+SOURCE_CACHE = "cache"  # served from the response store: no request, no quota, no cost
+SOURCE_DEDUPE = "dedupe"  # shared the answer of an identical request in the same run
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +42,8 @@ class Request:
     model: str  # the limiter key: the model named in the body
     cost: int  # estimated tokens the server charges at admission (prompt + max output)
     keep: dict[str, Any] = field(default_factory=dict)  # input columns copied to the output
+    key: CacheKey | None = None  # the request's identity: response store, dedupe, reruns
+    max_output: int = 0  # of `cost`, the output tokens reserved (the budget's worst case)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +64,9 @@ class Result:
     keep: dict[str, Any] = field(default_factory=dict)
     parsed: dict[str, Any] | None = None  # structured output, when response_format has a schema
     tool_calls: list[ToolCall] | None = None  # the functions the model called, if any
+    source: str | None = SOURCE_API  # SOURCE_*; None: refused before any request
+    cost_usd: float | None = None  # what this row's attempts cost at the job's prices
+    key: str | None = None  # the request key (journal only): a rerun re-asks a changed row
 
     @property
     def ok(self) -> bool:
@@ -60,4 +81,6 @@ class Result:
             rec["keep"] = self.keep
         if self.parsed is not None:
             rec["parsed"] = self.parsed
+        if self.key is not None:
+            rec["key"] = self.key
         return rec

@@ -31,6 +31,8 @@ RESULT_SCHEMA = pa.schema(
         ("latency_s", pa.float64()),
         ("error", pa.string()),
         ("model", pa.string()),
+        ("source", pa.string()),  # api | cache | dedupe: where the answer came from
+        ("cost_usd", pa.float64()),  # what this row's requests cost (None: no price known)
     ]
 )
 RESULT_FIELDS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)

@@ -22,6 +22,13 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def stable_hash(row_id: str) -> int:
+    """A signed 64-bit hash of an id, the same on every machine and Python run (no hash
+    seed): shards, and the rows `--sample N` takes (the N smallest)."""
+    digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def shard_of(row_id: str, n: int) -> int:
     """1-based shard of an id: the same on every machine and Python run (no hash seed)."""
     digest = hashlib.blake2b(row_id.encode(), digest_size=8).digest()

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from batcher.errors import JobSpecError
 from batcher.models import (
@@ -160,6 +168,13 @@ class Job(_Strict):
     limits: dict[str, Limit] = Field(default_factory=dict)
     concurrency: int = Field(default=64, ge=1, le=4096)
     keep_columns: list[str] = Field(default_factory=list)
+    # input: the output's rows in the input's order (joined by id); completion: as answered.
+    output_order: Literal["input", "completion"] = "input"
+    # Identical requests in one run share one request and one answer; None: only when the
+    # request is deterministic (temperature 0).
+    dedupe: bool | None = None
+    # A hard cap on the whole job's spending, across its runs (batcher/budget.py).
+    max_cost_usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     on_bad_row: Literal["fail", "skip"] = "fail"
     allow_any_model: bool = False
     assumed_max_tokens: int = Field(default=DEFAULT_ASSUMED_MAX_TOKENS, gt=0)
@@ -176,10 +191,9 @@ class Job(_Strict):
     # Local home of the journal, lock and local copies when input/output are URLs
     # (batcher/storage.py); relative to the job file, default its `.batcher/` folder.
     state_dir: Path | None = None
-    # Set by job_from_mapping for s3:// gs:// hf:// input/output; `input`/`output` are then
-    # the local copies in state_dir that the run reads and writes (the output is published).
-    input_url: str | None = Field(default=None, exclude=True)
-    output_url: str | None = Field(default=None, exclude=True)
+    # Set by job_from_mapping only (not job-file keys): see the input_url property.
+    _input_url: str | None = PrivateAttr(default=None)
+    _output_url: str | None = PrivateAttr(default=None)
 
     @field_validator("input", "output", mode="before")
     @classmethod
@@ -219,6 +233,18 @@ class Job(_Strict):
         if self.model is not None and not self.may_name_other_models:
             self.check_limit_models({self.model}, as_error=ValueError)
         return self
+
+    @property
+    def input_url(self) -> str | None:
+        """The s3:// gs:// hf:// URL `input:` named; `input` is then its local copy in
+        state_dir, which the run reads (batcher/storage.py)."""
+        return self._input_url
+
+    @property
+    def output_url(self) -> str | None:
+        """The URL `output:` named; `output` is then the local copy the run writes (its
+        journal beside it), published to this URL at the end."""
+        return self._output_url
 
     @property
     def may_name_other_models(self) -> bool:
@@ -372,7 +398,7 @@ def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
             except ValueError as exc:
                 raise JobSpecError(f"{path}: {key}: {exc}") from None
     try:
-        job = Job.model_validate({**raw, "job_dir": job_dir, "input_url": None, "output_url": None})
+        job = Job.model_validate({**raw, "job_dir": job_dir})
     except ValidationError as exc:
         raise JobSpecError(_format_validation_error(path, exc)) from None
     state_dir = job_dir / (job.state_dir or ".batcher")
@@ -381,11 +407,10 @@ def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
             # A URL's run works on a local copy in state_dir (batcher/storage.py).
             **{key: state_path(state_dir, url) for key, url in urls.items()},
             **{key: job_dir / getattr(job, key) for key in ("input", "output") if key not in urls},
-            "input_url": urls.get("input"),
-            "output_url": urls.get("output"),
             "state_dir": state_dir if job.state_dir is not None or urls else None,
         }
     )
+    job._input_url, job._output_url = urls.get("input"), urls.get("output")
     try:
         same = job.output.resolve() == job.input.resolve()
         output_is_dir = job.output.is_dir()

@@ -71,6 +71,13 @@ class RunStats:
     server_errors: int = 0  # 5xx, timeouts, dropped connections, truncated answers
     truncated: int = 0  # 2xx answers we could not read: billed all the same
     truncated_tokens: int = 0  # their admission cost: the most they were billed
+    spent_usd: float = 0.0  # this run's spending at the job's prices (usage; worst case if none)
+    unrecorded_usd: float = 0.0  # of which billed without a row to show it (truncated answers)
+    spent_before_usd: float = 0.0  # earlier runs of the job (the journal)
+    cap_usd: float | None = None  # max_cost_usd
+    cache_hits: int = 0  # rows answered from the response store: no request, no cost
+    dedupe_hits: int = 0  # rows that shared an identical request's answer
+    saved_usd: float = 0.0  # what the reused answers would have cost
     prompt_tokens: int = 0  # from the server's usage
     completion_tokens: int = 0
     admitted_tokens: int = 0  # what admission charged (estimates): what TPM limits count
@@ -165,6 +172,12 @@ class RunStats:
             "rate_limited_429": self.rate_limited,
             "server_errors": self.server_errors,
             "truncated_answers": self.truncated,
+            "rows_from_cache": self.cache_hits,
+            "rows_deduplicated": self.dedupe_hits,
+            "saved_usd": round(self.saved_usd, 6),
+            "spent_usd": round(self.spent_usd, 6),
+            "job_spent_usd": round(self.spent_before_usd + self.spent_usd, 6),
+            "max_cost_usd": self.cap_usd,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "admitted_tokens": self.admitted_tokens,

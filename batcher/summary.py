@@ -10,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from batcher.outcome import RunOutcome, StopReason
+from batcher.pricing import format_usd
 from batcher.progress import render_summary
+from batcher.stats import RunStats
 
 RERUN = "run the same command again to resume"
 
@@ -31,13 +33,34 @@ def closing_message(outcome: RunOutcome) -> str:
         return message + f" (`batcher inspect {outcome.output}` summarises it)"
     if reason in (StopReason.INTERRUPTED, StopReason.TERMINATED):
         return f"interrupted. {saved} To continue, {RERUN}."
+    if reason is StopReason.BUDGET:
+        return f"{outcome.error}.\n{saved}"
     if reason is StopReason.OUTAGE:
         return f"{outcome.error}\n{saved} Once the service answers again, {RERUN}."
     return f"{outcome.error}\n{saved} Fix the problem, then {RERUN}."
 
 
+def money_lines(stats: RunStats) -> list[str]:
+    """Where the answers came from and what the job spent (against its cap)."""
+    lines = []
+    if stats.cache_hits or stats.dedupe_hits:
+        lines.append(
+            f"reused:   {stats.cache_hits:,} rows answered from the cache, "
+            f"{stats.dedupe_hits:,} shared an identical request, "
+            f"saving {format_usd(stats.saved_usd)}"
+        )
+    spent = f"spent:    {format_usd(stats.spent_usd)} this run"
+    if stats.spent_before_usd:
+        spent += f", {format_usd(stats.spent_before_usd + stats.spent_usd)} for the whole job"
+    if stats.cap_usd is not None:
+        spent += f" (max_cost_usd {format_usd(stats.cap_usd)})"
+    lines.append(spent)
+    return lines
+
+
 def render_outcome(outcome: RunOutcome) -> str:
-    return f"{render_summary(outcome.stats)}\n{closing_message(outcome)}"
+    lines = [render_summary(outcome.stats), *money_lines(outcome.stats), closing_message(outcome)]
+    return "\n".join(lines)
 
 
 def outcome_record(outcome: RunOutcome) -> dict[str, Any]:

@@ -287,6 +287,50 @@ def merge_outputs(
     return write_parquet_atomic(output, schema, batches())
 
 
+def write_output_ordered(
+    journal: Path,
+    output: Path,
+    batches: Callable[[], Iterable[list[Any]]],
+    *,
+    order: str = "input",
+    keep_names: list[str],
+    keep_types: pa.Schema | None = None,
+    parsed_type: pa.DataType | None = None,
+    expected_rows: int | None = None,
+) -> tuple[int, int]:
+    """Publish one row per current input row, each with its latest result (batcher/assemble.py):
+    in input order (kept columns from the input) or in completion order. (rows, error rows)"""
+    from batcher.assemble import (
+        offsets_in_input_order,
+        records_in_completion_order,
+        records_in_input_order,
+    )
+
+    offsets = offsets_in_input_order(journal, batches)
+
+    def sample() -> Iterator[dict[str, Any]]:  # JSONL kept columns are typed from the input
+        if order != "input":
+            return (
+                rec
+                for chunk in records_in_completion_order(journal, batches, offsets)
+                for rec in chunk
+            )
+        return ({"keep": {c: r.data.get(c) for c in keep_names}} for b in batches() for r in b)
+
+    schema = output_schema(keep_names, keep_types, parsed_type, sample)
+    text_cols = {n for n in keep_names if pa.types.is_string(schema.field(n).type)}
+
+    def tables() -> Iterator[pa.Table]:
+        if order == "input":
+            chunks = records_in_input_order(journal, batches, keep_names, offsets)
+        else:
+            chunks = records_in_completion_order(journal, batches, offsets)
+        for chunk in chunks:
+            yield _to_table([_flatten(r, keep_names, text_cols) for r in chunk], schema)
+
+    return write_parquet_atomic(output, schema, tables(), expected_rows=expected_rows)
+
+
 # ---- OpenAI Batch-API output (output_format: batch) ----
 
 

@@ -30,3 +30,12 @@ def mock_server() -> Iterator[Callable[..., ThreadedMockServer]]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _own_response_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each test its own $XDG_CACHE_HOME: the response store is shared by every job of a user,
+    so without this one test's answers would serve another's requests."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))

@@ -12,12 +12,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.errors import FingerprintMismatch, JobLocked, JournalError, StorageError
+from batcher.errors import JobLocked, JournalError, StorageError
 from batcher.journal import (
     JobLock,
     SkippedLines,
     is_locked,
     journal_path,
+    key_hash,
     latest_mask,
     lock_path,
     open_journal,
@@ -122,11 +123,15 @@ async def test_last_record_wins_and_retry_errors(tmp_path: Path) -> None:
     assert table["b"]["content"] == "fixed"
 
 
-async def test_fingerprint_mismatch_and_restart(tmp_path: Path) -> None:
+async def test_a_changed_job_keeps_its_answers_and_restart_forgets_them(tmp_path: Path) -> None:
+    """Each result carries its request's key: a changed job is no refusal (the engine asks
+    again just the rows whose request changed); the journal says which job it now holds."""
     out = tmp_path / "o.parquet"
-    await _write(out, [Result("a", "ok")])
-    with pytest.raises(FingerprintMismatch, match="--restart"):
-        open_journal(out, "fp2")
+    await _write(out, [Result("a", "ok", key="ab" * 32)])
+    journal, state = open_journal(out, "fp2")
+    journal.close()
+    assert state.ids.to_pylist() == ["a"] and state.fingerprint == "fp2"
+    assert state.key_hashes.to_pylist() == [key_hash("ab" * 32)] != [0]
     journal, state = open_journal(out, "fp2", restart=True)
     journal.close()
     assert len(state.ids) == 0

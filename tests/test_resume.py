@@ -204,7 +204,7 @@ def test_sigkill_then_resume(tmp_path: Path, mock_server, running, kill_at: int)
     assert requests_since(srv, before) == ROWS - on_disk
     assert srv.stats()["duplicates"] <= BASE["concurrency"]
     if on_disk:
-        assert f"{on_disk} of {ROWS} rows already done" in res.stderr
+        assert f"holds answers for {on_disk} rows" in res.stderr
 
 
 def test_rerun_of_a_finished_job_sends_nothing(tmp_path: Path, mock_server) -> None:
@@ -315,36 +315,37 @@ def test_grace_period(tmp_path: Path, mock_server, running, slow_s: float, grace
 # ---- 3. fingerprint: edits that change requests are refused; pacing edits are not ------------
 
 
-def test_fingerprint_refuses_request_edits_allows_pacing_edits(
+def test_request_edits_ask_again_only_what_changed_pacing_edits_nothing(
     tmp_path: Path, mock_server, running
 ) -> None:
+    """Each journaled result carries its request's key: a rerun after an edit sends exactly
+    the rows whose request changed; rows that left the input leave the output."""
     srv = mock_server(**SERVER)
     rows = review_rows(ROWS)
     write_jsonl(tmp_path / "input.jsonl", rows)
     job = new_job(tmp_path, srv.url)
     output = output_of(tmp_path)
-    _, on_disk = kill_after(running, srv, tmp_path, job, 40)
+    kill_after(running, srv, tmp_path, job, 40)
 
-    edits: dict[str, dict[str, Any]] = {
-        "messages": {"messages": [{"role": "user", "content": "Label this review: {text}"}]},
-        "params": {"params": {"max_tokens": 9, "temperature": 0}},
-        "model": {"model": "gpt-4o", "limits": {"gpt-4o": BIG}},
-        "input": {},
-    }
-    journal_before = journal_of(output).read_bytes()
-    for name, overrides in edits.items():
-        if name == "input":
-            write_jsonl(tmp_path / "input.jsonl", [*rows[:-1], {"id": "r299", "text": "edited"}])
-        new_job(tmp_path, srv.url, **overrides)
-        before = srv.stats()
-        res = run_batcher("run", job)
-        assert res.returncode == 2, f"{name}: {res.stderr}"
-        assert "--restart" in res.stderr and "job changed" in res.stderr, name
-        assert requests_since(srv, before) == 0, name
-        assert journal_of(output).read_bytes() == journal_before, name
-    write_jsonl(tmp_path / "input.jsonl", rows)
+    # One row's text edited, one row gone, one new row: the rest of the stopped run plus 2.
+    edited = [*rows[:-2], {"id": "r298", "text": "edited"}, {"id": "new", "text": "a new row"}]
+    write_jsonl(tmp_path / "input.jsonl", edited)
+    answered = {json.loads(line)["id"] for line in journal_lines(output) if b'"t": "r"' in line}
+    unanswered_kept = sum(1 for r in rows[:-2] if r["id"] not in answered)
+    before = srv.stats()
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert requests_since(srv, before) == unanswered_kept + 2  # + the edited and the new row
+    order = [r["id"] for r in edited]
 
-    # Pacing only: limits, concurrency, retry, grace period, endpoint timeouts.
+    def check_in_input_order() -> None:
+        out = read_output(output)
+        assert [r["id"] for r in out] == order  # the input's rows, in its order, once each
+        assert {r["status"] for r in out} == {"ok"}
+
+    check_in_input_order()
+
+    # Pacing only: limits, concurrency, retry, grace period: nothing is asked again.
     new_job(
         tmp_path,
         srv.url,
@@ -356,17 +357,29 @@ def test_fingerprint_refuses_request_edits_allows_pacing_edits(
     before = srv.stats()
     res = run_batcher("run", job)
     assert res.returncode == 0, res.stderr
-    assert "already done" in res.stderr
-    assert requests_since(srv, before) == ROWS - on_disk
-    check_complete(output, ROWS, ok=ROWS)
+    assert requests_since(srv, before) == 0
+    check_in_input_order()
 
-    # --restart forgets the journal (even after an edit): every row is sent again.
+    # A params edit changes every request: every row is asked again, once.
     new_job(tmp_path, srv.url, params={"max_tokens": 9, "temperature": 0})
+    before = srv.stats()
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert requests_since(srv, before) == ROWS
+    check_in_input_order()
+
+    # --restart forgets the journal, and the response store answers every row: nothing sent;
+    # --restart --no-cache pays for every row again.
     before = srv.stats()
     res = run_batcher("run", job, "--restart")
     assert res.returncode == 0, res.stderr
+    assert requests_since(srv, before) == 0
+    assert "answered from the cache" in res.stderr
+    before = srv.stats()
+    res = run_batcher("run", job, "--restart", "--no-cache")
+    assert res.returncode == 0, res.stderr
     assert requests_since(srv, before) == ROWS
-    check_complete(output, ROWS, ok=ROWS)
+    check_in_input_order()
     assert sum(line.startswith(b'{"t": "h"') for line in journal_lines(output)) == 1
     assert results_in_journal(output) == ROWS
 
@@ -594,6 +607,8 @@ def test_disk_full_loses_nothing_and_resumes_once_space_is_freed(
     res = run_batcher("run", job)
     assert res.returncode == 0, res.stderr
     check_complete(output, ROWS, ok=ROWS)
-    assert requests_since(srv, before) == ROWS - on_disk
-    # Rows answered but not journaled when the disk filled are the only ones paid twice.
-    assert srv.stats()["duplicates"] == answered - on_disk <= BASE["concurrency"]
+    # Rows answered but not journaled when the disk filled are in the response store (another
+    # disk): nothing is paid twice.
+    assert answered - on_disk <= BASE["concurrency"]
+    assert requests_since(srv, before) == ROWS - answered
+    assert srv.stats()["duplicates"] == 0

@@ -1,0 +1,144 @@
+"""The output assembled from the input and the journal: one row per input row, in input order.
+
+The journal holds results in completion order, possibly several per id (a rerun re-asks a
+changed row, `--retry-errors` re-asks an error), and possibly ids that have since left the
+input. The output holds exactly the current input's rows, each with its latest result:
+
+    journal pass   (hash(id), byte offset) of every result record, latest first   16 B/record
+    input pass     hash(id) of every input row, in input order                      8 B/row
+    join           Arrow's index_in: for each input row, the offset of its latest record
+    write          input order: input rows again (kept columns taken from the input, typed
+                   as the input has them), each record read at its offset; completion order:
+                   the offsets sorted, records read in journal order (kept columns from them)
+
+So memory stays a few arrays of 8-byte numbers however large the job (an external join by
+row position; the alternative, Arrow's sort over spilled row groups, would hold the results
+themselves). Ids are compared by 64-bit hash: a collision between an input id and another id
+of the journal (odds ~n*m/2^64, 5e-8 at a million rows each) would be caught by the record's
+id check and reported; nothing is ever written under the wrong id.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batcher.errors import BatcherError
+from batcher.idhashes import int64_view
+from batcher.journal import _json_default as json_default
+from batcher.journal import _parse
+from batcher.readers import Row
+
+IdBatches = Callable[[], Iterable[list[Row]]]  # the input's rows in order, read afresh per call
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def as_json_value(value: Any) -> Any:
+    """A kept value as the journal would hold it (dates as ISO text, bytes as base64, ...),
+    so an output reads the same whichever way its kept columns came."""
+    if isinstance(value, _PLAIN):
+        return value
+    return json.loads(json.dumps(value, default=json_default))
+
+
+def journal_index(journal: Path) -> tuple[pa.Array, pa.Array]:
+    """(id hashes, byte offsets) of the journal's result records, the latest record first."""
+    hashes, offsets = array("q"), array("q")
+    for _, offset, rec in _parse(journal):
+        if isinstance(rec, dict) and rec.get("t") == "r":
+            hashes.append(hash(rec["id"]))
+            offsets.append(offset)
+    hashes.reverse()
+    offsets.reverse()
+    return int64_view(hashes), int64_view(offsets)
+
+
+def offsets_in_input_order(journal: Path, batches: IdBatches) -> pa.Array:
+    """For each input row, the byte offset of its latest journal record (null: none)."""
+    input_hashes = array("q", (hash(row.id) for batch in batches() for row in batch))
+    hashes, offsets = journal_index(journal)
+    found = pc.index_in(int64_view(input_hashes), value_set=hashes)  # first match = latest
+    del input_hashes, hashes
+    return offsets.take(found)
+
+
+class RecordReader:
+    """Reads result records at byte offsets of the journal (one open file, seek + readline)."""
+
+    def __init__(self, journal: Path) -> None:
+        self._fh = journal.open("rb")
+
+    def at(self, offset: int, expected_id: str | None = None) -> dict[str, Any]:
+        self._fh.seek(offset)
+        rec: dict[str, Any] = json.loads(self._fh.readline())
+        if expected_id is not None and rec.get("id") != expected_id:
+            raise BatcherError(
+                f"internal error: two ids share a 64-bit hash ({expected_id!r} and "
+                f"{rec.get('id')!r}); nothing was published and the journal is intact. Run "
+                "the same command again (the hash seed changes per run)."
+            )
+        rec.pop("t", None)
+        return rec
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def records_in_input_order(
+    journal: Path,
+    batches: IdBatches,
+    keep_names: list[str],
+    offsets: pa.Array | None = None,
+    chunk: int = 8192,
+) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of result records in input order, their `keep` taken from the input rows.
+
+    Input rows without a result (a stopped run) are left out. `offsets`: from
+    `offsets_in_input_order`, when the caller already has them."""
+    if offsets is None:
+        offsets = offsets_in_input_order(journal, batches)
+    position = 0
+    out: list[dict[str, Any]] = []
+    with RecordReader(journal) as reader:
+        for batch in batches():
+            for row in batch:
+                offset = offsets[position].as_py()
+                position += 1
+                if offset is None:
+                    continue
+                rec = reader.at(offset, row.id)
+                if keep_names:
+                    rec["keep"] = {c: as_json_value(row.data.get(c)) for c in keep_names}
+                out.append(rec)
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+    if out:
+        yield out
+
+
+def records_in_completion_order(
+    journal: Path, batches: IdBatches, offsets: pa.Array | None = None, chunk: int = 8192
+) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of the current input's latest result records, in the order they were answered."""
+    if offsets is None:
+        offsets = offsets_in_input_order(journal, batches)
+    offsets = pc.drop_null(offsets)
+    ordered = pc.sort_indices(offsets)
+    with RecordReader(journal) as reader:
+        for i in range(0, len(ordered), chunk):
+            yield [reader.at(off) for off in offsets.take(ordered.slice(i, chunk)).to_pylist()]

@@ -1,0 +1,166 @@
+"""Answers reused instead of paid for: the response store and in-run deduplication.
+
+A request is served without being sent when
+- the response store holds an answer for its key (any earlier run or job of the user asked
+  exactly this): `source = "cache"`; no request, no quota, no cost. Served whatever the
+  temperature: that is what makes reruns free (`--no-cache` asks afresh).
+- an identical request of this run is in flight or was just answered, and deduplication is
+  on for it (`dedupe: true`, or by default when `temperature` is 0): it waits for that answer
+  and shares it, `source = "dedupe"`. With deduplication off, each row gets its own request
+  in the run, so the store's answers to *this* run's requests are not served to it either.
+
+Only answers that became `ok` rows enter the store; they are written in batches off the event
+loop (`flush`), and kept in memory until written so a duplicate in between still finds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from batcher.answers import result_from_answer
+from batcher.cache import CachedAnswer, CacheEntry, ResponseStore
+from batcher.client import Answer
+from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, Request, Result
+from batcher.structured import StructuredOutput
+
+log = logging.getLogger("batcher")
+
+# Answers kept in memory for duplicates while (or when no store is) writing them: a bound on
+# memory for runs with the store off.
+RECENT_MAX = 20_000
+FLUSH_AT = 256  # answers per store transaction
+
+
+def deterministic(body: Mapping[str, Any], dedupe: bool | None) -> bool:
+    """Whether identical requests of one run may share an answer."""
+    if dedupe is not None:
+        return dedupe
+    return body.get("temperature") == 0
+
+
+class Reuse:
+    def __init__(
+        self,
+        store: ResponseStore,
+        *,
+        read: bool,
+        dedupe: bool | None,
+        structured: StructuredOutput | None,
+    ) -> None:
+        self.store = store
+        self.read = read and store.enabled  # --no-cache: ask afresh (answers are still stored)
+        self.dedupe = dedupe
+        self.structured = structured
+        self.started = time.time()  # store entries from this run or later are "this run's"
+        self._leaders: dict[str, list[Request]] = {}  # key -> rows waiting for its answer
+        self._recent: OrderedDict[str, Result] = OrderedDict()  # answered, maybe not stored
+        self._pending: list[CacheEntry] = []
+
+    # ---- in the preparing thread ----
+
+    def lookup(self, requests: list[Request]) -> tuple[list[Request], list[Result]]:
+        """(requests still to send, results served from the store)."""
+        if not self.read or not requests:
+            return requests, []
+        found = self.store.get_many(r.key for r in requests if r.key is not None)
+        if not found:
+            return requests, []
+        send: list[Request] = []
+        served: list[Result] = []
+        for req in requests:
+            hit = found.get(req.key.key) if req.key is not None else None
+            result = self._serve(req, hit) if hit is not None else None
+            if result is None:
+                send.append(req)
+            else:
+                served.append(result)
+        return send, served
+
+    def _serve(self, req: Request, hit: CachedAnswer) -> Result | None:
+        ours = hit.created >= self.started  # answered earlier in this very run
+        if ours and not deterministic(req.body, self.dedupe):
+            return None  # dedupe off: this row gets its own request
+        result = result_from_answer(req, Answer(hit.body, {}, 0.0), 0, self.structured)
+        if not result.ok:  # e.g. the schema check is stricter now: ask again
+            return None
+        return dataclasses.replace(
+            result,
+            source=SOURCE_DEDUPE if ours else SOURCE_CACHE,
+            latency_s=None,
+            cost_usd=0.0,
+            key=req.key.key if req.key is not None else None,
+        )
+
+    # ---- on the event loop ----
+
+    def claim(self, req: Request) -> Result | bool | None:
+        """Before queueing `req`: a Result to journal now (an identical request was just
+        answered), False when it waits for an identical request in flight, True to send it."""
+        if req.key is None or not deterministic(req.body, self.dedupe):
+            return True
+        key = req.key.key
+        waiting = self._leaders.get(key)
+        if waiting is not None:
+            waiting.append(req)
+            return False
+        done = self._recent.get(key)
+        if done is not None:
+            return self._share(done, req)
+        self._leaders[key] = []
+        return True
+
+    def answered(self, req: Request, result: Result, answer: Answer | None) -> list[Result]:
+        """`req` (sent) has its result: store an ok answer; the rows waiting get theirs."""
+        if req.key is None:
+            return []
+        key = req.key.key
+        if result.ok and answer is not None:
+            self._pending.append(
+                CacheEntry(
+                    req.key,
+                    answer.body,
+                    model=result.model,
+                    prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens,
+                )
+            )
+            self._recent[key] = result
+            self._recent.move_to_end(key)
+            while len(self._recent) > RECENT_MAX:
+                self._recent.popitem(last=False)
+        return [self._share(result, other) for other in self._leaders.pop(key, [])]
+
+    def abandoned(self, req: Request) -> None:
+        """`req` was not answered (a stop): the rows waiting for it stay unanswered too."""
+        if req.key is not None:
+            self._leaders.pop(req.key.key, None)
+
+    @staticmethod
+    def _share(result: Result, req: Request) -> Result:
+        return dataclasses.replace(
+            result,
+            id=req.row_id,
+            keep=req.keep,
+            source=SOURCE_DEDUPE,
+            attempts=0,
+            latency_s=None,
+            cost_usd=0.0,
+        )
+
+    def take_pending(self, at_least: int = FLUSH_AT) -> list[CacheEntry]:
+        if len(self._pending) < at_least:
+            return []
+        batch, self._pending = self._pending, []
+        return batch
+
+    def stored(self, batch: list[CacheEntry]) -> None:
+        """`batch` is in the store (`ResponseStore.put_many`, called off the loop): a duplicate
+        now finds it there, so it no longer needs to be held in memory."""
+        if self.store.enabled:
+            for entry in batch:
+                self._recent.pop(entry.key.key, None)
