@@ -3,8 +3,9 @@
 When the service fails every request (429 forever, 500 on everything, no answer, truncated
 bodies), retrying row after row costs each remaining row all its attempts and the night's run
 ends with thousands of error rows that were the server's fault. The breaker watches attempts
-across rows: once the last `failures` attempts all failed the same way, with no success in
-between, within `window_s`, and from more than one row, it trips. The engine then stops
+across rows: once the last `failures` attempts all failed the same way (rate-limited, or
+not answered properly: 5xx, drops, timeouts and truncated bodies mix in one outage), with no
+success in between, within `window_s`, and from more than one row, it trips. The engine then stops
 admitting, lets what is in flight finish, records none of the outage's failures as row errors,
 and exits 4: a plain rerun once the service is back finishes the job.
 
@@ -22,31 +23,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def family(kind: str) -> str:
+    """Failures that are one outage: the rate limit (429), or the service not answering
+    properly (5xx, dropped connections, timeouts, truncated bodies mix in a gateway's outage)."""
+    return "429" if kind == "429" else "unavailable"
+
+
 @dataclass(slots=True)
 class CircuitBreaker:
     failures: int = 10
     window_s: float = 60.0
-    _kind: str | None = None
+    _family: str | None = None
     _streak: int = 0
     _first_at: float = 0.0
     _rows: set[str] = field(default_factory=set)
-    tripped: str | None = None  # the failure kind that tripped it
+    kinds: dict[str, int] = field(default_factory=dict)  # the streak's failures by kind
+    tripped: str | None = None  # the failure family that tripped it
 
     def success(self) -> None:
-        self._kind, self._streak = None, 0
+        self._family, self._streak = None, 0
         self._rows.clear()
+        self.kinds.clear()
 
     def failure(self, kind: str, row_id: str, now: float) -> bool:
         """Record a failed attempt; True when this one trips the breaker."""
         if self.tripped is not None:
             return False
-        if kind != self._kind or now - self._first_at > self.window_s:
-            self._kind, self._streak, self._first_at = kind, 0, now
+        group = family(kind)
+        if group != self._family or now - self._first_at > self.window_s:
+            self._family, self._streak, self._first_at = group, 0, now
             self._rows.clear()
+            self.kinds.clear()
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
         self._streak += 1
         if len(self._rows) < 2:
             self._rows.add(row_id)
         if self._streak >= self.failures and len(self._rows) > 1:
-            self.tripped = kind
+            self.tripped = group
             return True
         return False

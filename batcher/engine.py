@@ -511,9 +511,10 @@ class Engine:
             self._stop(
                 StopReason.OUTAGE,
                 APIError(
-                    f"the service failed the last {self._breaker.failures} requests the same "
-                    f"way ({kind}), the last with: {exc}. It looks like an outage; the rows it "
-                    "hit are not recorded as errors"
+                    f"the service failed the last {self._breaker.failures} requests "
+                    f"({', '.join(f'{n} x {k}' for k, n in self._breaker.kinds.items())}), "
+                    f"the last with: {exc}. It looks like an outage; the rows it hit are not "
+                    "recorded as errors"
                 ),
             )
 

@@ -31,6 +31,13 @@ def test_another_kind_starts_a_new_streak() -> None:
     assert cb.tripped is None
 
 
+def test_an_outage_mixing_5xx_drops_and_timeouts_trips() -> None:
+    cb = CircuitBreaker(failures=4, window_s=60)
+    kinds = ["5xx", "connection", "timeout", "truncated"]
+    assert [cb.failure(k, f"r{i}", i) for i, k in enumerate(kinds)] == [False] * 3 + [True]
+    assert cb.tripped == "unavailable" and set(cb.kinds) == set(kinds)
+
+
 def test_one_row_failing_alone_is_not_an_outage() -> None:
     """At concurrency 1 a poisoned row's own attempts must not stop the job."""
     cb = CircuitBreaker(failures=3, window_s=60)
