@@ -33,6 +33,7 @@ from hostile_gateway import (
     truncated,
 )
 
+from batcher.journal import journal_path
 from batcher.spec import LimiterConfig
 
 OUT = Path("out/result.parquet")
@@ -67,7 +68,7 @@ def job_file(tmp: Path, gw: HostileGateway, **overrides: Any) -> Path:
 
 def journal(tmp: Path) -> dict[str, dict[str, Any]]:
     """The last result journaled for each row id."""
-    path = tmp / "out/result.parquet.journal"
+    path = journal_path(tmp / OUT)
     rows: dict[str, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
