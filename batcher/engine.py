@@ -61,6 +61,7 @@ from batcher.journal import (
     key_hash,
     open_journal,
 )
+from batcher.monitoring import RunMonitoring
 from batcher.outcome import RunOutcome, StopReason
 from batcher.prepare import Prepared, Preparer
 from batcher.pricing import Price, cost_of, format_usd, price_for
@@ -76,7 +77,7 @@ from batcher.spec import Job, request_fingerprint
 from batcher.stats import RunStats
 from batcher.storage import publish, with_name
 from batcher.structured import StructuredOutput
-from batcher.writer import write_batch_output_from_journal, write_output_ordered
+from batcher.writer import write_batch_output_ordered, write_output_ordered
 
 log = logging.getLogger("batcher")
 
@@ -137,6 +138,7 @@ class Engine:
         self.budget = Budget(cap)
         self._prices: dict[str, Price | None] = {}
         self.reuse: Reuse | None = None  # opened with the journal
+        self._monitor: RunMonitoring | None = None
         self._stopping = False
         self._reason: StopReason | None = None  # why the run stops early; None: it completes
         self._error: BatcherError | None = None
@@ -470,18 +472,22 @@ class Engine:
             answer = await self._client.complete(req.body)
         except RetryableAPIError as exc:
             self._busy.discard(me)
+            self.stats.count_response(exc.status or failure_kind(exc))
             billed = worst if isinstance(exc, TruncatedAnswer) else 0.0  # billed, unreadable
             self.budget.settle(worst, billed)
             self.stats.spent_usd += billed
             self.stats.unrecorded_usd += billed
             self._failed(req, exc)
             raise
-        except BaseException:
+        except BaseException as exc:
             self._busy.discard(me)
             self.budget.settle(worst, 0.0)
+            if isinstance(exc, APIError):  # 401, 400, ...: answered, final
+                self.stats.count_response(exc.status or failure_kind(exc))
             raise
         finally:
             self.stats.in_flight -= 1
+        self.stats.count_response(200)
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._breaker.success()
         self._opened.set()  # the endpoint, key and model work: let the others go
@@ -527,6 +533,8 @@ class Engine:
         elif result.source == SOURCE_DEDUPE:
             self.stats.dedupe_hits += 1
             self.stats.saved_usd += self._cost(result)
+        if self._monitor is not None and result.latency_s is not None:
+            self._monitor.observe_latency(result.latency_s)
         if result.ok:
             self.stats.ok += 1
         else:
@@ -706,10 +714,20 @@ class Engine:
         )
 
     async def _run_journaled(self, journal: Journal, total: int, api_key: str) -> RunOutcome:
-        job, opts = self.job, self.options
+        """The run, watched: history, /metrics; at its end textfile, report and webhook."""
         self.stats.total_rows = total
         self.stats.cap_usd = self.budget.cap_usd
         self.stats.spent_before_usd = self.budget.spent_usd
+        async with RunMonitoring(
+            self.job, self.stats, self.output, restart=self.options.restart
+        ) as monitor:
+            self._monitor = monitor
+            outcome = await self._run_sending(journal, total, api_key)
+            await monitor.finish(outcome)
+        return outcome
+
+    async def _run_sending(self, journal: Journal, total: int, api_key: str) -> RunOutcome:
+        job, opts = self.job, self.options
         from batcher.progress import Progress
 
         loop = asyncio.get_running_loop()
@@ -820,8 +838,12 @@ class Engine:
 
     def _write_output(self, expected_rows: int) -> tuple[int, int]:
         if self.job.output_format == "batch":
-            counts = write_batch_output_from_journal(
-                journal_path(self.output), self.output, expected_rows=expected_rows
+            counts = write_batch_output_ordered(
+                journal_path(self.output),
+                self.output,
+                self._input_rows,
+                order=self.job.output_order,
+                expected_rows=expected_rows,
             )
         else:
             counts = self._write_parquet(expected_rows)

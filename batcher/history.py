@@ -36,7 +36,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from batcher.pricing import price_for
 from batcher.spec import Price
 from batcher.stats import RunStats
 
@@ -59,24 +58,11 @@ def new_run_id() -> str:
 
 
 def spend_usd(stats: RunStats, prices: Mapping[str, Price] | None = None) -> float | None:
-    """USD for the tokens this run used so far; None while some used model has no price.
-
-    Priced per model the server named (`stats.usage_by_model`); before the engine counts that,
-    a one-model job is priced on its totals.
-    """
-    overrides = prices or {}
-    usage = {m: (p, c) for m, (p, c) in stats.usage_by_model.items() if p or c}
-    if not usage and (stats.prompt_tokens or stats.completion_tokens):
-        if len(stats.limits) != 1:
-            return None
-        usage = {next(iter(stats.limits)): (stats.prompt_tokens, stats.completion_tokens)}
-    total = 0.0
-    for model, (prompt, completion) in usage.items():
-        price, _ = price_for(model, overrides) if model else (None, "")
-        if price is None:
-            return None
-        total += (prompt * price.input_per_1m + completion * price.output_per_1m) / 1e6
-    return round(total, 6)
+    """USD this run spent so far: the engine's own booking (`RunStats.spent_usd`, what the
+    budget counts: each answer's usage at the job's prices). `prices` is accepted for callers
+    that pass it; the engine already priced every answer with them."""
+    del prices
+    return stats.spent_usd
 
 
 @dataclass

@@ -95,16 +95,9 @@ class RunStats:
     # Attempts by how they ended: "200", "429", "503", ... or a failure kind without a status
     # ("timeout", "connection"); metrics and the run history read it.
     responses: Counter[str] = field(default_factory=Counter)
-    # The server's model name -> [prompt, completion] tokens: what spend is priced on.
-    usage_by_model: dict[str, list[int]] = field(default_factory=dict)
 
     def count_response(self, status: int | str) -> None:
         self.responses[str(status)] += 1
-
-    def add_usage(self, model: str | None, prompt: int, completion: int) -> None:
-        used = self.usage_by_model.setdefault(model or "", [0, 0])
-        used[0] += prompt
-        used[1] += completion
 
     def __post_init__(self) -> None:
         self.meter.clock = self.clock

@@ -16,10 +16,9 @@ import pytest
 from helpers import review_rows, run_batcher, write_job, write_jsonl
 from PIL import Image
 
-from batcher.history import HistoryRecorder, history_path, read_history
+from batcher.history import history_path, read_history
 from batcher.journal import journal_path
 from batcher.report import INSTALL_HINT, build_report, histogram, sparkline
-from batcher.stats import RunStats
 
 SCHEMA = {
     "type": "json_schema",
@@ -53,35 +52,6 @@ def structured_job(tmp: Path, url: str, rows: list[dict[str, Any]], **overrides:
     )
 
 
-def ensure_history(output: Path) -> None:
-    """Until the engine records the history itself, a run leaves none: record one here from
-    the journal's counts, in three deterministic intervals (fake clocks, direct samples)."""
-    if history_path(output).exists():
-        return
-    records = [json.loads(line) for line in journal_path(output).read_text().splitlines()]
-    results = [r for r in records if "status" in r]
-    t = [0.0]
-    stats = RunStats(clock=lambda: t[0], total_rows=ROWS)
-    stats.limits["gpt-4o-mini"] = (60_000, 10_000_000)
-    wall = [1_764_000_000.0]
-    rec = HistoryRecorder(history_path(output), stats, "synthetic", wall_clock=lambda: wall[0])
-    rec.open()
-    for chunk in (results[::3], results[1::3], results[2::3]):
-        for r in chunk:
-            stats.record_sent(100)
-            stats.count_response(200)
-            stats.ok += r["status"] == "ok"
-            stats.error += r["status"] == "error"
-            rec.observe_latency(r.get("latency_s"))
-        stats.rate_limited += 1
-        stats.retries += 1
-        t[0] += 5
-        wall[0] += 5
-        rec.sample()
-    rec.end_reason = "completed"
-    rec.close()
-
-
 @pytest.fixture
 def finished(tmp_path: Path, mock_server) -> Path:
     """A labeling job that finished: two rows refused (400), a short 429 storm."""
@@ -92,7 +62,7 @@ def finished(tmp_path: Path, mock_server) -> Path:
     job = structured_job(tmp_path, srv.url, rows)
     res = run_batcher("run", job)
     assert res.returncode == 3, res.stderr  # finished with error rows
-    ensure_history(tmp_path / "out/result.parquet")
+    assert history_path(tmp_path / "out/result.parquet").exists()  # the run recorded it
     return job
 
 
@@ -107,7 +77,7 @@ def stopped(tmp_path: Path, mock_server) -> Path:
     assert res.returncode == 4, res.stderr
     output = tmp_path / "out/result.parquet"
     assert not output.exists() and journal_path(output).exists()
-    ensure_history(output)
+    assert history_path(output).exists()
     return job
 
 
