@@ -433,14 +433,22 @@ def write_batch_output(
     return rows, errors
 
 
-def write_batch_output_from_journal(
-    journal: Path, output: Path, *, expected_rows: int | None = None
+def write_batch_output_ordered(
+    journal: Path,
+    output: Path,
+    batches: Callable[[], Iterable[list[Any]]],
+    *,
+    order: str = "input",
+    expected_rows: int | None = None,
 ) -> tuple[int, int]:
-    """The journal's latest result per id (journal.latest_mask's rule), in completion order, as
-    OpenAI Batch output JSONL: (rows, error rows). OpenAI's own file is in no particular
-    order either; readers match lines on custom_id."""
-    latest = _latest_mask(journal)
-    records = read_results(journal)
-    if latest is not None:  # --retry-errors left superseded records: drop them
-        records = (rec for rec, last in zip(records, latest, strict=False) if last)
+    """One Batch output line per current input row, with its latest result (the rule of
+    batcher/assemble.py, as for Parquet), in input order or in completion order: (rows, error
+    rows). OpenAI's own file is in no particular order; readers match lines on custom_id."""
+    from batcher.assemble import records_in_completion_order, records_in_input_order
+
+    if order == "input":
+        chunks = records_in_input_order(journal, batches, [])
+    else:
+        chunks = records_in_completion_order(journal, batches)
+    records = (rec for chunk in chunks for rec in chunk)
     return write_batch_output(output, records, expected_rows=expected_rows)

@@ -98,7 +98,7 @@ def test_batch_output_read_back_as_openai_documents_it(tmp_path: Path, mock_serv
     res = run_batcher("run", job)
     assert res.returncode == 3, res.stderr  # finished with row errors
     got = parse_openai_batch_output(tmp_path / "out/results.jsonl")
-    assert sorted(got) == sorted(f"request-{i}" for i in range(24))
+    assert list(got) == [f"request-{i}" for i in range(24)]  # output_order: input (default)
     failed = {cid for cid, o in got.items() if not o["ok"]}
     assert failed == {"request-3", "request-11"}
     assert got["request-3"]["code"] == "request_failed" and "400" in got["request-3"]["message"]
@@ -114,7 +114,7 @@ def test_batch_output_read_back_as_openai_documents_it(tmp_path: Path, mock_serv
     journal = (tmp_path / "out/results.jsonl.journal").read_text()
     assert journal.count('"request-3"') == 2
     regot = parse_openai_batch_output(tmp_path / "out/results.jsonl")
-    assert sorted(regot) == sorted(got)
+    assert list(regot) == list(got)
     assert {cid for cid, o in regot.items() if not o["ok"]} == failed
 
 
@@ -151,3 +151,25 @@ def test_count_mismatch_publishes_nothing(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="nothing was published"):
         write_batch_output(out, [{"id": "a", "status": "ok"}], expected_rows=2)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_completion_order_still_has_every_row_once(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "batch.jsonl", _batch_input(12, fail={4}, tools=set()))
+    job = write_job(
+        tmp_path,
+        srv.url,
+        input="batch.jsonl",
+        output="out/results.jsonl",
+        output_format="batch",
+        output_order="completion",
+        messages=None,
+        id_column=None,
+        model=None,
+        params={"temperature": 0},
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr
+    got = parse_openai_batch_output(tmp_path / "out/results.jsonl")
+    assert sorted(got) == sorted(f"request-{i}" for i in range(12))
+    assert [cid for cid, o in got.items() if not o["ok"]] == ["request-4"]
