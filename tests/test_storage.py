@@ -252,3 +252,21 @@ def test_hf_urls_say_which_extra_to_install() -> None:
         pytest.skip("huggingface_hub is installed")
     with pytest.raises(JobSpecError, match=r"pip install 'batcher\[hf\]'"):
         storage.filesystem("hf://datasets/org/name/data.parquet")
+
+
+def test_shards_publish_their_own_objects(
+    tmp_path: Path, mock_server, s3: Callable[..., str]
+) -> None:
+    srv = mock_server(**FAST)
+    src, dst = s3(), s3()
+    in_url = _put_parquet(src, "reviews.parquet", 16)
+    job = write_job(tmp_path, srv.url, input=in_url, output=f"s3://{dst}/out/labels.parquet")
+    for k in (1, 2):
+        res = run_batcher("run", job, "--shard", f"{k}/2")
+        assert res.returncode == 0, res.stderr
+    assert _listing(dst) == [
+        f"{dst}/out/labels.shard-1-of-2.parquet",
+        f"{dst}/out/labels.shard-2-of-2.parquet",
+    ]
+    ids = [r["id"] for k in (1, 2) for r in _read(f"s3://{dst}/out/labels.shard-{k}-of-2.parquet")]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(16))
