@@ -111,7 +111,7 @@ PAUSE_HEADERS: dict[str, dict[str, str]] = {
 TEST_CAP_S = 0.5
 
 
-def cap_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+def cap_pauses(monkeypatch: pytest.MonkeyPatch, cap_s: float = TEST_CAP_S) -> None:
     """The run's limiter caps every pause at TEST_CAP_S instead of the default 60 s (the
     Policy knob the job file's limiter.max_pause_s would set), so a test can tell a capped
     pause from an uncapped one in seconds."""
@@ -122,7 +122,7 @@ def cap_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
         def limits(model: str) -> tuple[int, int]:
             return job.limit_for(model).rpm, job.limit_for(model).tpm
 
-        return LocalLimiter(limits, adaptive=job.limiter.adaptive, max_pause_s=TEST_CAP_S)
+        return LocalLimiter(limits, adaptive=job.limiter.adaptive, max_pause_s=cap_s)
 
     monkeypatch.setattr(batcher.engine, "make_limiter", limiter)
 
@@ -264,6 +264,32 @@ def test_a_flapping_outage_trips_the_breaker(
     assert gw.ok_sent == 12
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: breaker.family puts 429 and 5xx in different families, so an overloaded "
+    "service answering 429 and 503 in turn (Azure does both) resets the streak at every "
+    "change and never trips; each remaining row spends all its attempts and is an error "
+    "row. Count a mixed 429/unavailable streak as an outage too (the cause: 'overloaded')",
+)
+def test_an_overload_of_429s_and_503s_trips_the_breaker(
+    tmp_path: Path, gateway: Callable[..., HostileGateway], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cap_pauses(monkeypatch, 0.05)  # the 429s' pauses are not what this is about
+    overloaded: list[Phase] = [(1, rate_limited()), (1, server_error(503))] * 100
+    gw = gateway([(4, ok()), *overloaded])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(8))
+    job = job_file(
+        tmp_path,
+        gw,
+        retry={**BASE["retry"], "max_attempts": 4},
+        circuit_breaker={"failures": 4, "window_s": 60},
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 4, res.stderr
+    assert [r for r in journal(tmp_path).values() if r["status"] != "ok"] == []
+    assert max(sends_per_row(gw).values()) < 4
+
+
 @pytest.mark.parametrize("kind", ["429-forever", "stall", "truncated-200"])
 def test_outage_at_concurrency_64_with_the_default_breaker(
     tmp_path: Path, gateway: Callable[..., HostileGateway], kind: str
@@ -320,13 +346,6 @@ def test_truncated_answers_are_retried_and_counted_as_spent(
     assert rows["r3"]["attempts"] == 3 and rows["r3"]["status"] == "ok"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ChatClient.complete turns a 200 whose connection closes mid-body "
-    "(aiohttp.ClientPayloadError) into APIConnectionError, so the engine counts it as a "
-    "connection failure, not as a truncated answer that was billed (stats.truncated, "
-    "truncated_tokens); a payload error after a 2xx status should raise TruncatedAnswer",
-)
 def test_a_200_cut_mid_body_is_counted_as_spent(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -456,13 +475,6 @@ def test_rows_over_the_context_window_cost_no_request(
     assert "check endpoint" not in res.stderr  # the setup is not blamed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Engine._probe counts a 400 context_length_exceeded as a failed probe; when "
-    "the server's window is smaller than batcher's table (a deployment, allow_any_model) and "
-    "the first 3 rows are too long, the run stops with exit 2 blaming 'endpoint.region / "
-    "endpoint.base_url and model' instead of recording those rows as errors",
-)
 def test_server_context_length_at_the_head_is_not_blamed_on_the_setup(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -511,13 +523,6 @@ def test_empty_input_says_so(
             json.loads(line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Engine.scan calls job.check_limit_models(models) with the models the rows "
-    "name; with no rows that set is empty, so a limits: entry for the job's own `model` is "
-    "refused ('is not a model this job sends to (its requests name: none)', exit 2) instead "
-    "of the empty input exiting 0",
-)
 def test_empty_input_with_limits_for_the_job_model(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -592,12 +597,6 @@ def test_json_logs_on_an_outage_and_a_rejected_key(
         json.loads(line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: click's usage error ('Usage: main run [OPTIONS] JOB_FILE', 'Try ...', "
-    "'Error: No such option') is printed as plain text by click before the command runs, "
-    "so --log-format json does not reach it",
-)
 def test_json_logs_on_a_bad_flag(tmp_path: Path, gateway: Callable[..., HostileGateway]) -> None:
     gw = gateway([(None, ok())])
     write_jsonl(tmp_path / "input.jsonl", review_rows(3))
