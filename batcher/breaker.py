@@ -3,9 +3,9 @@
 When the service fails every request (429 forever, 500 on everything, no answer, truncated
 bodies), retrying row after row costs each remaining row all its attempts and the night's run
 ends with thousands of error rows that were the server's fault. The breaker watches attempts
-across rows: once the last `failures` attempts all failed the same way (rate-limited, or
-not answered properly: 5xx, drops, timeouts and truncated bodies mix in one outage), with no
-success in between, within `window_s`, and from more than one row, it trips. The engine then stops
+across rows: once the last `failures` attempts all failed (429s, 5xx, drops, timeouts,
+truncated bodies: an outage mixes them, an overloaded Azure answers 429 and 503 in turn), with
+no success in between, within `window_s`, and from more than one row, it trips. The engine then stops
 admitting, lets what is in flight finish, records none of the outage's failures as row errors,
 and exits 4: a plain rerun once the service is back finishes the job.
 
@@ -23,25 +23,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def family(kind: str) -> str:
-    """Failures that are one outage: the rate limit (429), or the service not answering
-    properly (5xx, dropped connections, timeouts, truncated bodies mix in a gateway's outage)."""
-    return "429" if kind == "429" else "unavailable"
+def cause(kinds: dict[str, int]) -> str:
+    """What a streak of failures says about the service."""
+    if set(kinds) == {"429"}:
+        return "rate-limited"
+    if "429" in kinds:
+        return "overloaded"  # Azure answers an overload with 429s and 503s in turn
+    return "unavailable"
 
 
 @dataclass(slots=True)
 class CircuitBreaker:
     failures: int = 10
     window_s: float = 60.0
-    _family: str | None = None
     _streak: int = 0
     _first_at: float = 0.0
     _rows: set[str] = field(default_factory=set)
     kinds: dict[str, int] = field(default_factory=dict)  # the streak's failures by kind
-    tripped: str | None = None  # the failure family that tripped it
+    tripped: str | None = None  # the cause, once tripped: rate-limited, overloaded, unavailable
 
     def success(self) -> None:
-        self._family, self._streak = None, 0
+        self._streak = 0
         self._rows.clear()
         self.kinds.clear()
 
@@ -49,9 +51,8 @@ class CircuitBreaker:
         """Record a failed attempt; True when this one trips the breaker."""
         if self.tripped is not None:
             return False
-        group = family(kind)
-        if group != self._family or now - self._first_at > self.window_s:
-            self._family, self._streak, self._first_at = group, 0, now
+        if self._streak == 0 or now - self._first_at > self.window_s:
+            self._streak, self._first_at = 0, now
             self._rows.clear()
             self.kinds.clear()
         self.kinds[kind] = self.kinds.get(kind, 0) + 1
@@ -59,6 +60,6 @@ class CircuitBreaker:
         if len(self._rows) < 2:
             self._rows.add(row_id)
         if self._streak >= self.failures and len(self._rows) > 1:
-            self.tripped = group
+            self.tripped = cause(self.kinds)
             return True
         return False

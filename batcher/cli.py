@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -41,7 +42,36 @@ def _edge(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _json_logs(argv: list[str]) -> bool:
+    return any(a == "--log-format=json" for a in argv) or any(
+        a == "--log-format" and b == "json" for a, b in itertools.pairwise(argv)
+    )
+
+
+class _Batcher(click.Group):
+    """With --log-format json, click's own usage errors (an unknown flag, a missing argument)
+    are JSON lines too: every line on stderr is JSON for the log collector."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = list(args) if args is not None else sys.argv[1:]
+        if not kwargs.get("standalone_mode", True) or not _json_logs(argv):
+            return super().main(args, *rest, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(argv, *rest, **kwargs)
+        except click.ClickException as exc:
+            from batcher.logs import setup_logging
+
+            setup_logging("json")
+            stderr_error(exc.format_message(), exit_code=exc.exit_code)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            stderr_error("aborted", exit_code=1)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Batcher, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="batcher")
 def main() -> None:
     """Rate-limit-aware batch runs through the Langdock chat-completions API.

@@ -59,9 +59,19 @@ class ChatClient:
         start = time.monotonic()
         try:
             async with self._session.post(self.url, json=body) as resp:
-                raw = await resp.read()
                 status = resp.status
                 headers = {k.lower(): v for k, v in resp.headers.items()}
+                try:
+                    raw = await resp.read()
+                except (aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
+                    if not 200 <= status < 300:
+                        raise
+                    # The server answered 2xx and cut the body: billed, unreadable.
+                    raise TruncatedAnswer(
+                        f"answer {status} was cut off mid-body ({type(exc).__name__})",
+                        status=status,
+                        headers=headers,
+                    ) from None
         except TimeoutError:
             raise APITimeout(
                 f"no answer within {self._timeout.total:g} s (endpoint.timeout_s)"

@@ -103,6 +103,11 @@ class RunOptions:
     sample: int | None = None  # --sample N: only N rows chosen by a hash of the id
 
 
+def _rows_own_fault(result: Result) -> bool:
+    """An error the row alone causes (too long for the model), whatever the setup."""
+    return "context_length_exceeded" in (result.error or "")
+
+
 class _Abandoned(Exception):
     """A row whose attempts a stop cut short: it stays undone (a rerun sends it), no error row."""
 
@@ -223,7 +228,8 @@ class Engine:
         if total and failed == total and first_failure is not None:
             # Not a few bad rows: the template itself is wrong (a typo in a {column}).
             raise InputDataError(f"every row is unusable, e.g. {first_failure}")
-        self.job.check_limit_models(models)  # a limits: entry no row uses is a typo
+        if total:  # (no rows name no models: nothing to compare the limits: with)
+            self.job.check_limit_models(models)  # a limits: entry no row uses is a typo
         self._check_prices(models)
         if total and has_repeats(int64_view(hashes)):
             self._report_duplicates(hashes)
@@ -371,7 +377,7 @@ class Engine:
                 f"the service did not answer the first request: {exc}. It seems down or "
                 "overloaded; nothing else was sent, run the same command again later."
             ) from None
-        if not self._opened.is_set():
+        if not self._opened.is_set() and not _rows_own_fault(result):
             self._probe_failures += 1
             if self._probe_failures >= PROBE_FAILURES_FATAL:
                 raise JobSpecError(
@@ -519,8 +525,8 @@ class Engine:
                 APIError(
                     f"the service failed the last {self._breaker.failures} requests "
                     f"({', '.join(f'{n} x {k}' for k, n in self._breaker.kinds.items())}), "
-                    f"the last with: {exc}. It looks like an outage; the rows it hit are not "
-                    "recorded as errors"
+                    f"the last with: {exc}. The service looks {self._breaker.tripped}; the "
+                    "rows it hit are not recorded as errors"
                 ),
             )
 

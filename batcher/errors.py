@@ -221,4 +221,16 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | N
         return ServerError(
             f"server error ({status}): {msg}", retry_after=parse_retry_after(headers), **kw
         )
-    return BadRequest(f"request rejected ({status}): {msg}", **kw)
+    code = error_code(body)
+    where = f"{status}, {code}" if code else f"{status}"
+    return BadRequest(f"request rejected ({where}): {msg}", **kw)
+
+
+def error_code(body: Any) -> str | None:
+    """OpenAI's machine-readable `error.code` (e.g. context_length_exceeded), if the body has
+    one: it tells a row's own fault from a wrong setup without reading the prose."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and isinstance(err.get("code"), str):
+            return err["code"][:64]
+    return None

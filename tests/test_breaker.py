@@ -23,12 +23,11 @@ def test_a_success_resets_the_streak() -> None:
     assert cb.failure("429", "c", 0)
 
 
-def test_another_kind_starts_a_new_streak() -> None:
-    cb = CircuitBreaker(failures=3, window_s=60)
-    cb.failure("429", "a", 0)
-    cb.failure("429", "b", 0)
-    assert not cb.failure("timeout", "c", 0)
-    assert cb.tripped is None
+def test_429s_and_503s_in_turn_are_an_overload() -> None:
+    cb = CircuitBreaker(failures=4, window_s=60)
+    kinds = ["429", "5xx", "429", "5xx"]
+    assert [cb.failure(k, f"r{i}", i) for i, k in enumerate(kinds)] == [False] * 3 + [True]
+    assert cb.tripped == "overloaded"
 
 
 def test_an_outage_mixing_5xx_drops_and_timeouts_trips() -> None:

@@ -264,13 +264,6 @@ def test_a_flapping_outage_trips_the_breaker(
     assert gw.ok_sent == 12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: breaker.family puts 429 and 5xx in different families, so an overloaded "
-    "service answering 429 and 503 in turn (Azure does both) resets the streak at every "
-    "change and never trips; each remaining row spends all its attempts and is an error "
-    "row. Count a mixed 429/unavailable streak as an outage too (the cause: 'overloaded')",
-)
 def test_an_overload_of_429s_and_503s_trips_the_breaker(
     tmp_path: Path, gateway: Callable[..., HostileGateway], monkeypatch: pytest.MonkeyPatch
 ) -> None:
