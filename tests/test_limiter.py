@@ -31,6 +31,7 @@ class Sched:
     """One model's schedule in seconds: the reference functions on a fake clock."""
 
     def __init__(self, rpm: int, tpm: int, **knobs: Any) -> None:
+        knobs.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts (strikes: own test)
         self.p = Policy(rpm, tpm, **knobs)
         self.st = State()
         self.last_cost = 0
@@ -333,6 +334,16 @@ def test_adaptive_multiplier(events: list[float], at: float, expected: float) ->
     assert sched.multiplier(at) == pytest.approx(expected)
 
 
+def test_a_lone_429_only_pauses_a_second_within_the_strike_window_cuts() -> None:
+    sched = Sched(*LANGDOCK, aimd_strike_window_s=10.0)
+    assert sched.feedback(429, {"retry-after": "1"}, 10.0) is False
+    assert sched.multiplier(10.0) == 1.0 and sched.paused_until == 11.0
+    assert sched.feedback(429, {"retry-after": "1"}, 30.0) is False  # 20 s later: lone again
+    assert sched.feedback(429, {"retry-after": "1"}, 35.0) is True  # 5 s later: a run
+    assert sched.multiplier(35.0) == pytest.approx(BETA)
+    assert sched.st.dec429 == 1
+
+
 def test_429_pauses_and_decreases_once_per_cooldown() -> None:
     sched = Sched(*LANGDOCK)
     assert sched.feedback(429, {"retry-after": "3"}, 10.0) is True
@@ -412,7 +423,9 @@ def virtual_time() -> Iterator[None]:
 
 def per_second(rpm: int) -> LocalLimiter:
     """A limiter with exactly rpm/60 requests per second and tokens to spare."""
-    return LocalLimiter(lambda model: (rpm, 10**9), headroom=1.0, window_margin=0.0)
+    return LocalLimiter(
+        lambda model: (rpm, 10**9), headroom=1.0, window_margin=0.0, aimd_strike_window_s=0.0
+    )
 
 
 async def test_exactly_how_many_got_through_by_t3() -> None:

@@ -89,6 +89,7 @@ async def make_redis(redis_url: str, workspace: str) -> AsyncIterator[Callable[.
 
     async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> RedisLimiter:
         kw.setdefault("headroom", HEADROOM)
+        kw.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts, as these tests expect
         lim = RedisLimiter(redis_url, workspace, limits, **kw)
         await lim.start()
         made.append(lim)
@@ -454,6 +455,7 @@ async def limiter_backend(
 
     async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> Any:
         kw.setdefault("headroom", HEADROOM)
+        kw.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts, as these tests expect
         if request.param == "local":
             lim = LocalLimiter(limits, **kw)
         else:

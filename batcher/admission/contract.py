@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -16,6 +17,18 @@ class Admission:
     seq: int  # its number in the model's schedule
     at_us: int  # its slot, on the schedule's clock (µs)
     waited_s: float  # how long acquire() waited
+
+
+# The admission the current task's last acquire() returned: an answer reported from the same
+# task (as the engine does) belongs to it, so feedback() needs no handle passed around.
+current_admission: ContextVar[Admission | None] = ContextVar("admission", default=None)
+
+
+def answered(model: str, admission: Admission | None) -> Admission | None:
+    """The admission an answer of `model` belongs to: the one given, else this task's last."""
+    if admission is None:
+        admission = current_admission.get()
+    return admission if admission is not None and admission.model == model else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +81,9 @@ class Limiter(Protocol):
     `acquire` waits for the model's next slot (FIFO per model) and returns the `Admission`; it
     raises ValueError at once for a cost that can never fit. Every answer goes to `feedback`:
     429s and near-limit headers pause and slow the model, x-ratelimit-remaining-* headers set
-    the share. A 5xx (or a dropped connection) is reported with its `admission`, so that the
-    reservation is given back if the headers show the server did not charge it.
+    the share. `admission` (default: the one this task's last acquire returned) anchors the
+    headers to when the request was sent; a 5xx (or a dropped connection) reported with it is
+    given back if the headers show the server did not charge it.
     """
 
     backend: str

@@ -65,6 +65,9 @@ class Signal:
     failed_seq: int = 0
     failed_at: int = 0
     failed_cost: int = 0
+    # The slot of the admission this answers (schedule clock, µs), 0 if unknown: the server
+    # counted our sends up to about then, so the share is read over windows ending there.
+    sent_at: int = 0
 
     @property
     def has_headers(self) -> bool:
@@ -93,6 +96,7 @@ class Signal:
             "failed_seq": self.failed_seq,
             "failed_at": self.failed_at,
             "failed_cost": self.failed_cost,
+            "sent_at": self.sent_at,
         }
 
 
@@ -103,6 +107,7 @@ def read_feedback(
     *,
     last_cost: int = 1,
     failed: tuple[int, int, int] = (0, 0, 0),
+    sent_at: int = 0,
 ) -> Signal:
     """Classify one answer. `last_cost`: the token cost of the model's last admission.
 
@@ -111,7 +116,7 @@ def read_feedback(
     `last_cost`, is near the limit: pause until the matching `x-ratelimit-reset-*`. Every
     pause is capped at `policy.max_pause_s`. Remaining counts are passed on (on 429s too);
     absent headers mean no signal. `failed` (5xx only): the failed admission's
-    (seq, slot, cost).
+    (seq, slot, cost). `sent_at`: the slot of the admission the answer belongs to.
     """
     lower = {k.lower(): v for k, v in headers.items()}
     left_req = _parse_int(lower.get("x-ratelimit-remaining-requests"))
@@ -126,6 +131,7 @@ def read_feedback(
             last_cost=last_cost,
             remaining_requests=left_req,
             remaining_tokens=left_tok,
+            sent_at=sent_at,
         )
     near = {"requests": False, "tokens": False}
     pause = 0.0
@@ -149,4 +155,5 @@ def read_feedback(
         failed_seq=seq,
         failed_at=at,
         failed_cost=cost,
+        sent_at=sent_at,
     )

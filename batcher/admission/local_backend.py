@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from batcher.admission import schedule
-from batcher.admission.contract import Admission, ModelSnapshot
+from batcher.admission.contract import Admission, ModelSnapshot, answered, current_admission
 from batcher.admission.feedback import read_feedback
 from batcher.admission.policy import Policy, us
 from batcher.admission.schedule import State, check_cost
@@ -91,7 +91,9 @@ class LocalLimiter:
                     await asyncio.sleep((slot.at - now) / 1_000_000)
                 if st.pause <= slot.at:  # else a 429 paused the model meanwhile: retake
                     self._last_cost[model] = cost
-                    return Admission(model, cost, slot.seq, slot.at, max(0.0, self._now() - began))
+                    adm = Admission(model, cost, slot.seq, slot.at, max(0.0, self._now() - began))
+                    current_admission.set(adm)
+                    return adm
 
     def feedback(
         self,
@@ -103,9 +105,15 @@ class LocalLimiter:
     ) -> None:
         """Report an answer: 429s pause, remaining-* headers or AIMD set the pace."""
         policy = self.policy(model)
-        failed = (admission.seq, admission.at_us, admission.cost) if admission else (0, 0, 0)
+        adm = answered(model, admission)
+        failed = (adm.seq, adm.at_us, adm.cost) if adm else (0, 0, 0)
         signal = read_feedback(
-            policy, status, headers, last_cost=self._last_cost.get(model, 0), failed=failed
+            policy,
+            status,
+            headers,
+            last_cost=self._last_cost.get(model, 0),
+            failed=failed,
+            sent_at=adm.at_us if adm else 0,
         )
         if signal.is_429 or signal.near_limit or signal.has_headers or signal.failed_seq:
             schedule.feedback(policy, self.state(model), signal, us(self._now()))

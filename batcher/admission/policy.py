@@ -59,6 +59,11 @@ class Policy:
     aimd_recovery_per_s: float = 0.01  # linear recovery of multiplier and share per second
     aimd_min: float = 0.05  # never slower than this fraction of the limits
     aimd_cooldown_s: float = 2.0  # 429s for sends before the last decrease do not compound
+    # A 429 cuts the multiplier only if another came within this long before it. A lone 429 is
+    # arrival jitter at the edge of a window (its pause absorbs it); a cut costs ~2 % of a
+    # minute's quota (x beta, then +0.01/s), and 4 processes saw one every ~2,000 requests.
+    # Others' load brings 429s in runs. 0: every 429 cuts.
+    aimd_strike_window_s: float = 10.0
     # A revealed share counts sends the server had not yet seen (estimates run ~3 % high), so a
     # higher estimate is followed with this time constant, a lower one 4x faster; the first is
     # taken as it is, so start-up does not overshoot.
@@ -81,7 +86,13 @@ class Policy:
             raise ValueError(f"limits must be positive, got rpm={self.rpm} tpm={self.tpm}")
         if not 0 < self.headroom <= 1:
             raise ValueError(f"headroom must be in (0, 1], got {self.headroom}")
-        for name in ("tolerance_s", "window_margin", "feedback_slack_s", "default_pause_s"):
+        for name in (
+            "tolerance_s",
+            "window_margin",
+            "feedback_slack_s",
+            "default_pause_s",
+            "aimd_strike_window_s",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")

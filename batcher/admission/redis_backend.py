@@ -41,7 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from batcher.admission.contract import Admission, ModelSnapshot
+from batcher.admission.contract import Admission, ModelSnapshot, answered, current_admission
 from batcher.admission.feedback import Signal, read_feedback
 from batcher.admission.local_backend import LocalLimiter, model_snapshot, policy_source
 from batcher.admission.schedule import Reply, check_cost
@@ -230,12 +230,16 @@ class RedisLimiter:
                 # take a new one rather than send into a known rate limit.
                 if self.last_reply[model].pause <= res.at:
                     self._last_cost[model] = cost
-                    return Admission(model, cost, res.seq, res.at, max(0.0, self._clock() - began))
+                    adm = Admission(model, cost, res.seq, res.at, max(0.0, self._clock() - began))
+                    current_admission.set(adm)
+                    return adm
         fallback = self._fallback
         assert fallback is not None
-        adm = await fallback.acquire(model, min(cost, fallback.policy(model).tpm))
+        local = await fallback.acquire(model, min(cost, fallback.policy(model).tpm))
         self._last_cost[model] = cost
-        return Admission(model, cost, adm.seq, adm.at_us, max(0.0, self._clock() - began))
+        adm = Admission(model, cost, local.seq, local.at_us, max(0.0, self._clock() - began))
+        current_admission.set(adm)
+        return adm
 
     async def reserve(self, model: str, cost: int, *, now_us: int | None = None) -> Reply:
         """Take the next slot of the shared schedule, without waiting for it: one round trip.
@@ -310,9 +314,15 @@ class RedisLimiter:
             self._fallback.feedback(model, status=status, headers=headers)
             return
         policy = self.policy(model)
-        failed = (admission.seq, admission.at_us, admission.cost) if admission else (0, 0, 0)
+        adm = answered(model, admission)
+        failed = (adm.seq, adm.at_us, adm.cost) if adm else (0, 0, 0)
         signal = read_feedback(
-            policy, status, headers, last_cost=self._last_cost.get(model, 0), failed=failed
+            policy,
+            status,
+            headers,
+            last_cost=self._last_cost.get(model, 0),
+            failed=failed,
+            sent_at=adm.at_us if adm else 0,
         )
         if not signal.urgent:
             if signal.failed_seq or signal.has_headers or signal.near_limit:

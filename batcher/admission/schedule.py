@@ -15,8 +15,9 @@ The schedule (server semantics in policy.py):
   every window (a little longer than the server's) has room for it, scaled by the revealed
   share. Slots never go back in time (`last`), so each window's earliest fit is found on its
   own and the latest of them fits all.
-- **Adaptive multiplier** (AIMD): a 429 our accounting let through means someone else uses the
-  quota: x beta, once per cooldown, then linear recovery. All the adaptation when answers carry
+- **Adaptive multiplier** (AIMD): 429s our accounting let through mean someone else uses the
+  quota: x beta, once per cooldown, then linear recovery; a lone 429 (none in the strike
+  window before it) only pauses. All the adaptation when answers carry
   no x-ratelimit-remaining-* headers.
 - **Share**: what remaining-* headers reveal: our usage over the server's window plus what
   remains is what the window allows us. Which window the header describes is not documented,
@@ -74,6 +75,7 @@ class State:
     m0: float | None = None  # AIMD: m(t) = min(1, m0 + recovery (t - t0))
     t0: int | None = None
     tdec: int | None = None  # time of the last decrease (cooldown)
+    t429: int | None = None  # time of the last 429 (a second one soon after is a strike)
     sh0: float | None = None  # revealed share, recovering likewise
     sht: int | None = None
     cum: int = 0  # running token total of the log
@@ -225,26 +227,42 @@ def reserve(p: Policy, st: State, cost: int, now: int) -> Reply:
 
 
 def _estimates(
-    p: Policy, st: State, left: int, limit: int, tokens: bool, now: int, without: Refund | None
+    p: Policy,
+    st: State,
+    left: int,
+    limit: int,
+    tokens: bool,
+    now: int,
+    end: int,
+    without: Refund | None,
 ) -> float | None:
-    """The largest (usage over w + remaining) / budget over the windows that can hold `left`."""
+    """The largest (usage over w + remaining) / budget over the windows that can hold `left`;
+    the windows end at `end`, what the server had seen of us when it answered."""
     best: float | None = None
     windows = p.header_windows_s
     if st.log and now - st.start < us(min(windows)):
         windows = windows + p.ramp_header_windows_s
+    after = _window(st, end)  # sent after the answered request: not seen by the server
     for w in windows:
         budget = limit * w / 60
         if left > budget:
             continue  # the header cannot describe a window this small
-        since = now - us(w)
+        since = end - us(w)
         win = _window(st, since)
-        used = (win.total - win.t_refunded) if tokens else (win.n - win.n_refunded)
-        if without is not None and without.at > since:
+        if tokens:
+            used = win.total - win.t_refunded - (after.total - after.t_refunded)
+        else:
+            used = win.n - win.n_refunded - (after.n - after.n_refunded)
+        if without is not None and since < without.at <= end:
             used = used - (without.cost if tokens else 1)
         est = (used + left) / budget
         if best is None or est > best:
             best = est
     return best
+
+
+def _end(sig: Signal, now: int) -> int:
+    return sig.sent_at if 0 < sig.sent_at <= now else now
 
 
 def _judge_failed(p: Policy, st: State, sig: Signal, now: int) -> None:
@@ -258,8 +276,9 @@ def _judge_failed(p: Policy, st: State, sig: Signal, now: int) -> None:
     else:
         assert sig.remaining_requests is not None
         left, limit, tokens = sig.remaining_requests, p.rpm, False
-    with_it = _estimates(p, st, left, limit, tokens, now, None)
-    without = _estimates(p, st, left, limit, tokens, now, entry)
+    end = _end(sig, now)
+    with_it = _estimates(p, st, left, limit, tokens, now, end, None)
+    without = _estimates(p, st, left, limit, tokens, now, end, entry)
     if with_it is not None and without is not None and with_it > 1 >= without:
         st.refunds.append(Refund(entry.at, entry.seq, entry.cost))
         st.refunded += 1
@@ -282,7 +301,7 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
         ):
             if left is None:
                 continue
-            best = _estimates(p, st, left, limit, tokens, now, None)
+            best = _estimates(p, st, left, limit, tokens, now, _end(sig, now), None)
             if best is not None and (revealed is None or best < revealed):
                 revealed = best
         if revealed is not None:
@@ -321,7 +340,13 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
         st.ttat = max(st.ttat if st.ttat is not None else 0, st.pause + tol)
     m = _mult(p, st.m0, st.t0, now)
     cooled = st.tdec is None or now - st.tdec >= us(p.aimd_cooldown_s)
-    if p.adaptive and (sig.is_429 or (limited and revealed is None)) and cooled:
+    strike = sig.is_429 and (
+        p.aimd_strike_window_s == 0
+        or (st.t429 is not None and now - st.t429 <= us(p.aimd_strike_window_s))
+    )
+    if sig.is_429:
+        st.t429 = now
+    if p.adaptive and (strike or (limited and not sig.is_429 and revealed is None)) and cooled:
         m = max(p.aimd_min, m * p.aimd_beta)
         st.m0, st.t0, st.tdec = m, now, now
         if sig.is_429:

@@ -18,7 +18,8 @@ local function fmt(x) return string.format('%.0f', x) end
 local function us(seconds) return math.floor(seconds * 1000000 + 0.5) end
 local function wlen(w) return us(w * (1 + P.window_margin)) end
 
-local FIELDS = {'rtat', 'ttat', 'last', 'start', 'pause', 'm0', 't0', 'tdec', 'sh0', 'sht', 'cum', 'seq',
+local FIELDS = {'rtat', 'ttat', 'last', 'start', 'pause', 'm0', 't0', 'tdec', 't429', 'sh0', 'sht',
+                'cum', 'seq',
                 'dec429', 'decnear', 'shdown', 'refunded', 'sus', 'susat', 'suscost'}
 local FLOATS = {m0 = true, sh0 = true}
 local st = {}
@@ -103,7 +104,7 @@ local function reply(at, seq, decreased)
           fmt(st.shdown), fmt(st.refunded), d}
 end
 
-local function estimates(left, limit, tokens, without)
+local function estimates(left, limit, tokens, stop, without)
   local best = nil
   local windows = {}
   local shortest = math.huge
@@ -114,14 +115,15 @@ local function estimates(left, limit, tokens, without)
   if redis.call('ZCARD', LOG) > 0 and now - st.start < us(shortest) then
     for _, w in ipairs(P.ramp_header_windows_s) do windows[#windows + 1] = w end
   end
+  local _, an, atotal, _, anref, atref = window(stop)  -- sent after the answered request
   for _, w in ipairs(windows) do
     local budget = limit * w / 60
     if left <= budget then
-      local since = now - us(w)
+      local since = stop - us(w)
       local _, n, total, _, nref, tref = window(since)
-      local used = n - nref
-      if tokens then used = total - tref end
-      if without and without.at > since then
+      local used = n - nref - (an - anref)
+      if tokens then used = total - tref - (atotal - atref) end
+      if without and since < without.at and without.at <= stop then
         if tokens then used = used - without.cost else used = used - 1 end
       end
       local est = (used + left) / budget
@@ -131,14 +133,19 @@ local function estimates(left, limit, tokens, without)
   return best
 end
 
+local function stop_of(sig)
+  if sig.sent_at > 0 and sig.sent_at <= now then return sig.sent_at end
+  return now
+end
+
 local function judge_failed(sig)
   local e = {at = st.susat, seq = st.sus, cost = st.suscost}
   st.sus, st.susat, st.suscost = 0, 0, 0
   if e.at < now - longest() then return end
   local left, limit, tokens = sig.remaining_requests, P.rpm, false
   if sig.remaining_tokens >= 0 then left, limit, tokens = sig.remaining_tokens, P.tpm, true end
-  local with_it = estimates(left, limit, tokens, nil)
-  local without = estimates(left, limit, tokens, e)
+  local with_it = estimates(left, limit, tokens, stop_of(sig), nil)
+  local without = estimates(left, limit, tokens, stop_of(sig), e)
   if with_it and without and with_it > 1 and 1 >= without then
     redis.call('ZADD', REF, fmt(e.at), fmt(e.seq) .. ':' .. fmt(e.cost))
     st.refunded = st.refunded + 1
@@ -159,7 +166,7 @@ local function apply_feedback(sig)
   if P.adaptive then
     for _, r in ipairs({{sig.remaining_requests, P.rpm, false}, {sig.remaining_tokens, P.tpm, true}}) do
       if r[1] >= 0 then
-        local best = estimates(r[1], r[2], r[3], nil)
+        local best = estimates(r[1], r[2], r[3], stop_of(sig), nil)
         if best and (not revealed or best < revealed) then revealed = best end
       end
     end
@@ -202,7 +209,10 @@ local function apply_feedback(sig)
   end
   local m = mult(st.m0, st.t0)
   local cooled = (not st.tdec) or now - st.tdec >= us(P.aimd_cooldown_s)
-  if P.adaptive and (sig.is_429 or (limited and not revealed)) and cooled then
+  local strike = sig.is_429 and (P.aimd_strike_window_s == 0
+    or (st.t429 ~= nil and now - st.t429 <= us(P.aimd_strike_window_s)))
+  if sig.is_429 then st.t429 = now end
+  if P.adaptive and (strike or (limited and not sig.is_429 and not revealed)) and cooled then
     m = math.max(P.aimd_min, m * P.aimd_beta)
     st.m0, st.t0, st.tdec = m, now, now
     if sig.is_429 then st.dec429 = st.dec429 + 1 else st.decnear = st.decnear + 1 end
