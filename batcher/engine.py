@@ -68,6 +68,7 @@ from batcher.pricing import Price, cost_of, format_usd, price_for
 from batcher.progress import ProgressMode
 from batcher.readers import InputReader, Row, input_digest, open_input
 from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, STATUS_ERROR, Request, Result
+from batcher.repair import repair_request
 from batcher.requests import RequestBuilder
 from batcher.retrying import retry_policy
 from batcher.reuse import Reuse
@@ -361,8 +362,36 @@ class Engine:
         if not self._opened.is_set():
             async with self._probe_lock:
                 if not self._opened.is_set():
-                    return await self._probe(req)
-        return await self._send(req)
+                    return await self._repair(req, *await self._probe(req))
+        return await self._repair(req, *await self._send(req))
+
+    async def _repair(
+        self, req: Request, result: Result, answer: Answer | None
+    ) -> tuple[Result, Answer | None]:
+        """A structured answer that does not validate is asked again with the validator's
+        message as a follow-up turn; one cut off by max_tokens, with twice the max_tokens (up
+        to structured.max_tokens_ceiling). Each repair is a request like any other: paced,
+        retried, counted, paid. A row that still fails keeps the last answer."""
+        cfg = self.job.structured
+        repairs, attempts, cost, current = 0, result.attempts, result.cost_usd, req
+        while repairs < cfg.max_repairs and not result.ok and self.structured is not None:
+            following = repair_request(current, result, self.job, cfg.max_tokens_ceiling)
+            if following is None:
+                break
+            repairs += 1
+            current = following
+            result, answer = await self._send(current)
+            attempts += result.attempts
+            cost = None if cost is None or result.cost_usd is None else cost + result.cost_usd
+        if not repairs:
+            return result, answer
+        self.stats.repairs += repairs
+        error = result.error if result.ok else f"{result.error} (after {repairs} repairs)"
+        key = None if req.key is None else req.key.key
+        final = dataclasses.replace(
+            result, keep=req.keep, attempts=attempts, cost_usd=cost, error=error, key=key
+        )
+        return final, answer
 
     async def _probe(self, req: Request) -> tuple[Result, Answer | None]:
         where = "check endpoint.region / endpoint.base_url and model"
@@ -516,6 +545,9 @@ class Engine:
             self.limiter.feedback(req.model, status=429, headers=exc.headers)
         else:
             self.stats.server_errors += 1
+            if exc.status is not None and 500 <= exc.status <= 599:
+                # Its headers may show the server did not charge it: the slot is given back.
+                self.limiter.feedback(req.model, status=exc.status, headers=exc.headers)
             if kind == "truncated":  # a 200 the server billed but we could not read
                 self.stats.truncated += 1
                 self.stats.truncated_tokens += req.cost

@@ -65,7 +65,7 @@ def coerce_result_fields(rec: dict[str, Any]) -> dict[str, Any]:
             out[name] = as_text(value)
         elif name in _INT_MAX:
             out[name] = value if is_count(value) and value <= _INT_MAX[name] else None
-        elif name == "latency_s":
+        elif pa.types.is_floating(RESULT_SCHEMA.field(name).type):  # latency_s, cost_usd
             out[name] = float(value) if is_number(value) and math.isfinite(value) else None
         elif name == "tool_calls":
             out[name] = _tool_calls(value)

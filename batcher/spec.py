@@ -144,6 +144,17 @@ class ReportConfig(_Strict):
     html: Path | None = None  # write `batcher report --html` here after each run
 
 
+class StructuredConfig(_Strict):
+    """Self-repair of structured answers (params.response_format json_schema)."""
+
+    # An answer that does not parse or validate is asked again this often, with the
+    # validator's message as a follow-up turn.
+    max_repairs: int = Field(default=2, ge=0, le=10)
+    # An answer cut off (finish_reason: length) is asked again with twice the max_tokens, up
+    # to this.
+    max_tokens_ceiling: int = Field(default=4096, ge=1)
+
+
 class CacheConfig(_Strict):
     """The response store (batcher/cache.py): answers kept by request, shared by every job."""
 
@@ -155,6 +166,7 @@ class Job(_Strict):
     input: Path
     output: Path
     cache: CacheConfig = CacheConfig()
+    structured: StructuredConfig = StructuredConfig()
     metrics: MetricsConfig = MetricsConfig()
     notify: NotifyConfig = NotifyConfig()
     report: ReportConfig = ReportConfig()

@@ -75,6 +75,7 @@ class RunStats:
     unrecorded_usd: float = 0.0  # of which billed without a row to show it (truncated answers)
     spent_before_usd: float = 0.0  # earlier runs of the job (the journal)
     cap_usd: float | None = None  # max_cost_usd
+    repairs: int = 0  # structured answers asked again (invalid, or cut off by max_tokens)
     cache_hits: int = 0  # rows answered from the response store: no request, no cost
     dedupe_hits: int = 0  # rows that shared an identical request's answer
     saved_usd: float = 0.0  # what the reused answers would have cost
@@ -165,6 +166,7 @@ class RunStats:
             "rate_limited_429": self.rate_limited,
             "server_errors": self.server_errors,
             "truncated_answers": self.truncated,
+            "structured_repairs": self.repairs,
             "rows_from_cache": self.cache_hits,
             "rows_deduplicated": self.dedupe_hits,
             "saved_usd": round(self.saved_usd, 6),

@@ -113,7 +113,7 @@ def test_quiet_prints_nothing_on_success(tmp_path: Path, mock_server) -> None:
 def test_structured_output_typed_and_broken_answers_are_errors(tmp_path: Path, mock_server) -> None:
     srv = mock_server(**FAST)
     write_jsonl(tmp_path / "input.jsonl", review_rows(12, marker={4: "[[broken-json]]"}))
-    job = write_job(tmp_path, srv.url, params=SCHEMA_PARAMS)
+    job = write_job(tmp_path, srv.url, params=SCHEMA_PARAMS, structured={"max_repairs": 0})
     res = run_batcher("run", job)
     assert res.returncode == 3, res.stderr
     table = pq.read_table(tmp_path / "out/result.parquet")
@@ -126,6 +126,20 @@ def test_structured_output_typed_and_broken_answers_are_errors(tmp_path: Path, m
     ok = rows["r0"]
     assert ok["parsed"]["sentiment"] in ("positive", "negative", "neutral")
     assert 1 <= ok["parsed"]["score"] <= 5
+
+
+def test_an_invalid_structured_answer_repairs_itself(tmp_path: Path, mock_server) -> None:
+    """The mock breaks the JSON of a row whose last user message has the marker; the repair
+    turn is the last user message then, so one repair gives a valid answer."""
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(6, marker={2: "[[broken-json]]"}))
+    job = write_job(tmp_path, srv.url, params=SCHEMA_PARAMS)
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    rows = {r["id"]: r for r in read_output(tmp_path / "out/result.parquet")}
+    assert rows["r2"]["status"] == "ok" and rows["r2"]["parsed"]["score"] >= 1
+    assert rows["r2"]["attempts"] == 2  # the first answer and one repair, both paid
+    assert srv.stats()["requests"] == 7
 
 
 def test_inspect_known_output(tmp_path: Path, mock_server) -> None:
