@@ -456,6 +456,7 @@ async def limiter_backend(
     async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> Any:
         kw.setdefault("headroom", HEADROOM)
         kw.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts, as these tests expect
+        lim: LocalLimiter | RedisLimiter
         if request.param == "local":
             lim = LocalLimiter(limits, **kw)
         else:
