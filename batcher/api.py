@@ -169,6 +169,11 @@ async def arun(
     if "output" not in raw:
         raw["output"] = str(state_dir() / f"{_digest(shape)}-{_digest(raw['input'])}.parquet")
     spec = job_from_mapping(raw, base, source=source)
+    if spec.output_format != "parquet":
+        raise JobSpecError(
+            f"{source}: the Python API returns the rows as a table; output_format: "
+            f"{spec.output_format} is for the command line (leave it out here)"
+        )
 
     async with _endpoint(spec, mock) as (base_url, api_key):
         options = RunOptions(

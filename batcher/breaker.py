@@ -5,9 +5,9 @@ bodies), retrying row after row costs each remaining row all its attempts and th
 ends with thousands of error rows that were the server's fault. The breaker watches attempts
 across rows: once the last `failures` attempts all failed (429s, 5xx, drops, timeouts,
 truncated bodies: an outage mixes them, an overloaded Azure answers 429 and 503 in turn), with
-no success in between, within `window_s`, and from more than one row, it trips. The engine then stops
-admitting, lets what is in flight finish, records none of the outage's failures as row errors,
-and exits 4: a plain rerun once the service is back finishes the job.
+no success in between, within `window_s`, and from more than one row, it trips. The engine
+then stops admitting, lets what is in flight finish, records none of the outage's failures as
+row errors, and exits 4: a plain rerun once the service is back finishes the job.
 
 Why these defaults trip before a row can use up its attempts: at concurrency c the failing
 attempts are spread over about c rows, so 10 consecutive failures cost a row about 10 / c

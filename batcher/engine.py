@@ -840,6 +840,7 @@ class Engine:
             code = self._error.exit_code
         else:
             code = ExitCode.FATAL
+        url = self.job.output_url
         return RunOutcome(
             exit_code=code,
             reason=reason,
@@ -849,6 +850,9 @@ class Engine:
             rows_written=rows_written,
             error_rows=error_rows,
             error=self._error,
+            published_to=with_name(url, self.output.name)
+            if url is not None and reason is StopReason.COMPLETED
+            else None,
         )
 
     def _clean_leftovers(self, restart: bool) -> None:

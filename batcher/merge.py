@@ -18,4 +18,9 @@ def merge_shards(job: Job, n: int) -> tuple[int, int]:
             f"merge: shard outputs missing: {', '.join(missing)}; run "
             f"`batcher run JOB --shard K/{n}` for each missing shard first"
         )
-    return merge_outputs(paths, job.output, expected_rows=count_rows(job))
+    rows, errors = merge_outputs(paths, job.output, expected_rows=count_rows(job))
+    if job.output_url is not None:  # the merged output is whole locally: now publish it
+        from batcher.storage import publish
+
+        publish(job.output, job.output_url)
+    return rows, errors

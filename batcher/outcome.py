@@ -32,7 +32,8 @@ class RunOutcome:
     journal: Path
     rows_written: int = 0  # rows in the output (COMPLETED only)
     error_rows: int = 0  # of which errors
-    error: BatcherError | None = None  # what stopped the run (FATAL, OUTAGE)
+    error: BatcherError | None = None  # what stopped the run (FATAL, OUTAGE, BUDGET)
+    published_to: str | None = None  # the object storage URL the output was published to
 
     @property
     def completed(self) -> bool:

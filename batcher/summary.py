@@ -24,7 +24,8 @@ def closing_message(outcome: RunOutcome) -> str:
     )
     reason = outcome.reason
     if reason is StopReason.COMPLETED:
-        message = f"wrote {outcome.rows_written} rows to {outcome.output}"
+        where = outcome.published_to or outcome.output
+        message = f"wrote {outcome.rows_written} rows to {where}"
         if outcome.error_rows:
             return message + (
                 f"; {outcome.error_rows} rows are errors (`batcher inspect {outcome.output}` "
