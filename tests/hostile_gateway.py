@@ -110,7 +110,14 @@ MALFORMED_SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
     "message_string": lambda: _with_choice(message="label: fine"),
     "model_object": lambda: completion(system_fingerprint=PAD, model={"name": "gpt-4o-mini"}),
     "finish_reason_number": lambda: _with_choice(finish_reason=1),
+    "content_lone_surrogate": lambda: _with_message(content="label: \ud800 fine"),
+    "usage_beyond_int64": lambda: completion(
+        system_fingerprint=PAD,
+        usage={"prompt_tokens": 2**70, "completion_tokens": 3, "total_tokens": 2**70 + 3},
+    ),
 }
+# A 200 that Python's json cannot even parse: nested deeper than its recursion limit.
+DEEPLY_NESTED = b'{"choices": [], "usage": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
 
 
 def _azure_error(message: str, code: str, type_: str = "invalid_request_error") -> bytes:
@@ -175,6 +182,11 @@ def cut() -> Behaviour:
 
 def malformed(shape: str) -> Behaviour:
     return Behaviour(f"malformed:{shape}", body=json.dumps(MALFORMED_SHAPES[shape]()).encode())
+
+
+def raw_200(body: bytes, name: str = "raw") -> Behaviour:
+    """A 200 with exactly these bytes (DEEPLY_NESTED, invalid UTF-8, ...)."""
+    return Behaviour(name, body=body)
 
 
 Phase = tuple[int | None, Behaviour]

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import env_with_key, read_output, review_rows, run_batcher, write_job, write_jsonl
 from hostile_gateway import (
+    DEEPLY_NESTED,
     MALFORMED_SHAPES,
     Behaviour,
     HostileGateway,
@@ -27,6 +28,7 @@ from hostile_gateway import (
     malformed,
     ok,
     rate_limited,
+    raw_200,
     rejected,
     server_error,
     stall,
@@ -397,11 +399,26 @@ def test_key_rejected_mid_run_keeps_answers_in_flight(
 
 # ---- 4. malformed 200s: an error row with the raw body, never a poisoned journal -----------
 
-FIXABLE = {"content_list"}  # normalised into the result's types: an ok row
-EITHER = {"usage_nulls"}  # null counts may be read as unknown, or refused
+FIXABLE = {"content_list", "content_lone_surrogate"}  # normalised: an ok row
+EITHER = {"usage_nulls", "usage_beyond_int64"}  # may be read as unknown counts, or refused
 
 
-@pytest.mark.parametrize("shape", list(MALFORMED_SHAPES))
+INT64_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="BUG: answers._usage accepts a token count >= 2**63 (schema.is_count has no upper "
+    "bound): the answer is journaled as ok, and only the writer refuses it ('the journal's "
+    "record does not fit the output ... Python int too large'), an error row without the raw "
+    "body that --retry-errors pays for again; refuse counts over int64 in is_count/_usage",
+)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param(s, marks=INT64_BUG) if s == "usage_beyond_int64" else s
+        for s in MALFORMED_SHAPES
+    ],
+)
 def test_malformed_answer_is_an_error_row_and_reruns_cleanly(
     tmp_path: Path, gateway: Callable[..., HostileGateway], shape: str
 ) -> None:
@@ -423,6 +440,8 @@ def test_malformed_answer_is_an_error_row_and_reruns_cleanly(
         assert bad["status"] == "ok" and isinstance(bad["content"], str)
         if shape == "content_list":
             assert bad["content"] == "label: fine"
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert bad[key] is None or 0 <= bad[key] < 2**63
         return
     assert res.returncode == 3, res.stderr
     assert bad["status"] == "error"
@@ -436,6 +455,26 @@ def test_malformed_answer_is_an_error_row_and_reruns_cleanly(
     assert gw.requests == 5  # only the error row again
     rows = {r["id"]: r for r in read_output(tmp_path / OUT)}
     assert all(r["status"] == "ok" for r in rows.values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ChatClient.complete catches only ValueError around json.loads(raw); a body "
+    "nested deeper than the recursion limit raises RecursionError, which ends the run with "
+    "a traceback (exit 1); catch RecursionError there too (-> TruncatedAnswer)",
+)
+def test_a_200_json_cannot_parse_is_retried_not_a_crash(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    gw = gateway([(1, ok()), (1, raw_200(DEEPLY_NESTED, "deeply-nested")), (None, ok())])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(4))
+    job = job_file(tmp_path, gw, concurrency=1)
+    res = run_batcher("run", job, "--log-format", "json")
+    no_traceback(res)
+    assert res.returncode == 0, res.stderr
+    assert gw.requests == 5  # read like a truncated body: paid, retried within the budget
+    assert json.loads(res.stdout.strip().splitlines()[-1])["truncated_answers"] == 1
+    assert all(r["status"] == "ok" for r in read_output(tmp_path / OUT))
 
 
 # ---- 5. rows over the context window are errors without a request --------------------------
