@@ -14,6 +14,7 @@ everything" in request counts, never in time. `switch()` replaces the script whi
     drop()                     the connection closed without an answer
     truncated()                200 whose JSON body stops half-way
     cut()                      200 whose connection closes half-way through the body
+    stall_body()               200 and half the body, then nothing until the client gives up
     malformed(shape)           200 with one field in a wrong shape (MALFORMED_SHAPES)
 
 A request whose body is longer than `context_chars` is answered `context_length()` whatever
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Action = Literal["answer", "stall", "drop", "cut"]
+Action = Literal["answer", "stall", "drop", "cut", "stall_body"]
 STALL_MAX_S = 30.0  # a stalled answer ends by itself after this, even if nobody stops us
 PAD = "x" * 5_000  # makes a malformed body long: the row's error must keep only its start
 
@@ -115,6 +116,19 @@ MALFORMED_SHAPES: dict[str, Callable[[], dict[str, Any]]] = {
         system_fingerprint=PAD,
         usage={"prompt_tokens": 2**70, "completion_tokens": 3, "total_tokens": 2**70 + 3},
     ),
+    "usage_missing": lambda: {
+        k: v for k, v in completion(system_fingerprint=PAD).items() if k != "usage"
+    },
+    "refusal_number": lambda: _with_message(refusal=5),
+    "tool_calls_object": lambda: _with_message(
+        content=None, tool_calls={"id": "call_1", "function": {"name": "f", "arguments": "{}"}}
+    ),
+    "tool_call_arguments_number": lambda: _with_message(
+        content=None,
+        tool_calls=[
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": 7}}
+        ],
+    ),
 }
 # A 200 that Python's json cannot even parse: nested deeper than its recursion limit.
 DEEPLY_NESTED = b'{"choices": [], "usage": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
@@ -178,6 +192,10 @@ def truncated() -> Behaviour:
 
 def cut() -> Behaviour:
     return Behaviour("cut", action="cut", body=json.dumps(completion()).encode())
+
+
+def stall_body() -> Behaviour:
+    return Behaviour("stall_body", action="stall_body", body=json.dumps(completion()).encode())
 
 
 def malformed(shape: str) -> Behaviour:
@@ -272,12 +290,15 @@ class HostileGateway:
             if request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError  # nothing to answer on a closed connection
-        if behaviour.action == "cut":  # the status line and half the body, then nothing
-            assert behaviour.body is not None
+        if behaviour.action in ("cut", "stall_body"):  # the status line and half the body
+            assert behaviour.body is not None and self._stopped is not None
             resp = web.StreamResponse(headers={"content-type": "application/json"})
             resp.content_length = len(behaviour.body)
             await resp.prepare(request)
             await resp.write(behaviour.body[: len(behaviour.body) // 2])
+            if behaviour.action == "stall_body":  # ... then nothing, until we stop
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), STALL_MAX_S)
             if request.transport is not None:
                 request.transport.close()
             return resp
