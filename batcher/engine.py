@@ -498,7 +498,7 @@ class Engine:
             raise _Abandoned
         if attempt > 1:
             self.stats.retries += 1
-        self.stats.record_sent(req.cost)
+        self.stats.record_sent(req.cost, req.model)
         self.stats.in_flight += 1
         me = asyncio.current_task()
         assert me is not None

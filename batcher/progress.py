@@ -83,17 +83,6 @@ def _paused_s(stats: RunStats) -> float:
     return max((snap.paused_until_s for snap in stats.effective.values()), default=0.0)
 
 
-def _slowdown_reasons(stats: RunStats) -> str:
-    """Why the limiter slowed down, from what happened (429s, headers); '' if nothing did."""
-    reasons = [
-        reason
-        for snap in stats.effective.values()
-        if snap.slowed
-        for reason in snap.slowdown_reasons()
-    ]
-    return "; ".join(reasons)
-
-
 def _rows(stats: RunStats) -> tuple[int, int, float | None]:
     """(rows done including resumed ones, total rows, percent)."""
     done = stats.done_before + stats.done
@@ -292,6 +281,11 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def _only_limits(stats: RunStats) -> tuple[int | None, int | None]:
+    """The limits when one model has them all (a figure without a model name); else none."""
+    return next(iter(stats.limits.values())) if len(stats.limits) == 1 else (None, None)
+
+
 def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
     """The end-of-run report: outcome, tokens, trouble, time, achieved rates vs limits."""
     if fmt == "json":
@@ -299,8 +293,6 @@ def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
     if fmt != "text":
         raise ValueError(f"summary format must be 'text' or 'json', not {fmt!r}")
     done, total, _ = _rows(stats)
-    avg_rpm, avg_tpm = stats.average_rates()
-    rpm, tpm, eff_rpm, eff_tpm = _limit_totals(stats)
     lines = [
         f"rows:     {stats.ok:,} ok, {stats.error:,} error"
         + (f", {stats.done_before:,} done by earlier runs" if stats.done_before else "")
@@ -320,22 +312,31 @@ def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
         return f"{value:,.0f} of {limit:,} ({100.0 * value / limit:.0f}%)"
 
     elapsed = stats.elapsed()
-    if elapsed >= 60.0:
-        lines.append(
-            f"rate:     {against(avg_rpm, rpm)} rpm, {against(avg_tpm, tpm)} tpm (run average)"
-        )
-    else:
-        # Scaling a few seconds up to a minute would compare a burst the limits allow with
-        # a per-minute figure; say what was sent instead.
-        limits = f" (limits: {rpm:,} rpm, {tpm:,} tpm)" if rpm is not None and tpm else ""
-        lines.append(
-            f"rate:     {stats.requests_sent:,} requests and {stats.admitted_tokens:,} "
-            f"admission tokens in {format_duration(elapsed)}, under a minute{limits}"
-        )
-    if eff_rpm is not None:
-        why = _slowdown_reasons(stats)
-        lines.append(
-            f"          adaptive slow-down ({why or 'someone else shares the quota'}) ended at "
-            f"{eff_rpm:,} rpm, {eff_tpm:,} tpm"
-        )
+    # Each model has its own limits: its rate is shown against them, never against a sum.
+    by_model = stats.model_rates() or {"": stats.average_rates()}
+    sent = stats.sent_by_model or {"": [stats.requests_sent, stats.admitted_tokens]}
+    for model in sorted(by_model):
+        r, t = stats.limits.get(model) or _only_limits(stats)
+        name = f"{model}: " if model else ""
+        if elapsed >= 60.0:
+            m_rpm, m_tpm = by_model[model]
+            lines.append(
+                f"rate:     {name}{against(m_rpm, r)} rpm, {against(m_tpm, t)} tpm (run average)"
+            )
+        else:
+            # Scaling a few seconds up to a minute would compare a burst the limits allow with
+            # a per-minute figure; say what was sent instead.
+            limits = f" (limits: {r:,} rpm, {t:,} tpm)" if r is not None and t else ""
+            lines.append(
+                f"rate:     {name}{sent[model][0]:,} requests and {sent[model][1]:,} admission "
+                f"tokens in {format_duration(elapsed)}, under a minute{limits}"
+            )
+    # Said only when the limiter did slow down, and why (429s, headers): never for headroom.
+    for model, snap in sorted(stats.effective.items()):
+        reasons = snap.slowdown_reasons() if snap.slowed else []
+        if reasons:
+            lines.append(
+                f"          {model}: adaptive slow-down ({'; '.join(reasons)}) ended at "
+                f"{snap.effective_rpm:,.0f} rpm, {snap.effective_tpm:,.0f} tpm"
+            )
     return "\n".join(lines)

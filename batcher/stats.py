@@ -96,6 +96,7 @@ class RunStats:
     # Attempts by how they ended: "200", "429", "503", ... or a failure kind without a status
     # ("timeout", "connection"); metrics and the run history read it.
     responses: Counter[str] = field(default_factory=Counter)
+    sent_by_model: dict[str, list[int]] = field(default_factory=dict)  # model -> [requests, tokens]
 
     def count_response(self, status: int | str) -> None:
         self.responses[str(status)] += 1
@@ -143,7 +144,7 @@ class RunStats:
             return None
         return self.remaining / (self.done / elapsed)
 
-    def record_sent(self, cost: int) -> None:
+    def record_sent(self, cost: int, model: str | None = None) -> None:
         now = self.clock()
         if not self.requests_sent:
             self.first_sent = now
@@ -151,6 +152,26 @@ class RunStats:
         self.requests_sent += 1
         self.admitted_tokens += cost
         self.meter.add(cost)
+        if model is not None:
+            sent = self.sent_by_model.get(model)
+            if sent is None:
+                sent = self.sent_by_model[model] = [0, 0]
+            sent[0] += 1
+            sent[1] += cost
+
+    def model_rates(self) -> dict[str, tuple[float, float]]:
+        """model -> (RPM, TPM) over the run's sending span: each against its own limits."""
+        n = self.requests_sent
+        if n < 2 or self.last_sent <= self.first_sent:
+            minutes = max(self.elapsed(), 1e-9) / 60.0
+            share = 1.0
+        else:
+            minutes = (self.last_sent - self.first_sent) / 60.0
+            share = (n - 1) / n  # n sends span n - 1 intervals (see average_rates)
+        return {
+            m: (r * share / minutes, t * share / minutes)
+            for m, (r, t) in self.sent_by_model.items()
+        }
 
     def as_dict(self) -> dict[str, Any]:
         rpm, tpm = self.average_rates()

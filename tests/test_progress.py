@@ -235,3 +235,22 @@ def test_summary_of_a_run_shorter_than_a_minute() -> None:
     # Not "600 rpm of 500": a burst of 20 in 2 s is within a minute's allowance.
     assert "20 requests and 1,700 admission tokens in 2s, under a minute" in text
     assert "(limits: 500 rpm, 60,000 tpm)" in text
+
+
+def test_summary_shows_each_models_rate_against_its_own_limits_and_no_phantom_slowdown() -> None:
+    """Two models with their own limits: two rate lines, never one summed figure; a clean
+    run (no 429, no headers) says nothing about slowing down."""
+    clock = FakeClock()
+    stats = RunStats(clock=clock)
+    stats.limits = {"gpt-4o": (500, 60_000), "gpt-4o-mini": (300, 30_000)}
+    for _ in range(10):
+        clock.now += 6.0
+        stats.record_sent(1000, "gpt-4o")
+        stats.record_sent(500, "gpt-4o-mini")
+    stats.ok = 20
+    stats.finished = clock.now
+    text = render_summary(stats, fmt="text")
+    assert "gpt-4o: " in text and "of 500 (" in text and "of 60,000 (" in text
+    assert "gpt-4o-mini: " in text and "of 300 (" in text and "of 30,000 (" in text
+    assert "1,000 rpm" not in text and "800" not in text
+    assert "slow-down" not in text
