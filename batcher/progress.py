@@ -281,6 +281,9 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+SLOWDOWN_WORTH_SAYING = 0.98  # multiplier below which the summary says the pace was lowered
+
+
 def _only_limits(stats: RunStats) -> tuple[int | None, int | None]:
     """The limits when one model has them all (a figure without a model name); else none."""
     return next(iter(stats.limits.values())) if len(stats.limits) == 1 else (None, None)
@@ -333,7 +336,8 @@ def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
             )
     # Said only when the limiter did slow down, and why (429s, headers): never for headroom.
     for model, snap in sorted(stats.effective.items()):
-        reasons = snap.slowdown_reasons() if snap.slowed else []
+        # (a pace within 2 % of the limits is the share estimate's noise, not a slow-down)
+        reasons = snap.slowdown_reasons() if snap.multiplier < SLOWDOWN_WORTH_SAYING else []
         if reasons:
             lines.append(
                 f"          {model}: adaptive slow-down ({'; '.join(reasons)}) ended at "
