@@ -45,6 +45,7 @@ def test_jsonl_all_rows_ok(tmp_path: Path, mock_server) -> None:
     assert schema.field("id").type == pa.string()
     assert schema.field("prompt_tokens").type == pa.int64()
     assert "rows" in res.stderr and "wrote 60 rows" in res.stderr
+    assert "slow-down" not in res.stderr  # a clean run: no 429, nobody else's load
     assert srv.stats()["duplicates"] == 0
 
 
