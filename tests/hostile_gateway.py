@@ -253,8 +253,9 @@ class HostileGateway:
     def behaviours(self) -> list[str]:
         return [r.behaviour for r in self.received]
 
-    def _next(self) -> Behaviour:
-        k = len(self.received) - self._base  # this request's ordinal in the current script
+    def _next(self, n: int) -> Behaviour:
+        """The behaviour for request number `n`."""
+        k = n - self._base  # its ordinal in the current script
         for count, behaviour in self._script:
             if count is None or k <= count:
                 return behaviour
@@ -267,11 +268,11 @@ class HostileGateway:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw
-        self.received.append(Received(len(self.received) + 1, body, ""))
-        behaviour = self._next()
+        n = len(self.received) + 1
+        behaviour = self._next(n)
         if self.context_chars is not None and len(raw) > self.context_chars:
             behaviour = context_length()
-        self.received[-1] = Received(self.received[-1].n, body, behaviour.name, self.in_flight)
+        self.received.append(Received(n, body, behaviour.name, self.in_flight))
         self.in_flight += 1
         try:
             return await self._perform(request, behaviour)
