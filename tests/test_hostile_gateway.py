@@ -399,6 +399,18 @@ def test_a_200_whose_body_stalls_is_counted_as_spent(
     assert summary["truncated_answers"] == 1
 
 
+def test_one_stalled_answer_is_retried(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    gw = gateway([(5, ok()), (1, stall()), (None, ok())])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(20))
+    endpoint = {"base_url": gw.url, "api_key_env": "TEST_LANGDOCK_KEY", "timeout_s": 1}
+    res = run_batcher("run", job_file(tmp_path, gw, endpoint=endpoint))
+    assert res.returncode == 0, res.stderr
+    assert gw.requests == 21 and gw.ok_sent == 20
+    assert sum(r["attempts"] for r in read_output(tmp_path / OUT)) == 21
+
+
 def test_truncated_answers_stay_within_the_retry_budget(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -422,25 +434,28 @@ def test_truncated_answers_stay_within_the_retry_budget(
 # ---- 3. a rejected key mid-run: what is in flight finishes and is journaled ----------------
 
 
-@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize(("status", "concurrency"), [(401, 8), (403, 8), (401, 32)])
 def test_key_rejected_mid_run_keeps_answers_in_flight(
-    tmp_path: Path, gateway: Callable[..., HostileGateway], status: int
+    tmp_path: Path, gateway: Callable[..., HostileGateway], status: int, concurrency: int
 ) -> None:
-    gw = gateway([(20, ok(latency_s=0.3)), (None, rejected(status))])
-    write_jsonl(tmp_path / "input.jsonl", review_rows(80))
-    job = job_file(tmp_path, gw, concurrency=8)
+    # After the probe, requests go in waves of `concurrency` (latency >> send jitter): the
+    # first rejected request is the last of a wave, the rest of it on its way to good answers.
+    good = 2 * concurrency
+    gw = gateway([(good, ok(latency_s=0.3)), (None, rejected(status))])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(10 * concurrency))
+    job = job_file(tmp_path, gw, concurrency=concurrency)
     res = run_batcher("run", job)
     assert res.returncode == 4, res.stderr
     no_traceback(res)
     assert f"rejected the API key ({status})" in res.stderr
     assert "TEST_LANGDOCK_KEY" in res.stderr
     journaled = journal(tmp_path)
-    assert gw.ok_sent == 20
+    assert gw.ok_sent == good
     assert sum(r["status"] == "ok" for r in journaled.values()) == gw.ok_sent  # none lost
     assert [r for r in journaled.values() if r["status"] != "ok"] == []
-    assert gw.requests - gw.ok_sent <= 8  # no more than one wave of rejected requests
+    assert gw.requests - gw.ok_sent <= concurrency  # at most one wave of rejected requests
     first_rejected = next(r for r in gw.received if r.behaviour == str(status))
-    assert first_rejected.in_flight >= 3  # good answers were on their way when it came
+    assert first_rejected.in_flight >= concurrency // 2  # good answers were on their way
 
 
 # ---- 4. malformed 200s: an error row with the raw body, never a poisoned journal -----------
