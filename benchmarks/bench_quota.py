@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -161,6 +162,9 @@ async def measure(
 
 
 def run_variant(directory: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
+    # A fresh response store (the default one lives under $XDG_CACHE_HOME and is shared by
+    # every job): a run after another over the same rows would be answered from it.
+    os.environ["XDG_CACHE_HOME"] = str(directory / "xdg" / name)
     variant = VARIANTS[name]
     # Enough rows for the whole run at the request limit, never running dry.
     duration = variant.duration_s or args.duration

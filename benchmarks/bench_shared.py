@@ -301,6 +301,9 @@ def peak_10s_tokens(stats: dict[str, Any], start_s: float, end_s: float) -> int:
 
 
 def run(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
+    # A fresh response store (the default one lives under $XDG_CACHE_HOME and is shared by
+    # every job): a run after another over the same rows would be answered from it.
+    os.environ["XDG_CACHE_HOME"] = str(directory / "xdg" / "shared")
     workspace = f"bench-{uuid.uuid4().hex[:8]}"
     # Enough rows that no process runs dry, even one taking twice its fair share.
     span_s = args.warmup + args.duration + 20
