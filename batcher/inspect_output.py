@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from batcher.errors import BatcherError, InputDataError
 from batcher.journal import SkippedLines, journal_latest_mask, journal_path, read_results
-from batcher.pricing import PRICES_AS_OF, format_usd, price_for
+from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
 from batcher.schema import RESULT_SCHEMA
 from batcher.spec import Price
@@ -48,6 +48,7 @@ _SCHEMA = pa.schema(
     ]
 )
 _COLUMNS = tuple(_SCHEMA.names)
+REUSED = ["cache", "dedupe"]  # sources of answers that cost nothing this time
 
 # Order matters: whole ids before the digits inside them.
 _NORMALISE: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -90,10 +91,24 @@ class _Totals:
     parsed_rows: int = 0
     parsed_values: dict[str, Counter[str]] | None = None  # field -> value tally (labels)
     parsed_fields: list[str] = field(default_factory=list)
+    source: Counter[str] = field(default_factory=Counter)  # api | cache | dedupe
+    paid_usd: float = 0.0  # the rows' own cost_usd: what was paid for them
+    reused: dict[str, list[int]] = field(default_factory=dict)  # model -> tokens not paid again
 
     def add(self, table: pa.Table, parsed: list[Any] | None) -> None:
         self.rows += table.num_rows
         _tally(self.status, table["status"])
+        _tally(self.source, table["source"])
+        self.paid_usd += pc.sum(table["cost_usd"]).as_py() or 0.0
+        reused = table.filter(pc.is_in(table["source"], value_set=pa.array(REUSED)))
+        if reused.num_rows:
+            sums = reused.group_by("model", use_threads=False).aggregate(
+                [("prompt_tokens", "sum"), ("completion_tokens", "sum")]
+            )
+            for g in sums.to_pylist():
+                tokens = self.reused.setdefault(g["model"] or NONE, [0, 0])
+                tokens[0] += g["prompt_tokens_sum"] or 0
+                tokens[1] += g["completion_tokens_sum"] or 0
         _tally(self.finish_reason, table["finish_reason"])
         for item in pc.value_counts(table["attempts"]).to_pylist():
             self.attempts[item["values"] or 0] += item["counts"]
@@ -309,10 +324,18 @@ def _report(t: _Totals, prices: Mapping[str, Price]) -> dict[str, Any]:
             "mean": round(pc.mean(values).as_py(), 3),
         }
 
+    saved = 0.0
+    for name, (prompt, completion) in t.reused.items():
+        price = price_for(name, prices)[0] if name != NONE else None
+        saved += 0.0 if price is None else cost_of(price, prompt, completion)
+
     top = sorted(t.errors.items(), key=lambda kv: -kv[1].count)[:TOP_ERRORS]
     report: dict[str, Any] = {
         "rows": t.rows,
         "status": dict(t.status.most_common()),
+        "answer_source": dict(t.source.most_common()),
+        "paid_usd": round(t.paid_usd, 6),
+        "saved_usd": round(saved, 6),
         "finish_reason": dict(t.finish_reason.most_common()),
         "tokens": {
             "prompt": sum(m["prompt_tokens"] for m in t.models.values()),
@@ -400,6 +423,14 @@ def render_inspection(report: dict[str, Any]) -> str:
         )
     )
     lines.append(f"cost:          {cost}" + (f"  [{'; '.join(priced)}]" if priced else ""))
+    sources = report.get("answer_source", {})
+    reused = sources.get("cache", 0) + sources.get("dedupe", 0)
+    if reused:
+        lines.append(
+            f"reused:        {sources.get('cache', 0):,} rows answered from the cache, "
+            f"{sources.get('dedupe', 0):,} shared an identical request; paid "
+            f"{format_usd(report['paid_usd'])}, saving {format_usd(report['saved_usd'])}"
+        )
     lat = report["latency_s"]
     if lat["rows"]:
         lines.append(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from batcher.journal import holder, is_locked, journal_path, lock_path, read_state
+from batcher.pricing import format_usd
 from batcher.readers import count_rows
 from batcher.sharding import shard_output
 from batcher.spec import Job
@@ -36,6 +37,8 @@ def job_status(job: Job, shard: tuple[int, int] | None = None) -> dict[str, Any]
         "rows_remaining": max(0, total - done),
         "prompt_tokens": state.prompt_tokens,
         "completion_tokens": state.completion_tokens,
+        "spent_usd": round(state.spent_usd, 6),  # every run of the job, retries included
+        "max_cost_usd": job.max_cost_usd,
         "output_exists": output.exists(),
         "skipped_lines": state.skipped.count,
         "skipped_detail": state.skipped.describe(),
@@ -50,6 +53,8 @@ def render_status(s: dict[str, Any]) -> str:
         f"rows:       {s['rows_done']}/{s['rows_total']} done  ok={s['rows_ok']} "
         f"error={s['rows_error']} remaining={s['rows_remaining']}",
         f"tokens:     {s['prompt_tokens']} prompt + {s['completion_tokens']} completion",
+        f"spent:      {format_usd(s['spent_usd'])}"
+        + (f" of max_cost_usd {format_usd(s['max_cost_usd'])}" if s["max_cost_usd"] else ""),
         f"started:    {s['started']}   last run: {s['last_run']} ({s['runs']} runs)",
     ]
     if s.get("skipped_lines"):
