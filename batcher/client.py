@@ -63,12 +63,17 @@ class ChatClient:
                 headers = {k.lower(): v for k, v in resp.headers.items()}
                 try:
                     raw = await resp.read()
-                except (aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
+                except (
+                    aiohttp.ClientPayloadError,
+                    asyncio.IncompleteReadError,
+                    TimeoutError,
+                ) as exc:
                     if not 200 <= status < 300:
                         raise
-                    # The server answered 2xx and cut the body: billed, unreadable.
+                    # The server answered 2xx and cut or stalled the body: billed, unreadable.
+                    how = "stalled" if isinstance(exc, TimeoutError) else "was cut off"
                     raise TruncatedAnswer(
-                        f"answer {status} was cut off mid-body ({type(exc).__name__})",
+                        f"answer {status} {how} mid-body ({type(exc).__name__})",
                         status=status,
                         headers=headers,
                     ) from None
@@ -85,7 +90,7 @@ class ChatClient:
             raw = raw.replace(self._key_bytes, b"***")
         try:
             parsed: Any = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past any real answer
             parsed = raw
         error = classify(status, headers, parsed)
         if error is not None:
@@ -94,7 +99,9 @@ class ChatClient:
             # Billed (the server answered 2xx) but unreadable: retried within the row's
             # attempts like a dropped connection, and counted as spent.
             raise TruncatedAnswer(
-                f"answer {status} is not a whole chat completion: {str(raw[:200])!r}",
+                "answer {} is not a whole chat completion: {!r}".format(
+                    status, raw[:200].decode("utf-8", "replace")
+                ),
                 status=status,
                 headers=headers,
             )

@@ -311,7 +311,7 @@ class Engine:
                     limit = self.job.limit_for(req.model)
                     self.stats.limits[req.model] = (limit.rpm, limit.tpm)
             if prepared.errors or served:
-                await asyncio.gather(*(self._finish(r) for r in [*prepared.errors, *served]))
+                await self._finish_many([*prepared.errors, *served])
             for req in prepared.requests:
                 claim = True if self.reuse is None else self.reuse.claim(req)
                 if isinstance(claim, Result):  # an identical request was just answered
@@ -446,20 +446,30 @@ class Engine:
         except RetryableAPIError as exc:
             if probing:
                 raise
-            return self._error_row(req, attempts, f"gave up after {attempts} attempts: {exc}")
+            tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+            return self._error_row(req, attempts, f"gave up after {tries}: {exc}")
         except BadRequest as exc:
             if probing and exc.status == 404:
                 raise
             return self._error_row(req, attempts, str(exc))
-        result = result_from_answer(req, answer, attempts, self.structured)
-        cost = self._settle(req, reserved, result.prompt_tokens, result.completion_tokens)
-        key = None if req.key is None else req.key.key
-        return dataclasses.replace(result, cost_usd=cost, key=key), answer
+
+        def settle(prompt: int | None, completion: int | None) -> float | None:
+            return self._settle(req, reserved, prompt, completion)
+
+        return result_from_answer(req, answer, attempts, self.structured, cost=settle), answer
 
     def _error_row(self, req: Request, attempts: int, error: str) -> tuple[Result, None]:
         key = None if req.key is None else req.key.key
-        row = Result(req.row_id, STATUS_ERROR, attempts=attempts, error=error, keep=req.keep)
-        return dataclasses.replace(row, key=key, cost_usd=0.0), None
+        row = Result(
+            req.row_id,
+            STATUS_ERROR,
+            attempts=attempts,
+            error=error,
+            keep=req.keep,
+            cost_usd=0.0,
+            key=key,
+        )
+        return row, None
 
     def _settle(
         self, req: Request, reserved: float, prompt: int | None, completion: int | None
@@ -557,7 +567,8 @@ class Engine:
                 APIError(
                     f"the service failed the last {self._breaker.failures} requests "
                     f"({', '.join(f'{n} x {k}' for k, n in self._breaker.kinds.items())}), "
-                    f"the last with: {exc}. The service looks {self._breaker.tripped}; the "
+                    f"the last with: {str(exc).rstrip('.')}. The service looks "
+                    f"{self._breaker.tripped}; the "
                     "rows it hit are not recorded as errors"
                 ),
             )
@@ -565,6 +576,17 @@ class Engine:
     async def _finish(self, result: Result) -> None:
         assert self._journal is not None
         await self._journal.append(result)
+        self._count(result)
+
+    async def _finish_many(self, results: list[Result]) -> None:
+        """Rows answered without a request, in one journal wait (not a task per row)."""
+        assert self._journal is not None
+        await self._journal.append_many(results)
+        for result in results:
+            self._count(result)
+
+    def _count(self, result: Result) -> None:
+        """A durable result, in the run's statistics."""
         if result.source == SOURCE_CACHE:
             self.stats.cache_hits += 1
             self.stats.saved_usd += self._cost(result)

@@ -76,7 +76,7 @@ def coerce_result_fields(rec: dict[str, Any]) -> dict[str, Any]:
 
 def is_count(value: Any) -> TypeGuard[int]:
     """A token count or attempt number: a non-negative int (bool is not a number here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def is_number(value: Any) -> TypeGuard[int | float]:

@@ -378,13 +378,6 @@ def test_a_200_cut_mid_body_is_counted_as_spent(
     assert summary["truncated_answers"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ChatClient.complete turns a TimeoutError while reading a 2xx body (status and "
-    "half the body received, then nothing) into APITimeout, so it is not counted as a "
-    "truncated answer that was billed, unlike a 2xx cut mid-body; raise TruncatedAnswer "
-    "when the status was 2xx",
-)
 def test_a_200_whose_body_stalls_is_counted_as_spent(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -431,13 +424,6 @@ def test_truncated_answers_stay_within_the_retry_budget(
         assert rows[rid]["status"] == "error" and "gave up after 2 attempts" in rows[rid]["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (cosmetic): ChatClient.complete words an unreadable 2xx as "
-    "f'... chat completion: {str(raw[:200])!r}', the repr of a bytes repr, so messages and "
-    "error rows show 'b\\'{\"id\": ...'; decode the start first "
-    "(raw[:200].decode('utf-8', 'replace'))",
-)
 def test_an_unreadable_answer_is_shown_as_text(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -489,21 +475,9 @@ FIXABLE = {"content_list", "content_lone_surrogate", "usage_missing"}  # normali
 EITHER = {"usage_nulls", "usage_beyond_int64"}  # may be read as unknown counts, or refused
 
 
-INT64_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: answers._usage accepts a token count >= 2**63 (schema.is_count has no upper "
-    "bound): the answer is journaled as ok, and only the writer refuses it ('the journal's "
-    "record does not fit the output ... Python int too large'), an error row without the raw "
-    "body that --retry-errors pays for again; refuse counts over int64 in is_count/_usage",
-)
-
-
 @pytest.mark.parametrize(
     "shape",
-    [
-        pytest.param(s, marks=INT64_BUG) if s == "usage_beyond_int64" else s
-        for s in MALFORMED_SHAPES
-    ],
+    [s for s in MALFORMED_SHAPES],
 )
 def test_malformed_answer_is_an_error_row_and_reruns_cleanly(
     tmp_path: Path, gateway: Callable[..., HostileGateway], shape: str
@@ -543,12 +517,6 @@ def test_malformed_answer_is_an_error_row_and_reruns_cleanly(
     assert all(r["status"] == "ok" for r in rows.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ChatClient.complete catches only ValueError around json.loads(raw); a body "
-    "nested deeper than the recursion limit raises RecursionError, which ends the run with "
-    "a traceback (exit 1); catch RecursionError there too (-> TruncatedAnswer)",
-)
 def test_a_200_json_cannot_parse_is_retried_not_a_crash(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
