@@ -66,7 +66,7 @@ from batcher.outcome import RunOutcome, StopReason
 from batcher.prepare import Prepared, Preparer
 from batcher.pricing import Price, cost_of, format_usd, price_for
 from batcher.progress import ProgressMode
-from batcher.readers import InputReader, Row, input_digest, open_input
+from batcher.readers import InputReader, Row, input_digest, open_input, resolve_keep
 from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, STATUS_ERROR, Request, Result
 from batcher.repair import repair_request
 from batcher.requests import RequestBuilder
@@ -117,7 +117,8 @@ class Engine:
     """One `batcher run`. Build it, then `await run()`; it never raises for row-level trouble."""
 
     def __init__(self, job: Job, options: RunOptions, limiter: Limiter | None = None) -> None:
-        self.job = job
+        self.reader: InputReader = open_input(job)
+        self.job = job = resolve_keep(job, self.reader)  # keep_columns: all -> the columns
         self.options = options
         self.output = shard_output(job.output, *options.shard) if options.shard else job.output
         if options.sample is not None:  # its own output and journal beside the job's
@@ -125,7 +126,6 @@ class Engine:
         self.limiter = limiter or make_limiter(job)
         self.stats = RunStats()
         self.structured = self._structured()
-        self.reader: InputReader = open_input(job)
         self.builder = RequestBuilder(job, batch_format=self.reader.format == "batch")
         self.preparer = Preparer(job, self.builder)
         needed = {*self.builder.template_columns, *job.keep_columns}

@@ -26,7 +26,7 @@ from typing import Any
 from batcher.prepare import Prepared, Preparer
 from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
-from batcher.readers import open_input
+from batcher.readers import open_input, resolve_keep
 from batcher.requests import RequestBuilder
 from batcher.spec import Job
 
@@ -102,6 +102,7 @@ def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS
     """
     started = time.monotonic()
     reader = open_input(job)
+    job = resolve_keep(job, reader)
     builder = RequestBuilder(job, batch_format=reader.format == "batch")
     known = reader.column_names()
     if known is not None:

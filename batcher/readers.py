@@ -21,9 +21,9 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batcher.errors import InputDataError
+from batcher.errors import InputDataError, JobSpecError
 from batcher.sharding import shard_of
-from batcher.spec import Job
+from batcher.spec import OUTPUT_COLUMNS, Job
 from batcher.storage import fetch_input
 
 Format = Literal["jsonl", "parquet", "batch"]
@@ -241,6 +241,35 @@ def _batch_line_problem(obj: dict[str, Any]) -> str | None:
     if method != "POST" or url != BATCH_URL:
         return f"Batch-API line asks for {method} {url}; batcher sends only POST {BATCH_URL}"
     return None
+
+
+def resolve_keep(job: Job, reader: InputReader) -> Job:
+    """`keep_columns: all` as the input's columns (every key JSONL rows use, in first-seen
+    order, found by reading the input once), the id column aside. A column named like a
+    result column is refused before anything is sent, naming both."""
+    if job.keep_columns != "all":
+        return job
+    if reader.format == "batch":
+        raise JobSpecError(
+            "keep_columns: all copies input columns; a Batch-API input has none beside its "
+            "request (custom_id is the output's id). Leave keep_columns out"
+        )
+    names = reader.column_names()
+    if names is None:
+        seen: dict[str, None] = {}
+        for batch in reader.iter_batches(4096):
+            for row in batch:
+                seen.update(dict.fromkeys(row.data))
+        names = list(seen)
+    keep = [n for n in names if n != job.id_column]
+    clash = [n for n in keep if n in OUTPUT_COLUMNS]
+    if clash:
+        raise JobSpecError(
+            f"keep_columns: all would copy the input column {clash[0]!r}, which has the name "
+            f"of the result column {clash[0]!r}; rename it in the input or list the columns "
+            "to keep"
+        )
+    return job.model_copy(update={"keep_columns": keep})
 
 
 def open_input(job: Job) -> InputReader:

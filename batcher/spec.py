@@ -179,7 +179,8 @@ class Job(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     limits: dict[str, Limit] = Field(default_factory=dict)
     concurrency: int = Field(default=64, ge=1, le=4096)
-    keep_columns: list[str] = Field(default_factory=list)
+    # Input columns copied into the output; "all": every input column (readers.resolve_keep).
+    keep_columns: list[str] | Literal["all"] = Field(default_factory=list)
     # input: the output's rows in the input's order (joined by id); completion: as answered.
     output_order: Literal["input", "completion"] = "input"
     # Identical requests in one run share one request and one answer; None: only when the
@@ -222,7 +223,9 @@ class Job(_Strict):
 
     @field_validator("keep_columns")
     @classmethod
-    def _keep_columns(cls, names: list[str]) -> list[str]:
+    def _keep_columns(cls, names: list[str] | Literal["all"]) -> list[str] | Literal["all"]:
+        if names == "all":
+            return names
         clash = [n for n in names if n in OUTPUT_COLUMNS]
         if clash:
             raise ValueError(

@@ -398,3 +398,37 @@ def test_output_must_not_be_the_input(tmp_path: Path, mock_server) -> None:
     write_jsonl(tmp_path / "input.jsonl", review_rows(3))
     res = run_batcher("run", write_job(tmp_path, srv.url, output="input.jsonl"))
     assert res.returncode == 2 and "output is the input file" in res.stderr
+
+
+def test_keep_columns_all_copies_every_input_column_with_its_type(
+    tmp_path: Path, mock_server
+) -> None:
+    srv = mock_server(**FAST)
+    table = pa.table(
+        {
+            "doc": [f"d{i}" for i in range(12)],
+            "text": [f"text {i}" for i in range(12)],
+            "score": pa.array([i / 4 for i in range(12)], pa.float32()),
+            "tags": [["a", "b"][: i % 3] for i in range(12)],
+        }
+    )
+    pq.write_table(table, tmp_path / "input.parquet")
+    job = write_job(tmp_path, srv.url, input="input.parquet", id_column="doc", keep_columns="all")
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    out = pq.read_table(tmp_path / "out/result.parquet")
+    assert out.column("id").to_pylist() == table.column("doc").to_pylist()  # input order
+    assert out.schema.field("score").type == pa.float32()
+    assert out.column("tags").to_pylist() == table.column("tags").to_pylist()
+    assert "doc" not in out.column_names  # the id column appears once, as id
+
+
+def test_keep_columns_all_refuses_an_input_column_named_like_a_result(
+    tmp_path: Path, mock_server
+) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", [{"id": "a", "text": "x", "model": "mine"}])
+    job = write_job(tmp_path, srv.url, keep_columns="all")
+    res = run_batcher("run", job)
+    assert res.returncode == 2 and "'model'" in res.stderr, res.stderr
+    assert srv.stats()["requests"] == 0
