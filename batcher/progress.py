@@ -8,7 +8,7 @@
            12:03:04 INFO    progress: 1200/5000 rows (24.0%) ok=1190 error=10 rpm=498/500 ...
     json   the same figures as one JSON object per line ({"event": "progress", ...})
     quiet  nothing
-    auto   live on a terminal, else plain
+    auto   live on a terminal or in a Jupyter notebook, else plain
 
 Every read of the stats happens on the event loop's thread (rich's own refresh thread is
 off), so the counters are never read halfway through an update.
@@ -188,8 +188,13 @@ class Progress:
         self.stats = stats
         self.stream: TextIO = stream if stream is not None else sys.stderr
         if mode == "auto":
-            is_tty = console.is_terminal if console is not None else _isatty(self.stream)
-            mode = "live" if is_tty else "plain"
+            if console is None and stream is None and Console().is_jupyter:
+                # A notebook (batcher.run in Jupyter): rich draws the live display as the
+                # cell's own output, a progress bar that updates in place.
+                console, mode = Console(), "live"
+            else:
+                is_tty = console.is_terminal if console is not None else _isatty(self.stream)
+                mode = "live" if is_tty else "plain"
         self.mode: ProgressMode = mode
         self.interval_s = interval_s
         self.refresh_s = 1.0 / refresh_per_second
