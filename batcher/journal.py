@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -52,6 +52,16 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return base64.b64encode(value).decode()
     return str(value)  # Decimal, timedelta, ...
+
+
+# json.dumps(rec, ensure_ascii=False, default=_json_default) without building an encoder per
+# line: the same bytes, a little less CPU on every row's path.
+_encode_record = json.JSONEncoder(ensure_ascii=False, default=_json_default).encode
+
+
+def _result_line(result: Result) -> bytes:
+    rec = {"t": "r", **result.to_record()}
+    return _encode_record(rec).encode() + b"\n"
 
 
 def journal_path(output: Path) -> Path:
@@ -456,12 +466,27 @@ class Journal:
 
     async def append(self, result: Result) -> None:
         """Returns once the result is durable on disk; raises StorageError if it cannot be."""
-        rec = {"t": "r", **result.to_record()}
-        line = json.dumps(rec, ensure_ascii=False, default=_json_default).encode() + b"\n"
+        line = _result_line(result)
         if self._failed is not None:
             self._keep(line)  # an answer still in flight when the journal was lost: paid for
             raise self._failed
         self._pending.append(line)
+        await self._commit()
+
+    async def append_many(self, results: Sequence[Result]) -> None:
+        """`append` for several results, with one wait for all of them (rows answered without
+        a request: from the store, or refused before sending)."""
+        if not results:
+            return
+        lines = [_result_line(r) for r in results]
+        if self._failed is not None:
+            self._keep(b"".join(lines))
+            raise self._failed
+        self._pending.extend(lines)
+        await self._commit()
+
+    async def _commit(self) -> None:
+        """Wait for the group commit that writes what is pending now."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         if self._flusher is None or self._flusher.done():

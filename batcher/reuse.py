@@ -36,6 +36,14 @@ RECENT_MAX = 20_000
 FLUSH_AT = 256  # answers per store transaction
 
 
+_NO_HEADERS: dict[str, str] = {}
+
+
+def _free(prompt: int | None, completion: int | None) -> float:
+    """A reused answer's cost: nothing was paid for it in this run."""
+    return 0.0
+
+
 def deterministic(body: Mapping[str, Any], dedupe: bool | None) -> bool:
     """Whether identical requests of one run may share an answer."""
     if dedupe is not None:
@@ -85,16 +93,16 @@ class Reuse:
         ours = hit.created >= self.started  # answered earlier in this very run
         if ours and not deterministic(req.body, self.dedupe):
             return None  # dedupe off: this row gets its own request
-        result = result_from_answer(req, Answer(hit.body, {}, 0.0), 0, self.structured)
-        if not result.ok:  # e.g. the schema check is stricter now: ask again
-            return None
-        return dataclasses.replace(
-            result,
+        result = result_from_answer(
+            req,
+            Answer(hit.body, _NO_HEADERS, 0.0),
+            0,
+            self.structured,
+            cost=_free,
             source=SOURCE_DEDUPE if ours else SOURCE_CACHE,
-            latency_s=None,
-            cost_usd=0.0,
-            key=req.key.key if req.key is not None else None,
         )
+        # not ok: e.g. the schema check is stricter now: ask again
+        return result if result.ok else None
 
     # ---- on the event loop ----
 
