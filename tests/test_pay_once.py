@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 from helpers import env_with_key, read_output, run_batcher, write_job, write_jsonl
 
+from batcher.history import history_path, read_history
+
 FAST: dict[str, Any] = {"rpm": None, "tpm": None}
 LIMITS = {"gpt-4o-mini": {"rpm": 1_000_000, "tpm": 1_000_000_000}}
 
@@ -150,6 +152,9 @@ def test_the_budget_stops_at_the_cap_and_a_higher_cap_finishes_without_paying_tw
     check(tmp_path / "out/result.parquet", data)
     status = run_batcher("status", path, "--json")
     assert json.loads(status.stdout)["spent_usd"] > cap
+    # The stopped run and the one that finished are both in the job's history, told apart.
+    history = read_history(history_path(tmp_path / "out/result.parquet"))
+    assert [run.end["reason"] for run in history.runs if run.end] == ["budget", "completed"]
 
 
 def test_a_sample_first_then_the_full_run_sends_the_rest(tmp_path: Path, mock_server) -> None:
