@@ -115,8 +115,12 @@ def canonical_request(body: Mapping[str, Any]) -> bytes:
     let two different requests share one answer. Dict keys are sorted at every depth, so two
     schemas that differ only in property order share an answer; list order always counts."""
     kept = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
-    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return text.encode("utf-8")
+    return _canonical_json(kept).encode("utf-8")
+
+
+# json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False) without building
+# an encoder per call: every row pays this once.
+_canonical_json = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode
 
 
 def cache_key(body: Mapping[str, Any]) -> CacheKey:
@@ -573,7 +577,7 @@ def _chunks(items: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
 
 
 def _encode(body: Mapping[str, Any]) -> tuple[int, bytes]:
-    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw = _compact_json(body).encode("utf-8")
     packer = zlib.compressobj(*_ZLIB_ARGS)
     packed = packer.compress(raw) + packer.flush()
     return (_ZLIB, packed) if len(packed) < len(raw) else (_RAW, raw)
@@ -593,6 +597,7 @@ def _decode(codec: int, blob: bytes) -> dict[str, Any] | None:
     return body if type(body) is dict else None
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _decompress = zlib.decompress
 _loads = json.JSONDecoder().decode  # json.loads without its per-call checks
 
