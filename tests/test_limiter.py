@@ -231,6 +231,7 @@ def test_read_feedback(
 def test_a_5xx_names_its_admission_other_answers_do_not() -> None:
     sig = read_feedback(P, 503, {}, failed=(7, 123, 400))
     assert (sig.failed_seq, sig.failed_at, sig.failed_cost) == (7, 123, 400)
+    assert read_feedback(P, 0, {}, failed=(7, 123, 400)).failed_seq == 7  # no answer at all
     assert read_feedback(P, 200, {}, failed=(7, 123, 400)).failed_seq == 0
 
 

@@ -115,13 +115,14 @@ def read_feedback(
     `x-ratelimit-remaining-requests` is 0, or whose `x-ratelimit-remaining-tokens` is below
     `last_cost`, is near the limit: pause until the matching `x-ratelimit-reset-*`. Every
     pause is capped at `policy.max_pause_s`. Remaining counts are passed on (on 429s too);
-    absent headers mean no signal. `failed` (5xx only): the failed admission's
+    absent headers mean no signal. `failed` (5xx, or status 0 for no answer): the admission's
     (seq, slot, cost). `sent_at`: the slot of the admission the answer belongs to.
     """
     lower = {k.lower(): v for k, v in headers.items()}
     left_req = _parse_int(lower.get("x-ratelimit-remaining-requests"))
     left_tok = _parse_int(lower.get("x-ratelimit-remaining-tokens"))
-    seq, at, cost = failed if 500 <= status <= 599 else (0, 0, 0)
+    # A 5xx, or no answer at all (status 0: dropped connection, timeout), may not be charged.
+    seq, at, cost = failed if status == 0 or 500 <= status <= 599 else (0, 0, 0)
     if status == 429:
         retry = parse_retry_after(lower)
         pause = policy.default_pause_s if retry is None else retry
