@@ -55,7 +55,9 @@ def proc_status_kb(pid: int, field: str) -> int | None:
 
 def run_cli(job: Path, timeout_s: float) -> dict[str, Any]:
     """`batcher run` as a child: exit code, wall time, exact peak RSS and an RSS timeline."""
-    env = {**os.environ, KEY_ENV: API_KEY}
+    # A response store of its own beside the job: the user's would answer the rows (and grow
+    # by a million entries); the store's own memory is part of what is measured.
+    env = {**os.environ, KEY_ENV: API_KEY, "XDG_CACHE_HOME": str(job.parent / "xdg-cache")}
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "batcher", "run", str(job), "--quiet"],
