@@ -35,7 +35,7 @@ POLICIES: list[dict[str, Any]] = [
     {"rpm": 600, "tpm": 20_000, "headroom": 0.9, "tolerance_s": 0.0},
     {"rpm": 60, "tpm": 100_000, "adaptive": False},
     {"rpm": 3_000, "tpm": 60_000, "window_margin": 0.02, "max_pause_s": 5.0},
-    {"rpm": 300, "tpm": 30_000, "aimd_strike_window_s": 0.0, "share_smoothing_s": 0.0},
+    {"rpm": 300, "tpm": 30_000, "aimd_strike_requests": 0, "share_smoothing_s": 0.0},
 ]
 
 INT_FIELDS = [
@@ -172,7 +172,7 @@ async def test_random_traces_give_equal_slots_and_states(limiter: RedisLimiter, 
 async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:
     """Windows hold slots back, pauses and AIMD happen, headers lower the share, a 5xx is
     given back: the comparison above is not only about idle paths."""
-    policy = Policy(rpm=60, tpm=1_000, aimd_strike_window_s=0.0)
+    policy = Policy(rpm=60, tpm=1_000, aimd_strike_requests=0)
     st = State()
     now = 10**15
     slots = [schedule.reserve(policy, st, 100, now) for _ in range(12)]

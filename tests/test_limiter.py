@@ -31,7 +31,7 @@ class Sched:
     """One model's schedule in seconds: the reference functions on a fake clock."""
 
     def __init__(self, rpm: int, tpm: int, **knobs: Any) -> None:
-        knobs.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts (strikes: own test)
+        knobs.setdefault("aimd_strike_requests", 0)  # every 429 cuts (strikes: own test)
         self.p = Policy(rpm, tpm, **knobs)
         self.st = State()
         self.last_cost = 0
@@ -335,13 +335,18 @@ def test_adaptive_multiplier(events: list[float], at: float, expected: float) ->
     assert sched.multiplier(at) == pytest.approx(expected)
 
 
-def test_a_lone_429_only_pauses_a_second_within_the_strike_window_cuts() -> None:
-    sched = Sched(*LANGDOCK, aimd_strike_window_s=10.0)
+def test_a_lone_429_only_pauses_a_second_within_200_admissions_cuts() -> None:
+    sched = Sched(600_000, 10**9, aimd_strike_requests=200)
     assert sched.feedback(429, {"retry-after": "1"}, 10.0) is False
     assert sched.multiplier(10.0) == 1.0 and sched.paused_until == 11.0
-    assert sched.feedback(429, {"retry-after": "1"}, 30.0) is False  # 20 s later: lone again
-    assert sched.feedback(429, {"retry-after": "1"}, 35.0) is True  # 5 s later: a run
-    assert sched.multiplier(35.0) == pytest.approx(BETA)
+    t = 11.0
+    for _ in range(300):
+        t = sched.reserve(1, t)
+    assert sched.feedback(429, {"retry-after": "0"}, t) is False  # 300 admissions later: lone
+    for _ in range(50):
+        t = sched.reserve(1, t)
+    assert sched.feedback(429, {"retry-after": "0"}, t) is True  # 50 later: a run
+    assert sched.multiplier(t) == pytest.approx(BETA)
     assert sched.st.dec429 == 1
 
 
@@ -425,7 +430,7 @@ def virtual_time() -> Iterator[None]:
 def per_second(rpm: int) -> LocalLimiter:
     """A limiter with exactly rpm/60 requests per second and tokens to spare."""
     return LocalLimiter(
-        lambda model: (rpm, 10**9), headroom=1.0, window_margin=0.0, aimd_strike_window_s=0.0
+        lambda model: (rpm, 10**9), headroom=1.0, window_margin=0.0, aimd_strike_requests=0
     )
 
 

@@ -89,7 +89,7 @@ async def make_redis(redis_url: str, workspace: str) -> AsyncIterator[Callable[.
 
     async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> RedisLimiter:
         kw.setdefault("headroom", HEADROOM)
-        kw.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts, as these tests expect
+        kw.setdefault("aimd_strike_requests", 0)  # every 429 cuts, as these tests expect
         lim = RedisLimiter(redis_url, workspace, limits, **kw)
         await lim.start()
         made.append(lim)
@@ -455,7 +455,7 @@ async def limiter_backend(
 
     async def make(limits: Callable[[str], tuple[int, int]], **kw: Any) -> Any:
         kw.setdefault("headroom", HEADROOM)
-        kw.setdefault("aimd_strike_window_s", 0.0)  # every 429 cuts, as these tests expect
+        kw.setdefault("aimd_strike_requests", 0)  # every 429 cuts, as these tests expect
         lim: LocalLimiter | RedisLimiter
         if request.param == "local":
             lim = LocalLimiter(limits, **kw)

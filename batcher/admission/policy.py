@@ -59,11 +59,12 @@ class Policy:
     aimd_recovery_per_s: float = 0.01  # linear recovery of multiplier and share per second
     aimd_min: float = 0.05  # never slower than this fraction of the limits
     aimd_cooldown_s: float = 2.0  # 429s for sends before the last decrease do not compound
-    # A 429 cuts the multiplier only if another came within this long before it. A lone 429 is
-    # arrival jitter at the edge of a window (its pause absorbs it); a cut costs ~2 % of a
-    # minute's quota (x beta, then +0.01/s), and 4 processes saw one every ~2,000 requests.
-    # Others' load brings 429s in runs. 0: every 429 cuts.
-    aimd_strike_window_s: float = 10.0
+    # A 429 cuts the multiplier only if another came within this many admissions before it.
+    # A lone 429 is arrival jitter at the edge of a window (its pause absorbs it), and a cut
+    # costs ~2 % of a minute's quota (x beta, then +0.01/s): 4 processes at 10x saw one in
+    # ~2,000 requests. Others' load brings 429s more often than 1 in 200 (0.5 %), whatever the
+    # request rate. 0: every 429 cuts.
+    aimd_strike_requests: int = 200
     # A revealed share counts sends the server had not yet seen (estimates run ~3 % high), so a
     # higher estimate is followed with this time constant, a lower one 4x faster; the first is
     # taken as it is, so start-up does not overshoot.
@@ -91,7 +92,6 @@ class Policy:
             "window_margin",
             "feedback_slack_s",
             "default_pause_s",
-            "aimd_strike_window_s",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -110,6 +110,8 @@ class Policy:
             if any(not (math.isfinite(w) and w > 0) for w in windows):
                 raise ValueError(f"{name} must be positive lengths, got {windows!r}")
             object.__setattr__(self, name, tuple(float(w) for w in windows))
+        if self.aimd_strike_requests < 0:
+            raise ValueError(f"aimd_strike_requests must be >= 0, got {self.aimd_strike_requests}")
         if not 0 < self.aimd_beta < 1 or not 0 < self.aimd_min <= 1:
             raise ValueError("aimd_beta must be in (0, 1) and aimd_min in (0, 1]")
         values = asdict(self)

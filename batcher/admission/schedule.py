@@ -16,8 +16,8 @@ The schedule (server semantics in policy.py):
   share. Slots never go back in time (`last`), so each window's earliest fit is found on its
   own and the latest of them fits all.
 - **Adaptive multiplier** (AIMD): 429s our accounting let through mean someone else uses the
-  quota: x beta, once per cooldown, then linear recovery; a lone 429 (none in the strike
-  window before it) only pauses. All the adaptation when answers carry
+  quota: x beta, once per cooldown, then linear recovery; a lone 429 (none within the last
+  `aimd_strike_requests` admissions) only pauses. All the adaptation when answers carry
   no x-ratelimit-remaining-* headers.
 - **Share**: what remaining-* headers reveal: our usage over the server's window plus what
   remains is what the window allows us. Which window the header describes is not documented,
@@ -75,7 +75,7 @@ class State:
     m0: float | None = None  # AIMD: m(t) = min(1, m0 + recovery (t - t0))
     t0: int | None = None
     tdec: int | None = None  # time of the last decrease (cooldown)
-    t429: int | None = None  # time of the last 429 (a second one soon after is a strike)
+    s429: int | None = None  # admissions handed out (seq) at the last 429: strikes
     sh0: float | None = None  # revealed share, recovering likewise
     sht: int | None = None
     cum: int = 0  # running token total of the log
@@ -341,11 +341,11 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
     m = _mult(p, st.m0, st.t0, now)
     cooled = st.tdec is None or now - st.tdec >= us(p.aimd_cooldown_s)
     strike = sig.is_429 and (
-        p.aimd_strike_window_s == 0
-        or (st.t429 is not None and now - st.t429 <= us(p.aimd_strike_window_s))
+        p.aimd_strike_requests == 0
+        or (st.s429 is not None and st.seq - st.s429 <= p.aimd_strike_requests)
     )
     if sig.is_429:
-        st.t429 = now
+        st.s429 = st.seq
     if p.adaptive and (strike or (limited and not sig.is_429 and revealed is None)) and cooled:
         m = max(p.aimd_min, m * p.aimd_beta)
         st.m0, st.t0, st.tdec = m, now, now

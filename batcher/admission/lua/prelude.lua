@@ -18,7 +18,7 @@ local function fmt(x) return string.format('%.0f', x) end
 local function us(seconds) return math.floor(seconds * 1000000 + 0.5) end
 local function wlen(w) return us(w * (1 + P.window_margin)) end
 
-local FIELDS = {'rtat', 'ttat', 'last', 'start', 'pause', 'm0', 't0', 'tdec', 't429', 'sh0', 'sht',
+local FIELDS = {'rtat', 'ttat', 'last', 'start', 'pause', 'm0', 't0', 'tdec', 's429', 'sh0', 'sht',
                 'cum', 'seq',
                 'dec429', 'decnear', 'shdown', 'refunded', 'sus', 'susat', 'suscost'}
 local FLOATS = {m0 = true, sh0 = true}
@@ -209,9 +209,9 @@ local function apply_feedback(sig)
   end
   local m = mult(st.m0, st.t0)
   local cooled = (not st.tdec) or now - st.tdec >= us(P.aimd_cooldown_s)
-  local strike = sig.is_429 and (P.aimd_strike_window_s == 0
-    or (st.t429 ~= nil and now - st.t429 <= us(P.aimd_strike_window_s)))
-  if sig.is_429 then st.t429 = now end
+  local strike = sig.is_429 and (P.aimd_strike_requests == 0
+    or (st.s429 ~= nil and st.seq - st.s429 <= P.aimd_strike_requests))
+  if sig.is_429 then st.s429 = st.seq end
   if P.adaptive and (strike or (limited and not sig.is_429 and not revealed)) and cooled then
     m = math.max(P.aimd_min, m * P.aimd_beta)
     st.m0, st.t0, st.tdec = m, now, now
