@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from batcher.engine import Engine, RunOptions
 from batcher.errors import BatcherError, ExitCode, InputDataError, JobSpecError
 from batcher.outcome import RunOutcome, StopReason
-from batcher.progress import ProgressMode
+from batcher.progress import MODES, ProgressMode
 from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, coerce_result_fields
 from batcher.spec import Job, job_from_mapping, load_job
 
@@ -144,6 +144,8 @@ async def arun(
     `overrides` replace job keys (e.g. `concurrency=4`, `output="labels.parquet"`).
     `mock=True` sends to the bundled local server (no API key needed).
     """
+    if progress not in MODES:
+        raise JobSpecError(f"progress must be one of {', '.join(MODES)}, not {progress!r}")
     raw, base, source = _job_mapping(job)
     raw.update(overrides)
     kind: DataKind = "path"
@@ -234,8 +236,9 @@ def _result_table(outcome: RunOutcome, table: pa.Table | None, job: Job) -> pa.T
         return results
     if job.id_column is None:
         ids = pa.array([str(i) for i in range(table.num_rows)], pa.string())
-    else:
-        ids = table.column(job.id_column).cast(pa.string())
+    else:  # as the reader makes ids (str() of each value): a cast formats some types apart
+        values = table.column(job.id_column).to_pylist()
+        ids = pa.array([None if v is None else str(v) for v in values], pa.string())
     # Each input row's result by id, in input order (a left join that keeps order and nested
     # types, which Arrow's hash join does not).
     index = pc.index_in(ids, value_set=results.column("id").cast(pa.string()))

@@ -53,6 +53,8 @@ from batcher.errors import (
 )
 from batcher.idhashes import has_repeats, int64_view
 from batcher.journal import (
+    BAD_ROW_HASH,
+    DoneRows,
     JobLock,
     Journal,
     JournalState,
@@ -137,8 +139,9 @@ class Engine:
         self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=job.concurrency * 2)
         self._journal: Journal | None = None
         self._client: ChatClient | None = None
-        # id -> key hash of its journaled result (journal.key_hash): rows to leave out
-        self._done: dict[str, int] = {}
+        # the journaled rows and the key hash of each one's request: rows to leave out
+        self._done = DoneRows.empty()
+        self._input_digest = ""  # the input's identity when the run began
         self._sample_max: int | None = None  # the largest id hash --sample takes
         cap = options.max_cost_usd if options.max_cost_usd is not None else job.max_cost_usd
         self.budget = Budget(cap)
@@ -189,11 +192,14 @@ class Engine:
 
     def _done_row(self, row_id: str, key: CacheKey | None) -> bool:
         """Does the journal hold this row's answer to this very request? (A row whose request
-        changed since, e.g. an edited template or input text, is asked again.)"""
-        held = self._done.get(row_id)
+        changed since, e.g. an edited template or input text, is asked again; a bad row that
+        was fixed too.)"""
+        held = self._done.held(row_id)
         if held is None:
             return False
-        if key is None or held == 0:  # a bad row, or a record from before keys were kept
+        if key is None:  # bad now: done if it was bad before (or from before keys were kept)
+            return held in (0, BAD_ROW_HASH)
+        if held == 0:  # a record from before keys were kept: its answer stands
             return True
         return held == key_hash(key.key)
 
@@ -283,7 +289,7 @@ class Engine:
             return None
         in_shard = self._in_shard
         built = self.preparer.build([r for r in batch if in_shard(r.id)])
-        skipped = built.drop(self._done_row) if self._done else 0
+        skipped = built.drop(self._done_row) if len(self._done) else 0
         prepared = self.preparer.count(built)
         served: list[Result] = []
         if self.reuse is not None:
@@ -298,6 +304,12 @@ class Engine:
                 break
             prepared, served, skipped = step
             self.stats.done_before += skipped
+            if prepared.default_max_tokens and self.budget.cap_usd is not None:
+                raise JobSpecError(
+                    "max_cost_usd needs params.max_tokens (or max_completion_tokens in every "
+                    "request): without it an answer may cost more than the budget reserves "
+                    f"for it ({self.job.assumed_max_tokens} tokens, assumed_max_tokens)"
+                )
             if prepared.default_max_tokens and not self._warned_default_max:
                 self._warned_default_max = True
                 log.warning(
@@ -378,9 +390,16 @@ class Engine:
             following = repair_request(current, result, self.job, cfg.max_tokens_ceiling)
             if following is None:
                 break
+            try:
+                repaired, repaired_answer = await self._send(following)
+            except _Abandoned:  # a stop: the row keeps the answer it has (paid for)
+                break
+            except BatcherError as exc:  # the budget, a rejected key: stop, keep the answer
+                reason = StopReason.BUDGET if isinstance(exc, BudgetReached) else StopReason.FATAL
+                self._stop(reason, exc)
+                break
             repairs += 1
-            current = following
-            result, answer = await self._send(current)
+            current, result, answer = following, repaired, repaired_answer
             attempts += result.attempts
             cost = None if cost is None or result.cost_usd is None else cost + result.cost_usd
         if not repairs:
@@ -526,7 +545,12 @@ class Engine:
             raise
         except BaseException as exc:
             self._busy.discard(me)
-            self.budget.settle(worst, 0.0)
+            # Cancelled after it was sent (grace period over, a second Ctrl-C): the server may
+            # bill it; the budget books the worst case so the cap holds across runs.
+            billed = worst if isinstance(exc, asyncio.CancelledError) else 0.0
+            self.budget.settle(worst, billed)
+            self.stats.spent_usd += billed
+            self.stats.unrecorded_usd += billed
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
             raise
@@ -593,6 +617,9 @@ class Engine:
         elif result.source == SOURCE_DEDUPE:
             self.stats.dedupe_hits += 1
             self.stats.saved_usd += self._cost(result)
+        else:  # tokens this run used: reused answers used none
+            self.stats.prompt_tokens += result.prompt_tokens or 0
+            self.stats.completion_tokens += result.completion_tokens or 0
         if self._monitor is not None and result.latency_s is not None:
             self._monitor.observe_latency(result.latency_s)
         if result.ok:
@@ -600,8 +627,6 @@ class Engine:
         else:
             self.stats.error += 1
             log.debug("row %s: %s", result.id, result.error)
-        self.stats.prompt_tokens += result.prompt_tokens or 0
-        self.stats.completion_tokens += result.completion_tokens or 0
 
     def _cost(self, result: Result) -> float:
         """What an answer would have cost (for the savings of reused answers)."""
@@ -611,8 +636,10 @@ class Engine:
         return cost_of(price, result.prompt_tokens or 0, result.completion_tokens or 0)
 
     async def _flush_store(self, batch: list[CacheEntry]) -> None:
-        if batch and self.reuse is not None:
-            await asyncio.to_thread(self.reuse.store.put_many, batch)
+        if not batch or self.reuse is None:
+            return
+        stored = await asyncio.to_thread(self.reuse.store.put_many, batch)
+        if stored:  # 0: the store is off or busy, the answers stay in memory
             self.reuse.stored(batch)
 
     # ---- stopping ----
@@ -664,7 +691,17 @@ class Engine:
         assert self._producer is not None
         tasks.add(self._producer)
         while tasks:
-            done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            try:
+                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            except asyncio.CancelledError:
+                # Cancelled from outside (a notebook cell interrupted): as on SIGINT, what is
+                # in flight finishes and is journaled within the grace period, then it ends.
+                self._stop(StopReason.INTERRUPTED)
+                await asyncio.wait(tasks, timeout=self.job.grace_period_s)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
             for task in done:
                 if task.cancelled():
                     continue
@@ -701,7 +738,8 @@ class Engine:
         if total == 0:
             log.warning("%s has no rows: nothing to send", job.input)
         self._clean_leftovers(opts.restart)
-        fingerprint = request_fingerprint(job, await asyncio.to_thread(input_digest, job.input))
+        self._input_digest = await asyncio.to_thread(input_digest, job.input)
+        fingerprint = request_fingerprint(job, self._input_digest)
         journal, state = await asyncio.to_thread(
             open_journal,
             self.output,
@@ -743,8 +781,8 @@ class Engine:
         ids, keys = state.ids, state.key_hashes
         if retry_errors:
             ids, keys = pc.filter(ids, state.ok), pc.filter(keys, state.ok)
-        self._done = dict(zip(ids.to_pylist(), keys.to_pylist(), strict=True))
-        if self._done:
+        self._done = DoneRows(ids, keys)
+        if len(self._done):
             log.info(
                 "resuming: the journal (%s) holds answers for %d rows; rows whose request "
                 "changed since are asked again",
@@ -901,6 +939,12 @@ class Engine:
             yield [r for r in batch if in_shard(r.id)]
 
     def _write_output(self, expected_rows: int) -> tuple[int, int]:
+        if input_digest(self.job.input) != self._input_digest:
+            raise InputDataError(
+                f"{self.job.input} changed while the job ran, so the output cannot be written "
+                "for it yet. Every answer is in the journal: run the same command again (rows "
+                "whose request changed are asked again, then the output is written)"
+            )
         if self.job.output_format == "batch":
             counts = write_batch_output_ordered(
                 journal_path(self.output),

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from batcher.cache import CacheKey, cache_key
 from batcher.errors import InputDataError
+from batcher.journal import BAD_ROW_KEY
 from batcher.models import CONTEXT_WINDOWS
 from batcher.pricing import base_model_name
 from batcher.readers import Row
@@ -132,7 +133,11 @@ class Preparer:
 
     def _reject_bad(self, built: Built, row: Row, message: str) -> None:
         keep = self.builder.keep(row) if self._keep and row.error is None else {}
-        built.errors.append(Result(row.id, STATUS_ERROR, error=message, keep=keep, source=None))
+        built.errors.append(
+            Result(
+                row.id, STATUS_ERROR, error=message, keep=keep, source=None, key=BAD_ROW_KEY
+            )
+        )
         built.rejections.append(Rejection(row.id, "bad_row"))
 
     def count(self, built: Built, *, num_threads: int = 1) -> Prepared:

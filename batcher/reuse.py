@@ -168,7 +168,8 @@ class Reuse:
 
     def stored(self, batch: list[CacheEntry]) -> None:
         """`batch` is in the store (`ResponseStore.put_many`, called off the loop): a duplicate
-        now finds it there, so it no longer needs to be held in memory."""
-        if self.store.enabled:
+        now finds it there, so it no longer needs to be held in memory (unless the store is not
+        read: --no-cache, where `_recent` is the run's only memory of its answers)."""
+        if self.read:
             for entry in batch:
                 self._recent.pop(entry.key.key, None)

@@ -131,3 +131,38 @@ def test_public_names() -> None:
     for name in batcher.__all__:
         assert getattr(batcher, name) is not None
     assert (Path(batcher.__file__).parent / "py.typed").exists()
+
+
+def test_typed_ids_come_back_with_their_answers(mock_server) -> None:
+    """Ids the reader turns into text with str(): a timestamp id must join back."""
+    import datetime as dt
+
+    srv = mock_server(**FAST)
+    stamps = [dt.datetime(2024, 1, 1, 5, i) for i in range(4)]
+    table = pa.table({"at": pa.array(stamps, pa.timestamp("s")), "text": _texts(4)})
+    out = batcher.run(_job(srv.url, id_column="at"), data=table, progress="quiet")
+    assert out.column("status").to_pylist() == ["ok"] * 4
+    assert out.column("at").to_pylist() == stamps
+
+
+def test_cancelling_arun_ends_every_task_and_keeps_the_answers(mock_server) -> None:
+    srv = mock_server(**FAST, latency_s=0.05)
+    table = pa.table({"text": _texts(80)})
+    job = _job(srv.url, concurrency=4)
+
+    async def cancel_midway() -> int:
+        task = asyncio.create_task(batcher.arun(job, data=table, progress="quiet"))
+        while srv.stats()["accepted"] < 8:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert others == []  # no engine task left running on the caller's loop
+        return int(srv.stats()["accepted"])
+
+    answered = asyncio.run(cancel_midway())
+    out = batcher.run(job, data=table, progress="quiet")
+    assert out.column("status").to_pylist() == ["ok"] * 80
+    assert srv.stats()["duplicates"] == 0  # every answer received was journaled
+    assert answered < 80

@@ -218,3 +218,30 @@ def test_cache_enabled_false_stores_nothing(tmp_path: Path, mock_server, enabled
     assert run_batcher("run", path).returncode == 0
     assert run_batcher("run", path, "--restart").returncode == 0
     assert srv.stats()["requests"] == 20
+
+
+def test_a_fixed_bad_row_is_asked_and_a_row_gone_bad_is_an_error(
+    tmp_path: Path, mock_server
+) -> None:
+    srv = mock_server(**FAST)
+    data = rows(6)
+    broken = [dict(r) for r in data]
+    del broken[3]["text"]  # the template's column is missing: a bad row
+    write_jsonl(tmp_path / "input.jsonl", broken)
+    path = job(tmp_path, srv.url, on_bad_row="skip")
+    assert run_batcher("run", path).returncode == 3
+    assert srv.stats()["requests"] == 5
+    write_jsonl(tmp_path / "input.jsonl", data)  # fixed
+    res = run_batcher("run", path)
+    assert res.returncode == 0, res.stderr
+    assert srv.stats()["requests"] == 6  # the fixed row, and only it
+    check(tmp_path / "out/result.parquet", data)
+
+
+def test_no_cache_still_sends_duplicates_once(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    data = [{"id": f"r{i}", "text": f"review {i % 100}"} for i in range(600)]
+    write_jsonl(tmp_path / "input.jsonl", data)
+    path = job(tmp_path, srv.url)
+    assert run_batcher("run", path, "--no-cache").returncode == 0
+    assert srv.stats()["requests"] == 100
