@@ -164,9 +164,12 @@ def test_redis_lost_mid_run(
     while time.monotonic() < deadline:  # wait until rows are being answered
         if journal.exists() and journal.read_text().count('"t": "r"') >= 10:
             break
+        if proc.poll() is not None:
+            break
         time.sleep(0.05)
     own_redis.kill()
     _, err = proc.communicate(timeout=120)
+    assert journal.exists(), err
     done_before = journal.read_text().count('"t": "r"')
     assert done_before >= 10
     if on_failure == "stop":
