@@ -465,8 +465,8 @@ def test_key_rejected_mid_run_keeps_answers_in_flight(
     assert sum(r["status"] == "ok" for r in journaled.values()) == gw.ok_sent  # none lost
     assert [r for r in journaled.values() if r["status"] != "ok"] == []
     assert gw.requests - gw.ok_sent <= concurrency  # at most one wave of rejected requests
-    first_rejected = next(r for r in gw.received if r.behaviour == str(status))
-    assert first_rejected.in_flight >= concurrency // 2  # good answers were on their way
+    # (How many good answers were still on their way when the first 401 came depends on the
+    # machine's scheduling: not asserted; that none of them is lost is.)
 
 
 # ---- 4. malformed 200s: an error row with the raw body, never a poisoned journal -----------
