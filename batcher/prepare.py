@@ -134,9 +134,7 @@ class Preparer:
     def _reject_bad(self, built: Built, row: Row, message: str) -> None:
         keep = self.builder.keep(row) if self._keep and row.error is None else {}
         built.errors.append(
-            Result(
-                row.id, STATUS_ERROR, error=message, keep=keep, source=None, key=BAD_ROW_KEY
-            )
+            Result(row.id, STATUS_ERROR, error=message, keep=keep, source=None, key=BAD_ROW_KEY)
         )
         built.rejections.append(Rejection(row.id, "bad_row"))
 
