@@ -12,6 +12,16 @@ import aiohttp
 
 from batcher.errors import APIConnectionError, APITimeout, TruncatedAnswer, classify
 
+_decode_json = json.JSONDecoder().decode
+
+
+def _parse_json(raw: bytes) -> Any:
+    """json.loads(raw), without its encoding detection for the usual answer: an object in
+    UTF-8 (a first byte "{" and a second byte not 0 is what json.loads reads as UTF-8)."""
+    if raw[:1] == b"{" and raw[1:2] != b"\x00":
+        return _decode_json(raw.decode("utf-8", "surrogatepass"))
+    return json.loads(raw)
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -89,7 +99,7 @@ class ChatClient:
         if self._key_bytes in raw:  # some gateways echo the key back in a 401 body
             raw = raw.replace(self._key_bytes, b"***")
         try:
-            parsed: Any = json.loads(raw) if raw else None
+            parsed: Any = _parse_json(raw) if raw else None
         except (ValueError, RecursionError):  # not JSON, or nested past any real answer
             parsed = raw
         error = classify(status, headers, parsed)

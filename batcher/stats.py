@@ -31,8 +31,10 @@ class RateMeter:
     _requests: int = 0
     _tokens: int = 0
 
-    def add(self, tokens: int) -> None:
-        now = self.clock()
+    def add(self, tokens: int, now: float | None = None) -> None:
+        """One request of `tokens` sent at `now` (the clock's time when None)."""
+        if now is None:
+            now = self.clock()
         self._expire(now)
         if not self._buckets or now - self._buckets[-1][0] >= self.bucket_s:
             self._buckets.append([now, 0, 0])
@@ -151,7 +153,7 @@ class RunStats:
         self.last_sent = now
         self.requests_sent += 1
         self.admitted_tokens += cost
-        self.meter.add(cost)
+        self.meter.add(cost, now)  # the same clock (`__post_init__`): read once per request
         if model is not None:
             sent = self.sent_by_model.get(model)
             if sent is None:
