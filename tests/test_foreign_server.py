@@ -164,11 +164,12 @@ def test_fixed_windows_without_headers_few_429s(
     assert run.fraction_429 <= 0.05, dict(run.stats.by_status)  # measured: 1 of 51
 
 
-def test_one_second_window_at_the_exact_limit_costs_no_429(
+def test_one_second_window_at_the_exact_limit_sees_no_burst(
     tmp_path: Path, double: Callable[..., ThreadedDouble]
 ) -> None:
     """The first admissions are paced and every 1 s window is capped (was a strict xfail: the
-    pacing owed a fresh schedule its whole 1 s tolerance, a second's budget at once)."""
+    pacing owed a fresh schedule its whole 1 s tolerance, a second's budget at once, and the
+    429 it cost cut the rate for the rest of the run)."""
     srv = double(
         limits={MODEL: (600, 1_000_000)},
         window_kind="sliding",
@@ -177,7 +178,15 @@ def test_one_second_window_at_the_exact_limit_costs_no_429(
     )
     run = run_job(tmp_path, srv, 30, limits=limits(600, 1_000_000))
     assert_all_ok(run, 30)
-    assert run.stats.rate_limited == 0, [round(t, 3) for t, _ in run.stats.events[:8]]
+    events = [(round(t - run.stats.events[0][0], 3), s) for t, s in run.stats.events]
+    # No burst: no second of arrivals holds more than the limit's 10 plus one early arrival.
+    times = [t for t, _ in events]
+    assert max(sum(1 for u in times if t - 1.0 < u <= t) for t in times) <= 11, str(events)
+    # Paced at 99 % of the exact limit, 11 requests span 1.01 s: a request that reaches the
+    # server 10 ms late (a new connection at the start, a loaded machine) can still make one
+    # 429, which only pauses (a lone 429 is no reason to slow down).
+    assert run.stats.rate_limited <= 1, str(events)
+    assert run.summary["effective"][MODEL]["multiplier"] == 1.0
 
 
 def test_ratelimit_headers_of_a_one_second_window_do_not_throttle(
