@@ -481,7 +481,7 @@ class ThreadedDouble:
             await site.start()
             server = site._server
             assert server is not None
-            return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
 
         self.port = asyncio.run_coroutine_threadsafe(up(), self._loop).result(timeout=10)
         return self
