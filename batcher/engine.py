@@ -579,9 +579,10 @@ class Engine:
             self.limiter.feedback(req.model, status=429, headers=exc.headers)
         else:
             self.stats.server_errors += 1
-            if exc.status is not None and 500 <= exc.status <= 599:
-                # Its headers may show the server did not charge it: the slot is given back.
-                self.limiter.feedback(req.model, status=exc.status, headers=exc.headers)
+            if kind != "truncated":  # (a truncated 2xx was charged: it keeps its slot)
+                # A 5xx, or no answer (status 0): its headers may show the server did not
+                # charge it, and the slot is given back.
+                self.limiter.feedback(req.model, status=exc.status or 0, headers=exc.headers)
             if kind == "truncated":  # a 200 the server billed but we could not read
                 self.stats.truncated += 1
                 self.stats.truncated_tokens += req.cost

@@ -94,7 +94,10 @@ class LimiterConfig(_Strict):
     on_limiter_failure: Literal["stop", "local"] = "stop"
     local_share: float = Field(default=0.5, gt=0, le=1)
     # Fraction of each limit we aim for; the rest absorbs estimate error and clock jitter.
-    headroom: float = Field(default=0.985, gt=0, le=1)
+    headroom: float = Field(default=0.99, gt=0, le=1)
+    # The longest pause a server may ask for (retry-after, x-ratelimit-reset-*): a per-minute
+    # quota never needs more than the minute; "retry-after: 100000" must not stall the night.
+    max_pause_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     adaptive: bool = True  # slow down on 429s we did not expect (someone else uses the quota)
 
 

@@ -45,8 +45,9 @@ def make_limiter(job: Job) -> Limiter:
 
     cfg = job.limiter
     knobs: dict[str, Any] = {"adaptive": cfg.adaptive}
-    if "headroom" in cfg.model_fields_set:
-        knobs["headroom"] = cfg.headroom
+    for knob in ("headroom", "max_pause_s"):
+        if knob in cfg.model_fields_set:
+            knobs[knob] = getattr(cfg, knob)
     if cfg.backend == "redis":
         from batcher.admission.redis_backend import RedisLimiter
 
