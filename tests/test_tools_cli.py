@@ -198,3 +198,37 @@ def test_init_writes_a_runnable_job(tmp_path: Path) -> None:
     assert again.returncode != 0  # refuses to overwrite
     run = run_batcher("run", job_file, "--mock", timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_an_answer_cut_by_max_tokens_is_asked_again_with_more(tmp_path: Path, mock_server) -> None:
+    """max_tokens 4 cuts the JSON (finish_reason: length): asked again with 8, then 16, ...
+    up to structured.max_tokens_ceiling; each repair paid and counted."""
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    params = {**SCHEMA_PARAMS, "max_tokens": 4}
+    job = write_job(
+        tmp_path, srv.url, params=params, structured={"max_repairs": 4, "max_tokens_ceiling": 64}
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert {r["status"] for r in rows} == {"ok"}
+    assert all(r["attempts"] > 1 for r in rows)  # the cut answer and its repairs
+    assert srv.stats()["requests"] == sum(r["attempts"] for r in rows)
+
+
+def test_a_cut_answer_at_the_ceiling_is_an_error_row_keeping_it(
+    tmp_path: Path, mock_server
+) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(2))
+    params = {**SCHEMA_PARAMS, "max_tokens": 4}
+    job = write_job(
+        tmp_path, srv.url, params=params, structured={"max_repairs": 2, "max_tokens_ceiling": 4}
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert {r["status"] for r in rows} == {"error"}
+    assert all(r["content"] for r in rows)  # the last answer is kept
+    assert srv.stats()["requests"] == 2  # nothing to repair with: the ceiling is reached
