@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,6 @@ from batcher.errors import (
     TruncatedAnswer,
     failure_kind,
 )
-from batcher.idhashes import has_repeats, int64_view
 from batcher.journal import (
     BAD_ROW_HASH,
     DoneRows,
@@ -74,6 +72,7 @@ from batcher.repair import repair_request
 from batcher.requests import RequestBuilder
 from batcher.retrying import retry_policy
 from batcher.reuse import Reuse
+from batcher.scan import scan_input
 from batcher.secrets import resolve_api_key
 from batcher.sharding import shard_of, shard_output, stable_hash
 from batcher.spec import Job, request_fingerprint
@@ -204,49 +203,19 @@ class Engine:
         return held == key_hash(key.key)
 
     def scan(self) -> int:
-        """Read the whole input once: bad rows, missing columns, duplicate ids; count rows."""
-        known = self.reader.column_names()
-        if known is not None:
-            self.builder.check_columns(known)
-        hashes = array("q")  # 8 bytes per row: duplicate ids are found without keeping ids
-        stable = array("q") if self.options.sample is not None else None
-        total = failed = 0
-        first_failure: InputDataError | None = None
-        models: set[str] = set()
-        for batch in self.reader.iter_batches(4096):
-            for row in batch:
-                if not self._in_shard(row.id):
-                    continue
-                hashes.append(hash(row.id))
-                if stable is not None:
-                    stable.append(stable_hash(row.id))
-                total += 1
-                if row.error is not None:
-                    continue
-                try:
-                    models.add(self.builder.build_body(row)["model"])
-                except InputDataError as exc:
-                    if self.job.on_bad_row == "fail":
-                        raise InputDataError(
-                            f"{exc} (set on_bad_row: skip to record such rows as errors)"
-                        ) from None
-                    failed += 1
-                    first_failure = first_failure or exc
-        if total and failed == total and first_failure is not None:
-            # Not a few bad rows: the template itself is wrong (a typo in a {column}).
-            raise InputDataError(f"every row is unusable, e.g. {first_failure}")
-        if total:  # (no rows name no models: nothing to compare the limits: with)
-            self.job.check_limit_models(models)  # a limits: entry no row uses is a typo
-        self._check_prices(models)
-        if total and has_repeats(int64_view(hashes)):
-            self._report_duplicates(hashes)
-        del hashes
-        if stable is not None and self.options.sample is not None:
-            picked = sorted(stable)[: self.options.sample]
-            self._sample_max = picked[-1] if picked else None
-            total = len(picked)
-        pa.default_memory_pool().release_unused()
-        return total
+        """Read the whole input once (batcher/scan.py); this run's row count."""
+        found = scan_input(
+            self.job,
+            self.reader,
+            self.builder,
+            selected=self._in_shard,
+            sample=self.options.sample,
+        )
+        self._sample_max = found.sample_max
+        if found.rows:  # (no rows name no models: nothing to compare the limits: with)
+            self.job.check_limit_models(set(found.models))  # an entry no row uses: a typo
+        self._check_prices(set(found.models))
+        return found.rows
 
     def _check_prices(self, models: set[str]) -> None:
         for model in models:
@@ -257,27 +226,6 @@ class Engine:
                 f"max_cost_usd needs a price for {', '.join(unpriced)}: add it under prices: "
                 "in the job file (input_per_1m, output_per_1m in USD)"
             )
-
-    def _report_duplicates(self, hashes: array[int]) -> None:
-        """Some hashes repeat: find the ids behind them (a second pass) and name them."""
-        counts = pc.value_counts(int64_view(hashes))
-        repeated = set(
-            pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
-        )
-        seen: dict[str, int] = {}
-        for batch in self.reader.iter_batches(4096):
-            for row in batch:
-                if hash(row.id) in repeated and self._in_shard(row.id):
-                    seen[row.id] = seen.get(row.id, 0) + 1
-        dups = [i for i, n in seen.items() if n > 1]
-        if not dups:
-            return  # 64-bit hash collision between different ids: no duplicate after all
-        sample = ", ".join(repr(x) for x in dups[:5])
-        where = f"id_column {self.job.id_column!r}" if self.job.id_column else "custom_id"
-        raise InputDataError(
-            f"{self.job.input}: {len(dups)} duplicate ids in {where} (e.g. {sample}); "
-            "every row needs a unique id so its answer can be matched and resumed"
-        )
 
     # ---- producing requests ----
 
