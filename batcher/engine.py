@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from batcher.admission import Limiter, make_limiter
 from batcher.answers import result_from_answer
 from batcher.breaker import CircuitBreaker
-from batcher.budget import Budget, worst_case_usd
+from batcher.budget import Spending
 from batcher.cache import CacheEntry, CacheKey, ResponseStore, resolve_store_path
 from batcher.client import Answer, ChatClient
 from batcher.errors import (
@@ -64,7 +64,6 @@ from batcher.journal import (
 from batcher.monitoring import RunMonitoring
 from batcher.outcome import RunOutcome, StopReason
 from batcher.prepare import Prepared, Preparer
-from batcher.pricing import Price, cost_of, format_usd, price_for
 from batcher.progress import ProgressMode
 from batcher.readers import InputReader, Row, input_digest, open_input, resolve_keep
 from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, STATUS_ERROR, Request, Result
@@ -143,8 +142,8 @@ class Engine:
         self._input_digest = ""  # the input's identity when the run began
         self._sample_max: int | None = None  # the largest id hash --sample takes
         cap = options.max_cost_usd if options.max_cost_usd is not None else job.max_cost_usd
-        self.budget = Budget(cap)
-        self._prices: dict[str, Price | None] = {}
+        self.spending = Spending(job.prices, cap, self.stats)
+        self.budget = self.spending.budget
         self.reuse: Reuse | None = None  # opened with the journal
         self._monitor: RunMonitoring | None = None
         self._stopping = False
@@ -214,18 +213,8 @@ class Engine:
         self._sample_max = found.sample_max
         if found.rows:  # (no rows name no models: nothing to compare the limits: with)
             self.job.check_limit_models(set(found.models))  # an entry no row uses: a typo
-        self._check_prices(set(found.models))
+        self.spending.check_priced(found.models)
         return found.rows
-
-    def _check_prices(self, models: set[str]) -> None:
-        for model in models:
-            self._prices[model] = price_for(model, self.job.prices)[0]
-        unpriced = sorted(m for m, p in self._prices.items() if p is None)
-        if self.budget.cap_usd is not None and unpriced:
-            raise JobSpecError(
-                f"max_cost_usd needs a price for {', '.join(unpriced)}: add it under prices: "
-                "in the job file (input_per_1m, output_per_1m in USD)"
-            )
 
     # ---- producing requests ----
 
@@ -421,7 +410,7 @@ class Engine:
             return self._error_row(req, attempts, str(exc))
 
         def settle(prompt: int | None, completion: int | None) -> float | None:
-            return self._settle(req, reserved, prompt, completion)
+            return self.spending.settle(req, reserved, prompt, completion)
 
         return result_from_answer(req, answer, attempts, self.structured, cost=settle), answer
 
@@ -438,40 +427,17 @@ class Engine:
         )
         return row, None
 
-    def _settle(
-        self, req: Request, reserved: float, prompt: int | None, completion: int | None
-    ) -> float | None:
-        """Book an answered attempt at what its usage says (the worst case if it says none)."""
-        price = self._price(req.model)
-        if price is None:
-            self.budget.settle(reserved, 0.0)
-            return None
-        if prompt is None and completion is None:
-            actual = reserved
-        else:
-            actual = cost_of(price, prompt or 0, completion or 0)
-        self.budget.settle(reserved, actual)
-        self.stats.spent_usd += actual
-        return actual
-
-    def _price(self, model: str) -> Price | None:
-        if model not in self._prices:
-            self._prices[model] = price_for(model, self.job.prices)[0]
-        return self._prices[model]
-
     async def _attempt(self, req: Request, attempt: int) -> tuple[Answer, float]:
         """One attempt: (the answer, the worst case reserved for it in the budget)."""
         assert self._client is not None
-        worst = worst_case_usd(self._price(req.model), req.cost - req.max_output, req.max_output)
-        if not self.budget.try_reserve(worst):
-            raise BudgetReached(self._budget_message())
+        worst = self.spending.reserve(req)
         try:
             await self.limiter.acquire(req.model, req.cost)
         except BaseException:
-            self.budget.settle(worst, 0.0)
+            self.spending.release(worst)
             raise
         if self._stopping:  # a stop came while we waited for our slot: send nothing
-            self.budget.settle(worst, 0.0)
+            self.spending.release(worst)
             raise _Abandoned
         if attempt > 1:
             self.stats.retries += 1
@@ -485,20 +451,14 @@ class Engine:
         except RetryableAPIError as exc:
             self._busy.discard(me)
             self.stats.count_response(exc.status or failure_kind(exc))
-            billed = worst if isinstance(exc, TruncatedAnswer) else 0.0  # billed, unreadable
-            self.budget.settle(worst, billed)
-            self.stats.spent_usd += billed
-            self.stats.unrecorded_usd += billed
+            self.spending.release(worst, billed=isinstance(exc, TruncatedAnswer))  # unreadable
             self._failed(req, exc)
             raise
         except BaseException as exc:
             self._busy.discard(me)
             # Cancelled after it was sent (grace period over, a second Ctrl-C): the server may
             # bill it; the budget books the worst case so the cap holds across runs.
-            billed = worst if isinstance(exc, asyncio.CancelledError) else 0.0
-            self.budget.settle(worst, billed)
-            self.stats.spent_usd += billed
-            self.stats.unrecorded_usd += billed
+            self.spending.release(worst, billed=isinstance(exc, asyncio.CancelledError))
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
             raise
@@ -509,15 +469,6 @@ class Engine:
         self._breaker.success()
         self._opened.set()  # the endpoint, key and model work: let the others go
         return answer, worst
-
-    def _budget_message(self) -> str:
-        b = self.budget
-        return (
-            f"the budget is reached: {format_usd(b.spent_usd)} of max_cost_usd "
-            f"{format_usd(b.cap_usd)} spent (this job, all its runs), and the next request "
-            "could cost more than what is left. To go on, raise the cap (max_cost_usd in the "
-            "job file or --max-cost) and run the same command again: it resumes"
-        )
 
     def _failed(self, req: Request, exc: RetryableAPIError) -> None:
         """Count one failed attempt, tell the limiter, and let the breaker judge the streak."""
@@ -562,10 +513,14 @@ class Engine:
         """A durable result, in the run's statistics."""
         if result.source == SOURCE_CACHE:
             self.stats.cache_hits += 1
-            self.stats.saved_usd += self._cost(result)
+            self.stats.saved_usd += self.spending.value(
+                result.model, result.prompt_tokens, result.completion_tokens
+            )
         elif result.source == SOURCE_DEDUPE:
             self.stats.dedupe_hits += 1
-            self.stats.saved_usd += self._cost(result)
+            self.stats.saved_usd += self.spending.value(
+                result.model, result.prompt_tokens, result.completion_tokens
+            )
         else:  # tokens this run used: reused answers used none
             self.stats.prompt_tokens += result.prompt_tokens or 0
             self.stats.completion_tokens += result.completion_tokens or 0
@@ -576,13 +531,6 @@ class Engine:
         else:
             self.stats.error += 1
             log.debug("row %s: %s", result.id, result.error)
-
-    def _cost(self, result: Result) -> float:
-        """What an answer would have cost (for the savings of reused answers)."""
-        price = self._price(result.model) if result.model else None
-        if price is None:
-            return 0.0
-        return cost_of(price, result.prompt_tokens or 0, result.completion_tokens or 0)
 
     async def _flush_store(self, batch: list[CacheEntry]) -> None:
         if not batch or self.reuse is None:
@@ -707,7 +655,13 @@ class Engine:
             self._remember_done(state, opts.retry_errors)
             self.budget.spent_usd = state.spent_usd
             if self.budget.cap_usd is not None:
-                await asyncio.to_thread(self._warn_if_over_budget)
+                from batcher.estimate import estimate_job
+
+                warning = self.spending.over_budget_warning(
+                    await asyncio.to_thread(estimate_job, self.job)
+                )
+                if warning:
+                    log.warning("%s", warning)
             return await self._run_journaled(journal, total, api_key)
         finally:
             journal.close()
@@ -738,27 +692,6 @@ class Engine:
                 journal_path(self.output).name,
                 len(self._done),
             )
-
-    def _warn_if_over_budget(self) -> None:
-        """Before the first request: say what the cap will buy if the estimate exceeds it."""
-        from batcher.estimate import estimate_job
-
-        report = estimate_job(self.job)
-        worst, left = report.get("cost_usd"), self.budget.left_usd
-        if worst is None or left is None or worst <= left:
-            return
-        rows = report.get("rows") or 0
-        buys = int(rows * left / worst) if worst else rows
-        log.warning(
-            "the estimate (up to %s for %d rows) exceeds what is left of max_cost_usd (%s of "
-            "%s): the run stops at the cap, after about %d rows (every answer at its "
-            "max_tokens; usually more)",
-            format_usd(worst),
-            rows,
-            format_usd(left),
-            format_usd(self.budget.cap_usd),
-            buys,
-        )
 
     async def _run_journaled(self, journal: Journal, total: int, api_key: str) -> RunOutcome:
         """The run, watched: history, /metrics; at its end textfile, report and webhook."""
