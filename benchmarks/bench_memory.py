@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -155,7 +156,7 @@ def main() -> int:
                 if res["exit_code"] != 0:
                     print(res["stderr_tail"], file=sys.stderr)
                 for p in run_dir.iterdir():  # the next run needs the disk, not these
-                    p.unlink()
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     smallest, largest = results[0], results[-1]
     growth = largest["peak_rss_mb"] - smallest["peak_rss_mb"]
