@@ -652,7 +652,7 @@ class Engine:
                 # This job already had answers: the endpoint, key and model work. The rows
                 # left (--retry-errors especially) may fail for their own reasons.
                 self._opened.set()
-            self._remember_done(state, opts.retry_errors)
+            await asyncio.to_thread(self._remember_done, state, opts.retry_errors)
             self.budget.spent_usd = state.spent_usd
             if self.budget.cap_usd is not None:
                 from batcher.estimate import estimate_job
@@ -680,7 +680,8 @@ class Engine:
 
     def _remember_done(self, state: JournalState, retry_errors: bool) -> None:
         """The rows the journal answers (all of them, or the ok ones with --retry-errors), with
-        the request each was answered for: a row whose request changed is asked again."""
+        the request each was answered for: a row whose request changed is asked again. (In a
+        thread: a million ids take a second to hash and sort.)"""
         ids, keys = state.ids, state.key_hashes
         if retry_errors:
             ids, keys = pc.filter(ids, state.ok), pc.filter(keys, state.ok)
