@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from pathlib import Path
@@ -85,13 +86,34 @@ def journal_index(journal: Path) -> tuple[pa.Array, pa.Array]:
     return int64_view(hashes), int64_view(offsets)
 
 
+def _int64s(values: pa.Array) -> array[int]:
+    """An int64 Arrow array (no nulls) as an array('q'): 8 bytes a value, bisect-able."""
+    out = array("q")
+    data = values.buffers()[1]
+    if data is not None:
+        out.frombytes(memoryview(data)[values.offset * 8 : (values.offset + len(values)) * 8])
+    return out
+
+
 def offsets_in_input_order(journal: Path, batches: IdBatches) -> pa.Array:
-    """For each input row, the byte offset of its latest journal record (null: none)."""
-    input_hashes = array("q", (hash(row.id) for batch in batches() for row in batch))
-    hashes, offsets = journal_index(journal)
-    found = pc.index_in(int64_view(input_hashes), value_set=hashes)  # first match = latest
-    del input_hashes, hashes
-    return offsets.take(found)
+    """For each input row, the byte offset of its latest journal record (null: none).
+
+    The journal's (hash, offset) pairs sorted by hash, the latest first among equal hashes,
+    and a binary search per input row: no hash table over every id (Arrow's index_in built
+    one), and no array of the input's hashes: 16 bytes a journal record, 8 an input row."""
+    hashes, offsets = journal_index(journal)  # latest first
+    order = pc.sort_indices(hashes)  # stable (Arrow's documented sort): latest still first
+    h, o = _int64s(pc.take(hashes, order)), _int64s(pc.take(offsets, order))
+    del hashes, offsets, order
+    found = array("q")
+    n = len(h)
+    for batch in batches():
+        for row in batch:
+            key = hash(row.id)
+            i = bisect_left(h, key)
+            found.append(o[i] if i < n and h[i] == key else -1)
+    values = int64_view(found)
+    return pc.if_else(pc.equal(values, -1), pa.scalar(None, pa.int64()), values)
 
 
 class RecordReader:
