@@ -12,7 +12,7 @@ output ceiling the request asks for.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import gzip
 import hashlib
@@ -58,12 +58,17 @@ def ranks_from_gz(gz_bytes: bytes, expected_hash: str, source: str) -> dict[byte
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected_hash:
         raise _corrupt(source, f"sha256 {actual} differs from tiktoken's pinned {expected_hash}")
-    ranks: dict[bytes, int] = {}
-    for line in data.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
+    # Whitespace-split once and decode in C (binascii, map): a per-line loop through
+    # base64.b64decode cost ~1 s of CPU at every start for o200k's 200,000 lines.
+    fields = data.split()
+    if len(fields) % 2:
+        raise _corrupt(source, "a line is not `base64-token rank`")
+    try:
+        return dict(
+            zip(map(binascii.a2b_base64, fields[0::2]), map(int, fields[1::2]), strict=True)
+        )
+    except (ValueError, binascii.Error) as e:
+        raise _corrupt(source, f"a line is not `base64-token rank` ({e})") from e
 
 
 def _corrupt(source: str, why: str) -> BatcherError:
