@@ -227,11 +227,8 @@ class Engine:
         in_shard = self._in_shard
         built = self.preparer.build([r for r in batch if in_shard(r.id)])
         skipped = built.drop(self._done_row) if len(self._done) else 0
-        prepared = self.preparer.count(built)
-        served: list[Result] = []
-        if self.reuse is not None:
-            prepared.requests, served = self.reuse.lookup(prepared.requests)
-        return prepared, served, skipped
+        served = [] if self.reuse is None else self.preparer.serve(built, self.reuse.lookup)
+        return self.preparer.count(built), served, skipped
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
