@@ -189,7 +189,10 @@ async def arun(
             handle_signals=_OWN_LOOP.get()
             and threading.current_thread() is threading.main_thread(),
         )
-        outcome = await Engine(spec, options).run()
+        # Built off the loop: opening the input (keep_columns: all reads a whole JSONL for
+        # its keys) must not freeze the caller's loop (a notebook's).
+        engine = await asyncio.to_thread(Engine, spec, options)
+        outcome = await engine.run()
     return _answer(outcome, table, kind, spec)
 
 
