@@ -4,10 +4,12 @@ A request is served without being sent when
 - the response store holds an answer for its key (any earlier run or job of the user asked
   exactly this): `source = "cache"`; no request, no quota, no cost. Served whatever the
   temperature: that is what makes reruns free (`--no-cache` asks afresh).
-- an identical request of this run is in flight or was just answered, and deduplication is
-  on for it (`dedupe: true`, or by default when `temperature` is 0): it waits for that answer
+- an identical request of this run is in flight or was answered, and deduplication is on
+  for it (`dedupe: true`, or by default when `temperature` is 0): it waits for that answer
   and shares it, `source = "dedupe"`. With deduplication off, each row gets its own request
   in the run, so the store's answers to *this* run's requests are not served to it either.
+  Under `--no-cache` the store still serves this run's own answers to its duplicates (only
+  earlier runs' answers are asked afresh), however far apart the duplicates are.
 
 Only answers that became `ok` rows enter the store; they are written in batches off the event
 loop (`flush`), and kept in memory until written so a duplicate in between still finds them.
@@ -62,6 +64,8 @@ class Reuse:
     ) -> None:
         self.store = store
         self.read = read and store.enabled  # --no-cache: ask afresh (answers are still stored)
+        # ... but this run's own answers still serve its duplicates, from the store
+        self.own_only = not read and store.enabled
         self.dedupe = dedupe
         self.structured = structured
         self.started = time.time()  # store entries from this run or later are "this run's"
@@ -73,7 +77,7 @@ class Reuse:
 
     def lookup(self, requests: list[Request]) -> tuple[list[Request], list[Result]]:
         """(requests still to send, results served from the store)."""
-        if not self.read or not requests:
+        if not (self.read or self.own_only) or not requests:
             return requests, []
         found = self.store.get_many(r.key for r in requests if r.key is not None)
         if not found:
@@ -93,6 +97,8 @@ class Reuse:
         ours = hit.created >= self.started  # answered earlier in this very run
         if ours and not deterministic(req.body, self.dedupe):
             return None  # dedupe off: this row gets its own request
+        if not ours and self.own_only:
+            return None  # --no-cache: an earlier run's answer is asked afresh
         result = result_from_answer(
             req,
             Answer(hit.body, _NO_HEADERS, 0.0),
@@ -168,8 +174,7 @@ class Reuse:
 
     def stored(self, batch: list[CacheEntry]) -> None:
         """`batch` is in the store (`ResponseStore.put_many`, called off the loop): a duplicate
-        now finds it there, so it no longer needs to be held in memory (unless the store is not
-        read: --no-cache, where `_recent` is the run's only memory of its answers)."""
-        if self.read:
+        now finds it there, so it no longer needs to be held in memory."""
+        if self.store.enabled:
             for entry in batch:
                 self._recent.pop(entry.key.key, None)
