@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from batcher.admission import schedule
 from batcher.admission.feedback import Signal, read_feedback
-from batcher.admission.policy import Policy
+from batcher.admission.policy import Policy, us
 from batcher.admission.redis_backend import RedisLimiter, keys
 from batcher.admission.schedule import Entry, Refund, State
 
@@ -36,6 +36,8 @@ POLICIES: list[dict[str, Any]] = [
     {"rpm": 60, "tpm": 100_000, "adaptive": False},
     {"rpm": 3_000, "tpm": 60_000, "window_margin": 0.02, "max_pause_s": 5.0},
     {"rpm": 300, "tpm": 30_000, "aimd_strike_requests": 0, "share_smoothing_s": 0.0},
+    {"rpm": 500, "tpm": 60_000, "tolerance_s": 30.0, "lookahead": 3},
+    {"rpm": 240, "tpm": 12_000, "tolerance_s": 60.0, "window_margin": 0.0, "lookahead": 0},
 ]
 
 INT_FIELDS = [
@@ -130,7 +132,7 @@ def random_answer(
     return status, headers, failed
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(14))
 async def test_random_traces_give_equal_slots_and_states(limiter: RedisLimiter, seed: int) -> None:
     rng = random.Random(seed)
     knobs = POLICIES[seed % len(POLICIES)]
@@ -149,10 +151,14 @@ async def test_random_traces_give_equal_slots_and_states(limiter: RedisLimiter, 
                 schedule.feedback(policy, st, sig, now)
             limiter._queued[MODEL] = ridealong
             ridealong = []
-            want = schedule.reserve(policy, st, cost, now)
-            got = await limiter.reserve(MODEL, cost, now_us=now)
-            admissions.append((want.seq, want.at, cost))
-            last_cost = cost
+            # The costs queued behind it: a smaller one may take the head's room.
+            waiting = [rng.randint(0, max(1, cost)) for _ in range(rng.choice([0, 1, 4, 12]))]
+            want = schedule.reserve(policy, st, cost, now, waiting)
+            got = await limiter.reserve(MODEL, cost, now_us=now, waiting=waiting)
+            admissions.append(
+                (want.seq, want.at, waiting[want.waiter - 1] if want.waiter else cost)
+            )
+            last_cost = admissions[-1][2]
         else:
             status, headers, failed = random_answer(rng, policy, admissions)
             sent_at = rng.choice([0, *[a[1] for a in admissions[-8:]]])
@@ -167,6 +173,40 @@ async def test_random_traces_give_equal_slots_and_states(limiter: RedisLimiter, 
         assert got == want, (seed, step)
         assert comparable(await redis_state(limiter)) == comparable(st), (seed, step)
     assert st.seq > 30  # the trace really reserved
+
+
+async def test_lookahead_hands_the_same_slots(limiter: RedisLimiter) -> None:
+    """A waiter tried and taken back (it would delay the head), one handed the head's room,
+    then the head: equal replies and states, the log in order after each."""
+    policy = Policy(600, 6_000, headroom=1.0, window_margin=0.0, tolerance_s=60.0)
+    limiter.policy = lambda model: policy
+    st = State()
+    # 100 and 50 fit at 102 but push the 500 past 110: both taken back.
+    steps: list[tuple[float, int, list[int]]] = [
+        (0.0, 1, []),
+        (100.0, 400, []),
+        (101.0, 400, []),
+        (101.5, 100, []),
+    ]
+    steps += [(102.0, 500, [100, 50])]
+    # A minute later: the 150 takes the room the 300 leaves, then the 100.
+    steps += [(300.0, 400, []), (301.0, 400, []), (302.0, 300, [300, 250, 150, 100])]
+    steps += [(302.0, 300, [250, 100]), (302.0, 300, [250, 100])]
+    handed = []
+    for t, cost, waiting in steps:
+        want = schedule.reserve(policy, st, cost, us(t), waiting)
+        got = await limiter.reserve(MODEL, cost, now_us=us(t), waiting=waiting)
+        assert got == want
+        assert comparable(await redis_state(limiter)) == comparable(st)
+        handed.append(want.waiter)
+    assert handed == [0, 0, 0, 0, 0, 0, 0, 3, 0, 2]
+    assert st.seq == len(steps)  # a waiter taken back left no entry
+    assert [(e.at, e.cost) for e in st.log[-4:]] == [
+        (us(301), 400),
+        (us(302), 150),
+        (us(310), 300),
+        (us(310), 100),
+    ]
 
 
 async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:

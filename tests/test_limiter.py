@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import copy
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -150,6 +151,80 @@ def test_request_bigger_than_the_short_window_goes_alone() -> None:
     slot = sched.reserve(15_000, 0.0)
     assert slot == pytest.approx(10.05)  # when the 500 leaves our (10 s + 0.5 %) window
     assert sched.reserve(100, slot) > slot + 10.0  # and nothing rides along with it
+
+
+# -- look-ahead ---------------------------------------------------------------------------------
+
+
+def window_bound(**knobs: Any) -> tuple[Policy, State]:
+    """A 10 s window of 1,000 tokens that binds (a minute of pacing credit), 800 of it used at
+    t=100 and 101: a head of 300 must wait until t=110."""
+    p = Policy(600, 6_000, headroom=1.0, window_margin=0.0, tolerance_s=60.0, **knobs)
+    st = State()
+    sch.reserve(p, st, 1, 0)
+    sch.reserve(p, st, 400, us(100))
+    sch.reserve(p, st, 400, us(101))
+    return p, st
+
+
+def test_a_smaller_waiter_takes_the_room_the_head_leaves_without_delaying_it() -> None:
+    p, st = window_bound()
+    alone = sch.reserve(p, copy.deepcopy(st), 300, us(102)).at
+    assert alone == us(110)
+    # 300: not smaller; 250 fits at 102 but would push the head past 110; 150 fits both.
+    got = sch.reserve(p, st, 300, us(102), [300, 250, 150, 100])
+    assert (got.waiter, got.at) == (3, us(102))
+    assert st.log[-1].cost == 150  # the waiter's admission, the head's not taken yet
+    head = sch.reserve(p, st, 300, us(102), [250, 100])  # nothing else fits before 110
+    assert (head.waiter, head.at) == (0, alone)
+
+
+def test_without_lookahead_or_smaller_waiters_admission_is_fifo() -> None:
+    p, st = window_bound(lookahead=0)
+    assert sch.reserve(p, st, 300, us(102), [100, 50]).waiter == 0
+    p, st = window_bound()
+    assert sch.reserve(p, st, 300, us(102), [300, 400, 900]).waiter == 0
+    p, st = window_bound(lookahead=1)
+    assert sch.reserve(p, st, 300, us(102), [250, 100]).waiter == 0  # 100 is beyond 1
+
+
+def test_a_head_held_by_pacing_alone_lets_nobody_pass() -> None:
+    """Pacing is the same for every cost: only a window's room is worth filling."""
+    p = Policy(600, 6_000, headroom=1.0, window_margin=0.0, tolerance_s=0.0)
+    st = State()
+    sch.reserve(p, st, 400, 0)
+    assert sch.reserve(p, st, 300, 0, [1, 2, 3]).waiter == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_lookahead_keeps_every_window_and_never_delays_the_head(seed: int) -> None:
+    rng = random.Random(seed)
+    p = Policy(*LANGDOCK)
+    st = State()
+    queue = [rng.randint(250, 650) for _ in range(400)]
+    now, sends, passed = 0, list[tuple[float, int]](), 0
+    while queue:
+        head = queue[0]
+        alone = sch.reserve(p, copy.deepcopy(st), head, now).at
+        got = sch.reserve(p, st, head, now, queue[1 : 1 + p.lookahead])
+        cost = queue.pop(got.waiter)
+        sends.append((got.at / 1e6, cost))
+        if got.waiter:
+            passed += 1
+            assert cost < head and got.at < alone
+            assert sch.reserve(p, copy.deepcopy(st), head, now).at <= alone
+        else:
+            assert got.at == alone
+            now = got.at  # the next head asks when this one goes
+    for length in (60.0, 10.0, 1.0):
+        assert worst_window(sends, length, tokens=False) <= LANGDOCK[0] * length / 60
+    for length in (60.0, 10.0):
+        assert worst_window(sends, length, tokens=True) <= LANGDOCK[1] * length / 60
+    assert passed > 20
+    # FIFO reached ~0.966 of the TPM here, look-ahead ~0.98.
+    minutes = (sends[-1][0] - 60.0) / 60
+    late = sum(c for t, c in sends if t > 60.0)
+    assert late / minutes / LANGDOCK[1] > 0.975
 
 
 # -- header parsing -----------------------------------------------------------------------------
@@ -464,6 +539,46 @@ async def test_waiters_are_admitted_fifo() -> None:
         costs = [90, 5, 80, 1, 70, 2, 60, 3]  # small ones behind big ones still wait their turn
         await asyncio.gather(*(one(i, c) for i, c in enumerate(costs)))
         assert order == list(range(len(costs)))
+
+
+async def test_the_head_hands_a_window_s_room_to_a_smaller_waiter() -> None:
+    """A 10 s window of 1,000 tokens. While a 450 waits for room, 300, 250 and 150 queue
+    behind it. At t=10 the 300 must wait until t=11, and the 150 fits the room it leaves at
+    t=10; the 250 does not (it would delay the 300)."""
+    with virtual_time():
+        loop = asyncio.get_running_loop()
+        limiter = LocalLimiter(
+            lambda model: (600, 6_000), headroom=1.0, window_margin=0.0, tolerance_s=60.0
+        )
+        limiter.state("m").ttat = limiter.state("m").rtat = 0  # a minute of pacing credit
+        await limiter.acquire("m", 400)
+        await asyncio.sleep(1.0)
+        await limiter.acquire("m", 400)
+        admitted: list[tuple[int, float]] = []
+
+        async def one(cost: int) -> None:
+            await limiter.acquire("m", cost)
+            admitted.append((cost, loop.time()))
+
+        await asyncio.gather(*(one(c) for c in (450, 300, 250, 150)))
+        assert admitted == [(450, 10.0), (150, 10.0), (300, 11.0), (250, 20.0)]
+
+
+async def test_a_cancelled_waiter_leaves_the_line_and_a_cancelled_head_passes_it_on() -> None:
+    with virtual_time():
+        loop = asyncio.get_running_loop()
+        limiter = per_second(60)
+        await limiter.acquire("m", 1)  # the next slot is at t=1
+        head = loop.create_task(limiter.acquire("m", 1))
+        second = loop.create_task(limiter.acquire("m", 1))
+        third = loop.create_task(limiter.acquire("m", 1))
+        await asyncio.sleep(0.5)
+        second.cancel()
+        head.cancel()  # its slot at t=1 stays taken
+        await asyncio.gather(head, second, return_exceptions=True)
+        await third
+        assert loop.time() == 2.0
+        assert (await limiter.acquire("m", 1)).at_us == 3_000_000
 
 
 async def test_acquire_returns_the_admission() -> None:

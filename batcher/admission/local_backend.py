@@ -1,7 +1,8 @@
 """The in-process backend: the reference schedule per model, FIFO waiters, one timer each.
 
-No algorithm here: `schedule.reserve` gives the slot, the head waiter sleeps until it (one
-timer, no polling); a pause that arrived meanwhile (a 429) voids the slot and it takes another,
+No algorithm here: `schedule.reserve` gives the slot, the head waiter (`lane.Lane`) sleeps
+until it (one timer, no polling), or hands it to the waiter behind it the schedule chose
+(look-ahead); a pause that arrived meanwhile (a 429) voids the slot and it takes another,
 exactly as the Redis backend does.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 from batcher.admission import schedule
 from batcher.admission.contract import Admission, ModelSnapshot, answered, current_admission
 from batcher.admission.feedback import read_feedback
+from batcher.admission.lane import Lane
 from batcher.admission.policy import Policy, us
 from batcher.admission.schedule import State, check_cost
 
@@ -51,7 +53,7 @@ class LocalLimiter:
         self.policy = policy_source(limits, knobs)
         self._clock = clock
         self._states: dict[str, State] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._lanes: dict[str, Lane] = {}
         self._last_cost: dict[str, int] = {}
 
     def _now(self) -> float:
@@ -75,7 +77,8 @@ class LocalLimiter:
         return None
 
     async def acquire(self, model: str, cost: int) -> Admission:
-        """Wait for `model`'s next slot for `cost` tokens (FIFO); ValueError at once if never.
+        """Wait for `model`'s next slot for `cost` tokens (FIFO, with the schedule's look-ahead);
+        ValueError at once if never.
 
         Cancelled while it sleeps, the slot it took stays taken (as in Redis).
         """
@@ -83,17 +86,40 @@ class LocalLimiter:
         check_cost(model, cost, policy.tpm)
         st = self.state(model)
         began = self._now()
-        async with self._locks.setdefault(model, asyncio.Lock()):
-            while True:
-                now = us(self._now())
-                slot = schedule.reserve(policy, st, cost, now)
-                if slot.at > now:
-                    await asyncio.sleep((slot.at - now) / 1_000_000)
-                if st.pause <= slot.at:  # else a 429 paused the model meanwhile: retake
-                    self._last_cost[model] = cost
-                    adm = Admission(model, cost, slot.seq, slot.at, max(0.0, self._now() - began))
-                    current_admission.set(adm)
-                    return adm
+        lane = self._lanes.setdefault(model, Lane())
+        front = False
+        while True:
+            given = await lane.enter(cost, front=front)
+            if given is not None:  # the head handed this call a slot before its own
+                if await self._sleep_until(st, given.at):
+                    return self._admitted(model, cost, given, began)
+                front = True  # a 429 paused the model meanwhile: back in line, near the head
+                continue
+            try:
+                while True:
+                    behind = lane.behind(policy.lookahead)
+                    now = us(self._now())
+                    slot = schedule.reserve(policy, st, cost, now, [w.cost for w in behind])
+                    if slot.waiter:
+                        lane.hand(behind[slot.waiter - 1], slot)
+                        continue
+                    if await self._sleep_until(st, slot.at):
+                        return self._admitted(model, cost, slot, began)
+            finally:
+                lane.leave()
+
+    async def _sleep_until(self, st: State, at: int) -> bool:
+        """Sleep until the slot; False if a pause that arrived meanwhile (a 429) voids it."""
+        now = us(self._now())
+        if at > now:
+            await asyncio.sleep((at - now) / 1_000_000)
+        return st.pause <= at
+
+    def _admitted(self, model: str, cost: int, slot: schedule.Reply, began: float) -> Admission:
+        self._last_cost[model] = cost
+        adm = Admission(model, cost, slot.seq, slot.at, max(0.0, self._now() - began))
+        current_admission.set(adm)
+        return adm
 
     def feedback(
         self,

@@ -7,7 +7,9 @@ machines with skewed clocks agree. Keys `batcher:<workspace>:<model>:{pace,log,r
 expire `policy.idle_ttl_s` after the last slot or pause.
 
 Round trips: admission is one RESERVE (take the slot, sleep it off); each process keeps at most
-one reservation per model outstanding (local waiters queue FIFO), so processes interleave.
+one reservation per model outstanding for its head waiter (local waiters queue FIFO; the
+script may give the slot to one of the costs queued behind it, `lane.Lane`), so processes
+interleave.
 Answers that carry x-ratelimit-* headers (near the limit or not) and failed attempts ride
 along with the next RESERVE (no round trip of their own); 429s go at once in a FEEDBACK script
 (they pause every process), and the next acquire waits for them.
@@ -28,7 +30,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from importlib import resources
 from typing import Any, Literal
@@ -43,6 +45,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher.admission.contract import Admission, ModelSnapshot, answered, current_admission
 from batcher.admission.feedback import Signal, read_feedback
+from batcher.admission.lane import Lane
 from batcher.admission.local_backend import LocalLimiter, model_snapshot, policy_source
 from batcher.admission.schedule import Reply, check_cost
 from batcher.errors import LimiterError
@@ -71,7 +74,7 @@ def keys(workspace: str, model: str) -> list[str]:
 
 
 def parse_reply(reply: list[Any]) -> Reply:
-    at, now, seq, m, share, pause, dec429, decnear, shdown, refunded, decreased = reply
+    at, now, seq, m, share, pause, dec429, decnear, shdown, refunded, decreased, waiter = reply
     return Reply(
         int(at),
         int(now),
@@ -84,6 +87,7 @@ def parse_reply(reply: list[Any]) -> Reply:
         int(shdown),
         int(refunded),
         decreased == "1",
+        int(waiter),
     )
 
 
@@ -139,7 +143,7 @@ class RedisLimiter:
         self._redis: aioredis.Redis | None = None
         self._reserve_sha = ""
         self._feedback_sha = ""
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._lanes: dict[str, Lane] = {}
         # Urgent feedback scripts in flight, per model: kept referenced, awaited by the next
         # acquire. Non-urgent signals wait for the next RESERVE of the model.
         self._pending: dict[str, set[asyncio.Task[None]]] = {}
@@ -212,27 +216,34 @@ class RedisLimiter:
         if self._redis is None and self._fallback is None:
             await self.start()
         began = self._clock()
-        async with self._locks.setdefault(model, asyncio.Lock()):
-            # A 429 this process reported must shape its next slot, as it would locally.
-            await self.drain_feedback(model)
-            if self._failure is not None:
-                raise self._failure
-            while self._fallback is None:
-                try:
-                    res = await self.reserve(model, cost)
-                except _LOST as exc:
-                    self._lost(exc)
-                    break
-                wait_s = (res.at - res.now) / 1_000_000
-                if wait_s > 0:
-                    await asyncio.sleep(wait_s)
-                # A pause this process learnt of while it slept (its own 429) voids the slot:
-                # take a new one rather than send into a known rate limit.
-                if self.last_reply[model].pause <= res.at:
-                    self._last_cost[model] = cost
-                    adm = Admission(model, cost, res.seq, res.at, max(0.0, self._clock() - began))
-                    current_admission.set(adm)
-                    return adm
+        lane = self._lanes.setdefault(model, Lane())
+        front = False
+        while self._fallback is None:
+            given = await lane.enter(cost, front=front)
+            if given is not None:  # the head handed this call a slot before its own
+                if await self._sleep_until(model, given):
+                    return self._admitted(model, cost, given, began)
+                front = True  # its own 429 paused the model meanwhile: back in line
+                continue
+            try:
+                # A 429 this process reported must shape its next slot, as it would locally.
+                await self.drain_feedback(model)
+                if self._failure is not None:
+                    raise self._failure
+                while self._fallback is None:
+                    behind = lane.behind(policy.lookahead)
+                    try:
+                        res = await self.reserve(model, cost, waiting=[w.cost for w in behind])
+                    except _LOST as exc:
+                        self._lost(exc)
+                        break
+                    if res.waiter:
+                        lane.hand(behind[res.waiter - 1], res)
+                        continue
+                    if await self._sleep_until(model, res):
+                        return self._admitted(model, cost, res, began)
+            finally:
+                lane.leave()
         fallback = self._fallback
         assert fallback is not None
         local = await fallback.acquire(model, min(cost, fallback.policy(model).tpm))
@@ -241,14 +252,38 @@ class RedisLimiter:
         current_admission.set(adm)
         return adm
 
-    async def reserve(self, model: str, cost: int, *, now_us: int | None = None) -> Reply:
+    async def _sleep_until(self, model: str, res: Reply) -> bool:
+        """Sleep off the slot; False if a pause this process learnt of meanwhile (its own
+        429) voids it: take a new one rather than send into a known rate limit."""
+        wait_s = (res.at - res.now) / 1_000_000
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
+        return self.last_reply[model].pause <= res.at
+
+    def _admitted(self, model: str, cost: int, res: Reply, began: float) -> Admission:
+        self._last_cost[model] = cost
+        adm = Admission(model, cost, res.seq, res.at, max(0.0, self._clock() - began))
+        current_admission.set(adm)
+        return adm
+
+    async def reserve(
+        self,
+        model: str,
+        cost: int,
+        *,
+        now_us: int | None = None,
+        waiting: Sequence[int] = (),
+    ) -> Reply:
         """Take the next slot of the shared schedule, without waiting for it: one round trip.
 
-        Carries the model's queued non-urgent feedback. `now_us` replaces the Redis clock
-        (tests only). Raises redis-py's errors as they are.
+        `waiting`: the costs queued behind this call (look-ahead; the reply's `waiter` says
+        whose slot it is). Carries the model's queued non-urgent feedback. `now_us` replaces
+        the Redis clock (tests only). Raises redis-py's errors as they are.
         """
         queued = self._queued.pop(model, [])
         request: dict[str, Any] = {"cost": cost, "feedback": [s.encode() for s in queued]}
+        if waiting:
+            request["waiting"] = list(waiting)
         if now_us is not None:
             request["now"] = now_us
         try:

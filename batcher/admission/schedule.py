@@ -15,6 +15,10 @@ The schedule (server semantics in policy.py):
   every window (a little longer than the server's) has room for it, scaled by the revealed
   share. Slots never go back in time (`last`), so each window's earliest fit is found on its
   own and the latest of them fits all.
+- **Look-ahead**: when the head of the queue must wait for a window's room, a smaller request
+  among the next few waiting may take an earlier slot if the head's slot stays where it was
+  (tried, checked, taken back otherwise). Strict FIFO leaves part of each short window unused
+  whenever the head is larger than the room; big requests are never delayed by it.
 - **Adaptive multiplier** (AIMD): 429s our accounting let through mean someone else uses the
   quota: x beta, once per cooldown, then linear recovery; a lone 429 (none within the last
   `aimd_strike_requests` admissions) only pauses. All the adaptation when answers carry
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -105,6 +110,7 @@ class Reply(NamedTuple):
     shdown: int
     refunded: int
     decreased: bool  # FEEDBACK: this answer lowered the multiplier
+    waiter: int = 0  # RESERVE: whose slot (0: the head's; i: the i-th waiting cost's)
 
 
 def _mult(p: Policy, v0: float | None, t0: int | None, now: int) -> float:
@@ -168,7 +174,9 @@ def _expire(p: Policy, st: State, now: int) -> None:
         st.refunds = [r for r in st.refunds if r.at >= cutoff]
 
 
-def _reply(p: Policy, st: State, now: int, at: int, seq: int, decreased: bool) -> Reply:
+def _reply(
+    p: Policy, st: State, now: int, at: int, seq: int, decreased: bool, waiter: int = 0
+) -> Reply:
     return Reply(
         at,
         now,
@@ -181,13 +189,18 @@ def _reply(p: Policy, st: State, now: int, at: int, seq: int, decreased: bool) -
         st.shdown,
         st.refunded,
         decreased,
+        waiter,
     )
 
 
-def reserve(p: Policy, st: State, cost: int, now: int) -> Reply:
-    """Take the earliest slot pacing, pause and every window allow, and commit it."""
-    _expire(p, st, now)
-    m = _multiplier(p, st, now)
+class _Slot(NamedTuple):
+    at: int
+    rtat: int  # the pacing before this admission
+    ttat: int
+
+
+def _slot(p: Policy, st: State, cost: int, now: int) -> _Slot:
+    """The earliest slot pacing, pause and every window allow `cost`, after the latest one."""
     cap = _cap(p, _share(p, st, now)) if p.adaptive else 1.0
     tol = us(p.tolerance_s)
     rtat = now + tol if st.rtat is None else st.rtat
@@ -215,15 +228,47 @@ def reserve(p: Policy, st: State, cost: int, now: int) -> Reply:
                 else:
                     lo = mid + 1
             at = max(at, log[lo].at + length)
-    st.rtat = math.floor(max(rtat, at) + 60000000 / (p.rpm * p.headroom * m) + 0.5)
-    st.ttat = math.floor(max(ttat, at) + cost * 60000000 / (p.tpm * p.headroom * m) + 0.5)
-    if not log:
-        st.start = at
+    return _Slot(at, rtat, ttat)
+
+
+def _commit(p: Policy, st: State, cost: int, slot: _Slot, m: float) -> None:
+    st.rtat = math.floor(max(slot.rtat, slot.at) + 60000000 / (p.rpm * p.headroom * m) + 0.5)
+    st.ttat = math.floor(max(slot.ttat, slot.at) + cost * 60000000 / (p.tpm * p.headroom * m) + 0.5)
+    if not st.log:
+        st.start = slot.at
     st.cum += cost
     st.seq += 1
-    log.append(Entry(at, st.cum, st.seq, cost))
-    st.last = at
-    return _reply(p, st, now, at, st.seq, False)
+    st.log.append(Entry(slot.at, st.cum, st.seq, cost))
+    st.last = slot.at
+
+
+def reserve(p: Policy, st: State, cost: int, now: int, waiting: Sequence[int] = ()) -> Reply:
+    """Take the earliest slot pacing, pause and every window allow, and commit it.
+
+    `waiting`: the costs of the requests queued behind this one (in order). When this one must
+    wait, the first of the next `p.lookahead` that can go before its slot without moving that
+    slot (it fits the room the head would leave) takes the earlier slot instead: the reply's
+    `waiter` names it (1-based; 0: the head's own). FIFO leaves up to a request's worth of each
+    short window unused whenever the head is larger than the room; the head never waits longer.
+    """
+    _expire(p, st, now)
+    m = _multiplier(p, st, now)
+    head = _slot(p, st, cost, now)
+    if head.at > now:
+        for i, other in enumerate(waiting[: p.lookahead]):
+            if other >= cost:
+                continue
+            fill = _slot(p, st, other, now)
+            if fill.at >= head.at:
+                continue
+            kept = (st.rtat, st.ttat, st.last, st.start, st.cum, st.seq)
+            _commit(p, st, other, fill, m)
+            if _slot(p, st, cost, now).at <= head.at:
+                return _reply(p, st, now, fill.at, st.seq, False, i + 1)
+            st.rtat, st.ttat, st.last, st.start, st.cum, st.seq = kept
+            st.log.pop()
+    _commit(p, st, cost, head, m)
+    return _reply(p, st, now, head.at, st.seq, False)
 
 
 def _estimates(

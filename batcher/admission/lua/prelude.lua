@@ -96,12 +96,12 @@ local function window(since)
   return first, card - first, cum1 - cum0 + cost0, cum0 - cost0, nref, tref
 end
 
-local function reply(at, seq, decreased)
+local function reply(at, seq, decreased, waiter)
   local d = '0'
   if decreased then d = '1' end
   return {fmt(at), fmt(now), fmt(seq), string.format('%.17g', multiplier()),
           string.format('%.17g', share_now()), fmt(st.pause), fmt(st.dec429), fmt(st.decnear),
-          fmt(st.shdown), fmt(st.refunded), d}
+          fmt(st.shdown), fmt(st.refunded), d, fmt(waiter or 0)}
 end
 
 local function estimates(left, limit, tokens, stop, without)
