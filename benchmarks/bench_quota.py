@@ -16,6 +16,10 @@ Variants (each against a fresh server):
 - langdock:       Langdock's own limits (500 RPM / 60,000 TPM), prompts of 20-400 words +
                   max_tokens 200, two minutes measured: one request is up to 6 % of a 10 s
                   window, so the window caps bind far more often than at 10x.
+- faults:         as tpm, the server answering 5 % of admitted requests with a 5xx and
+                  dropping 2 % of connections (both charged, as Azure may). The input holds
+                  about as many rows as fit the warm-up and the measured window; the run goes
+                  on to the end, and its output must hold every row exactly once, status ok.
 
 Each server answers one request (then forgets it) before the run, so the run's first request
 pays no one-time server costs (--cold skips that; see the README for what a slow first
@@ -24,7 +28,8 @@ admission did).
 Figures come from the server's counters over the measured window: admitted requests and tokens
 per minute against the limits, and the share of requests answered 429 (also over the whole run).
 Targets (issue 8): at 10x, >= 0.985 of the binding limit with <= 0.1 % 429s; at Langdock's
-limits, >= 0.97 with <= 0.5 %.
+limits, >= 0.97 with <= 0.5 %; with faults >= 0.95 (charged tokens, failed attempts included:
+the server counts them) with <= 0.5 %, every row ok once.
 """
 
 from __future__ import annotations
@@ -35,10 +40,12 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from common import (
     API_KEY,
     MODEL,
@@ -69,6 +76,13 @@ class Variant:
     duration_s: float | None = None  # measured seconds, if not --duration
     target_use: float = 0.985
     target_429: float = 0.001
+    error_rate: float = 0.0  # the server's share of 5xx answers (charged)
+    drop_rate: float = 0.0  # ... of dropped connections (charged)
+
+    @property
+    def completes(self) -> bool:
+        """Run to the end and check the output (the fault variants), instead of stopping."""
+        return bool(self.error_rate or self.drop_rate)
 
 
 VARIANTS = {
@@ -77,7 +91,12 @@ VARIANTS = {
     "tpm-noheaders": Variant((90, 170), 200, False),
     "rpm-noheaders": Variant((3, 8), 5, False),
     "langdock": Variant((20, 400), 200, True, 500, 60_000, 120.0, 0.97, 0.005),
+    "faults": Variant(
+        (90, 170), 200, True, target_use=0.95, target_429=0.005, error_rate=0.05, drop_rate=0.02
+    ),
 }
+# Tokens of the job's messages around the review text (system, template, chat overhead).
+TEMPLATE_TOKENS = 28
 
 
 def window(a: dict[str, Any], b: dict[str, Any], variant: Variant) -> dict[str, float]:
@@ -100,7 +119,12 @@ def window(a: dict[str, Any], b: dict[str, Any], variant: Variant) -> dict[str, 
 
 
 async def measure(
-    server: MockProcess, directory: Path, name: str, variant: Variant, args: argparse.Namespace
+    server: MockProcess,
+    directory: Path,
+    name: str,
+    variant: Variant,
+    args: argparse.Namespace,
+    rows: int,
 ) -> dict[str, Any]:
     job = make_job(
         directory,
@@ -122,7 +146,9 @@ async def measure(
         duration = variant.duration_s
     await asyncio.sleep(duration)
     last = await asyncio.to_thread(server.stats)
-    engine.request_stop(signal.SIGINT)
+    saturated = not run.done()  # still had rows to send when the window ended
+    if not variant.completes:
+        stop_gracefully(engine)
     outcome = await run
     final = await asyncio.to_thread(server.stats)
     stats = outcome.stats
@@ -131,6 +157,8 @@ async def measure(
     use = steady[f"{binding}_use"]
     whole_429 = final["rate_limited"] / final["requests"] if final["requests"] else 0.0
     snap = engine.limiter.snapshot().get(MODEL)
+    rows_check = check_rows(directory / f"out-{name}.parquet", rows) if variant.completes else {}
+    rows_ok = not rows_check or (rows_check["ok_once"] == rows and saturated)
     return {
         "variant": name,
         "headers": variant.headers,
@@ -151,13 +179,47 @@ async def measure(
             "retries": stats.retries,
             "rows_done": stats.done,
             "multiplier_at_end": None if snap is None else snap.multiplier,
+            "refunded": None if snap is None else snap.refunded,
             "exit_code": int(outcome.exit_code),
         },
+        "faults": {
+            "by_status": final.get("by_status", {}),
+            "dropped": final.get("dropped", 0),
+            "accepted_tpm_use": (last["accepted_tokens"] - first["accepted_tokens"])
+            / (steady["seconds"] / 60)
+            / variant.tpm,
+            "saturated": saturated,
+            **rows_check,
+        }
+        if variant.completes
+        else None,
         "limits": {"rpm": variant.rpm, "tpm": variant.tpm},
         "targets": {"use": variant.target_use, "share_429": variant.target_429},
         "pass": use >= variant.target_use
         and steady["share_429"] <= variant.target_429
-        and whole_429 <= variant.target_429,
+        and whole_429 <= variant.target_429
+        and rows_ok,
+    }
+
+
+def stop_gracefully(engine: Engine) -> None:
+    """As Ctrl-C would: nothing new is sent, what is in flight finishes."""
+    stop = getattr(engine, "request_stop", None)  # the engine's API before stopping.py
+    if stop is None:
+        stop = engine._halt.on_signal  # type: ignore[attr-defined,unused-ignore]
+    stop(signal.SIGINT)
+
+
+def check_rows(path: Path, rows: int) -> dict[str, Any]:
+    """The output of a run to the end: one row per input id, each ok."""
+    table = pq.read_table(path, columns=["id", "status"]).to_pydict()
+    ids = Counter(table["id"])
+    ok = Counter(i for i, st in zip(table["id"], table["status"], strict=True) if st == "ok")
+    return {
+        "rows": rows,
+        "output_rows": len(table["id"]),
+        "ok_once": sum(1 for i in range(rows) if ok[f"r{i}"] == 1 and ids[f"r{i}"] == 1),
+        "statuses": dict(Counter(table["status"])),
     }
 
 
@@ -169,15 +231,25 @@ def run_variant(directory: Path, name: str, args: argparse.Namespace) -> dict[st
     # Enough rows for the whole run at the request limit, never running dry.
     duration = variant.duration_s or args.duration
     rows = int(variant.rpm * (args.warmup + duration + 10) / 60 * 1.2)
+    if variant.completes:
+        # About what the token limit admits until a few seconds after the window (failed
+        # attempts, charged too, take their share), so the run ends by itself soon after.
+        cost = sum(variant.words) / 2 + TEMPLATE_TOKENS + variant.max_tokens
+        failed = variant.error_rate + variant.drop_rate
+        rows = int(variant.tpm * (args.warmup + duration + 3) / 60 / cost * (1 - failed))
     write_rows(directory / "input.jsonl", rows, variant.words, seed=len(name))
     flags = ["--rpm", str(variant.rpm), "--tpm", str(variant.tpm)]
     flags += ["--latency", "0.05", "--jitter", "0.25"]
     if not variant.headers:
         flags += ["--no-retry-after", "--no-ratelimit-headers"]
+    if variant.error_rate:
+        flags += ["--error-rate", str(variant.error_rate)]
+    if variant.drop_rate:
+        flags += ["--drop-rate", str(variant.drop_rate)]
     with MockProcess(*flags) as server:
         if not args.cold:
             server.warm()
-        return asyncio.run(measure(server, directory, name, variant, args))
+        return asyncio.run(measure(server, directory, name, variant, args, rows))
 
 
 def main() -> int:
@@ -256,16 +328,25 @@ def main() -> int:
         )
     )
     print(
-        "\ntargets: binding limit use >= 0.985 at 10x (0.97 langdock), 429s <= 0.1 % of "
-        "requests (0.5 % langdock), both over the window and the whole run"
+        "\ntargets: binding limit use >= 0.985 at 10x (0.97 langdock, 0.95 faults), 429s "
+        "<= 0.1 % of requests (0.5 % langdock and faults), both over the window and the "
+        "whole run; faults: every row ok exactly once"
     )
     for r in results:
         c = r["client"]
         print(
             f"  {r['variant']}: client sent {c['requests_sent']:,} requests, saw "
             f"{c['rate_limited']} 429s, {c['retries']} retries; limiter multiplier at end "
-            f"{c['multiplier_at_end']}"
+            f"{c['multiplier_at_end']}, {c['refunded']} failed admissions given back"
         )
+        f = r["faults"]
+        if f:
+            print(
+                f"    server answers {f['by_status']}, {f['dropped']} dropped; answered-ok "
+                f"tokens {f['accepted_tpm_use']:.3f} of the TPM; output {f['output_rows']:,} "
+                f"rows for {f['rows']:,} ids, {f['ok_once']:,} ok exactly once "
+                f"{f['statuses']}; still sending at the window's end: {f['saturated']}"
+            )
     emit_json(
         args.json,
         {
