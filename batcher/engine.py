@@ -12,7 +12,7 @@ A worker holds its concurrency slot until its result is durable, so at any momen
 The engine returns a `RunOutcome` (data: why it stopped, counts, the error) and never prints
 a summary: the CLI and the Python API render it. Every stop (a signal, a rejected key, a full
 disk, an outage the circuit breaker saw) goes the same way: nothing new is admitted, requests
-in flight finish and are journaled within the grace period, then the run ends.
+in flight finish and are journaled within the grace period, then the run ends (`stopping.py`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from batcher.errors import (
     BadRequest,
     BatcherError,
     BudgetReached,
-    ExitCode,
     InputDataError,
     JobSpecError,
     RateLimited,
@@ -76,6 +75,7 @@ from batcher.secrets import resolve_api_key
 from batcher.sharding import shard_of, shard_output, stable_hash
 from batcher.spec import Job, request_fingerprint
 from batcher.stats import RunStats
+from batcher.stopping import RunStop
 from batcher.storage import publish, with_name
 from batcher.structured import StructuredOutput
 from batcher.writer import write_batch_output_ordered, write_output_ordered
@@ -146,12 +146,7 @@ class Engine:
         self.budget = self.spending.budget
         self.reuse: Reuse | None = None  # opened with the journal
         self._monitor: RunMonitoring | None = None
-        self._stopping = False
-        self._reason: StopReason | None = None  # why the run stops early; None: it completes
-        self._error: BatcherError | None = None
-        self._workers: list[asyncio.Task[None]] = []
-        self._producer: asyncio.Task[None] | None = None
-        self._busy: set[asyncio.Task[Any]] = set()
+        self._halt = RunStop(job.grace_period_s)  # every early stop goes through it
         self._opened = asyncio.Event()  # set by the first 2xx answer: the setup works
         self._probe_lock = asyncio.Lock()
         self._policy = retry_policy(job.retry)
@@ -232,7 +227,7 @@ class Engine:
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
-        while not self._stopping:
+        while not self._halt.stopping:
             step = await asyncio.to_thread(self._prepare, it)
             if step is None:
                 break
@@ -266,7 +261,7 @@ class Engine:
                     await self._queue.put(req)
             if self.reuse is not None:
                 await self._flush_store(self.reuse.take_pending())
-        for _ in self._workers:
+        for _ in self._halt.workers:
             await self._queue.put(None)
 
     # ---- sending ----
@@ -274,9 +269,9 @@ class Engine:
     async def _worker(self) -> None:
         me = asyncio.current_task()
         assert me is not None
-        while not self._stopping:
+        while not self._halt.stopping:
             req = await self._queue.get()
-            if req is None or self._stopping:
+            if req is None or self._halt.stopping:
                 return
             try:
                 result, answer = await self._process(req)
@@ -288,19 +283,19 @@ class Engine:
                 if self.reuse is not None:
                     self.reuse.abandoned(req)
                 reason = StopReason.BUDGET if isinstance(exc, BudgetReached) else StopReason.FATAL
-                self._stop(reason, exc)  # no other worker sends another request
+                self._halt.stop(reason, exc)  # no other worker sends another request
                 return
             shared = [] if self.reuse is None else self.reuse.answered(req, result, answer)
-            self._busy.add(me)  # from here until durable, a stop waits for this row
+            self._halt.busy.add(me)  # from here until durable, a stop waits for this row
             try:
                 await self._finish(result)
                 for other in shared:
                     await self._finish(other)
             except BatcherError as exc:  # the journal cannot take it (disk full, replaced)
-                self._stop(StopReason.FATAL, exc)
+                self._halt.stop(StopReason.FATAL, exc)
                 return
             finally:
-                self._busy.discard(me)
+                self._halt.busy.discard(me)
 
     async def _process(self, req: Request) -> tuple[Result, Answer | None]:
         """Until the server has answered once (any 2xx), requests go one at a time, so a wrong
@@ -330,7 +325,7 @@ class Engine:
                 break
             except BatcherError as exc:  # the budget, a rejected key: stop, keep the answer
                 reason = StopReason.BUDGET if isinstance(exc, BudgetReached) else StopReason.FATAL
-                self._stop(reason, exc)
+                self._halt.stop(reason, exc)
                 break
             repairs += 1
             current, result, answer = following, repaired, repaired_answer
@@ -380,14 +375,14 @@ class Engine:
         reserved = 0.0
         try:
             while True:
-                if self._stopping:
+                if self._halt.stopping:
                     raise _Abandoned
                 attempts += 1
                 try:
                     answer, reserved = await self._attempt(req, attempts)
                     break
                 except RetryableAPIError as exc:
-                    if self._stopping:
+                    if self._halt.stopping:
                         raise _Abandoned from None
                     if not policy.should_retry(exc, attempts):
                         raise
@@ -433,7 +428,7 @@ class Engine:
         except BaseException:
             self.spending.release(worst)
             raise
-        if self._stopping:  # a stop came while we waited for our slot: send nothing
+        if self._halt.stopping:  # a stop came while we waited for our slot: send nothing
             self.spending.release(worst)
             raise _Abandoned
         if attempt > 1:
@@ -442,17 +437,17 @@ class Engine:
         self.stats.in_flight += 1
         me = asyncio.current_task()
         assert me is not None
-        self._busy.add(me)
+        self._halt.busy.add(me)
         try:
             answer = await self._client.complete(req.body)
         except RetryableAPIError as exc:
-            self._busy.discard(me)
+            self._halt.busy.discard(me)
             self.stats.count_response(exc.status or failure_kind(exc))
             self.spending.release(worst, billed=isinstance(exc, TruncatedAnswer))  # unreadable
             self._failed(req, exc)
             raise
         except BaseException as exc:
-            self._busy.discard(me)
+            self._halt.busy.discard(me)
             # Cancelled after it was sent (grace period over, a second Ctrl-C): the server may
             # bill it; the budget books the worst case so the cap holds across runs.
             self.spending.release(worst, billed=isinstance(exc, asyncio.CancelledError))
@@ -483,7 +478,7 @@ class Engine:
                 self.stats.truncated += 1
                 self.stats.truncated_tokens += req.cost
         if self._breaker.failure(kind, req.row_id, asyncio.get_running_loop().time()):
-            self._stop(
+            self._halt.stop(
                 StopReason.OUTAGE,
                 APIError(
                     f"the service failed the last {self._breaker.failures} requests "
@@ -535,79 +530,6 @@ class Engine:
         stored = await asyncio.to_thread(self.reuse.store.put_many, batch)
         if stored:  # 0: the store is off or busy, the answers stay in memory
             self.reuse.stored(batch)
-
-    # ---- stopping ----
-
-    def request_stop(self, signum: int) -> None:
-        """First signal: finish what is in flight (grace period). Second: stop at once."""
-        if self._reason in (StopReason.INTERRUPTED, StopReason.TERMINATED):
-            log.warning("stopping now")
-            self._cancel_all()
-            return
-        reason = StopReason.INTERRUPTED if signum == signal.SIGINT else StopReason.TERMINATED
-        if self._stopping:  # already stopping for another reason: a signal means "now"
-            self._cancel_all()
-            return
-        self._stop(reason)
-
-    def _stop(self, reason: StopReason, error: BatcherError | None = None) -> None:
-        """Admit nothing more; requests in flight finish and persist within the grace period."""
-        if self._stopping:
-            return
-        self._stopping = True
-        self._reason, self._error = reason, error
-        in_flight = len(self._busy)
-        if error is not None:
-            log.error("stopping: %s", error)
-        log.warning(
-            "stopping: no new requests; waiting up to %g s for %d in flight%s",
-            self.job.grace_period_s,
-            in_flight,
-            " (press Ctrl-C again to stop at once; answered rows are kept either way)"
-            if error is None
-            else "",
-        )
-        if self._producer is not None:
-            self._producer.cancel()
-        for task in self._workers:
-            if task not in self._busy and task is not asyncio.current_task():
-                task.cancel()
-        asyncio.get_running_loop().call_later(self.job.grace_period_s, self._cancel_all)
-
-    def _cancel_all(self) -> None:
-        for task in [*self._workers, self._producer]:
-            if task is not None:
-                task.cancel()
-
-    async def _drive(self) -> None:
-        """Run producer and workers to the end; a bug (not a BatcherError) stops everything."""
-        tasks: set[asyncio.Task[None]] = {*self._workers}
-        assert self._producer is not None
-        tasks.add(self._producer)
-        while tasks:
-            try:
-                done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            except asyncio.CancelledError:
-                # Cancelled from outside (a notebook cell interrupted): as on SIGINT, what is
-                # in flight finishes and is journaled within the grace period, then it ends.
-                self._stop(StopReason.INTERRUPTED)
-                await asyncio.wait(tasks, timeout=self.job.grace_period_s)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-            for task in done:
-                if task.cancelled():
-                    continue
-                exc = task.exception()
-                if isinstance(exc, BatcherError):  # from the producer: reading, journal
-                    self._stop(StopReason.FATAL, exc)
-                elif exc is not None:
-                    self._stopping = True
-                    for other in tasks:
-                        other.cancel()
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                    raise exc
 
     async def _refresh_effective(self) -> None:
         while True:
@@ -711,7 +633,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         signals = (signal.SIGINT, signal.SIGTERM) if opts.handle_signals else ()
         for sig in signals:
-            loop.add_signal_handler(sig, self.request_stop, sig)
+            loop.add_signal_handler(sig, self._halt.on_signal, sig)
         ticker = asyncio.create_task(self._refresh_effective())
         try:
             await self.limiter.start()
@@ -727,22 +649,21 @@ class Engine:
                 Progress(self.stats, mode=opts.progress, interval_s=job.progress_interval_s),
             ):
                 self._client = client
-                self._workers = [
+                self._halt.workers = [
                     asyncio.create_task(self._worker()) for _ in range(job.concurrency)
                 ]
-                self._producer = asyncio.create_task(self._produce())
+                self._halt.producer = asyncio.create_task(self._produce())
                 log.info(
                     "sending %d rows to %s (the first request goes alone)",
                     self.stats.remaining,
                     base_url,
                 )
                 try:
-                    await self._drive()
+                    await self._halt.drive()
                 except BatcherError as exc:  # limiter.start, client setup
-                    self._stop(StopReason.FATAL, exc)
+                    self._halt.stop(StopReason.FATAL, exc)
         except BatcherError as exc:
-            self._stopping = True
-            self._reason, self._error = StopReason.FATAL, exc
+            self._halt.failed(exc)
         finally:
             for sig in signals:
                 loop.remove_signal_handler(sig)
@@ -754,14 +675,13 @@ class Engine:
             try:
                 await journal.drain()  # every finished row is on disk before we report
             except BatcherError as exc:
-                if self._reason is None or self._error is None:
-                    self._reason, self._error = StopReason.FATAL, exc
+                self._halt.failed(exc)
             await self.limiter.aclose()
 
-        if self._reason is not None:
+        if self._halt.reason is not None:
             with contextlib.suppress(BatcherError):
                 journal.write_meta(end_record(False, **self._end_counts()))
-            return self._outcome(self._reason)
+            return self._outcome(self._halt.reason)
 
         rows, errors = await asyncio.to_thread(self._write_output, total)
         journal.write_meta(end_record(True, **self._end_counts()))
@@ -770,26 +690,16 @@ class Engine:
     def _outcome(
         self, reason: StopReason, *, rows_written: int = 0, error_rows: int = 0
     ) -> RunOutcome:
-        if reason is StopReason.COMPLETED:
-            code = ExitCode.ROW_ERRORS if error_rows else ExitCode.OK
-        elif reason is StopReason.INTERRUPTED:
-            code = ExitCode.INTERRUPTED
-        elif reason is StopReason.TERMINATED:
-            code = ExitCode.TERMINATED
-        elif self._error is not None:
-            code = self._error.exit_code
-        else:
-            code = ExitCode.FATAL
         url = self.job.output_url
         return RunOutcome(
-            exit_code=code,
+            exit_code=self._halt.exit_code(reason, error_rows),
             reason=reason,
             stats=self.stats,
             output=self.output,
             journal=journal_path(self.output),
             rows_written=rows_written,
             error_rows=error_rows,
-            error=self._error,
+            error=self._halt.error,
             published_to=with_name(url, self.output.name)
             if url is not None and reason is StopReason.COMPLETED
             else None,
