@@ -100,7 +100,7 @@ _COLUMNS = (
 # -- the key rule (pure) ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class CacheKey:
     """A request's identity in the store: `key` looks it up, `check` confirms it on read."""
 
@@ -139,7 +139,7 @@ def request_key(body: Mapping[str, Any]) -> str:
 # -- records ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class CacheEntry:
     """One answer to store (an `ok` row's answer only: error rows are never stored)."""
 
@@ -150,7 +150,7 @@ class CacheEntry:
     completion_tokens: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class CachedAnswer:
     body: dict[str, Any]
     model: str | None

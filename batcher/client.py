@@ -23,7 +23,7 @@ def _parse_json(raw: bytes) -> Any:
     return json.loads(raw)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class Answer:
     body: dict[str, Any]
     headers: dict[str, str]

@@ -30,7 +30,7 @@ Format = Literal["jsonl", "parquet", "batch"]
 BATCH_URL = "/v1/chat/completions"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class Row:
     """One input row. `line` is the 1-based line (JSONL) or row number (Parquet) for messages."""
 
