@@ -34,7 +34,7 @@ POLICIES: list[dict[str, Any]] = [
     {"rpm": 120, "tpm": 6_000},
     {"rpm": 600, "tpm": 20_000, "headroom": 0.9, "tolerance_s": 0.0},
     {"rpm": 60, "tpm": 100_000, "adaptive": False},
-    {"rpm": 3_000, "tpm": 60_000, "window_margin": 0.02, "max_pause_s": 5.0},
+    {"rpm": 3_000, "tpm": 60_000, "window_margin": 0.02, "max_pause_s": 5.0, "share_hold_s": 0.0},
     {"rpm": 300, "tpm": 30_000, "aimd_strike_requests": 0, "share_smoothing_s": 0.0},
     {"rpm": 500, "tpm": 60_000, "tolerance_s": 30.0, "lookahead": 3},
     {"rpm": 240, "tpm": 12_000, "tolerance_s": 60.0, "window_margin": 0.0, "lookahead": 0},

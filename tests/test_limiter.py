@@ -362,6 +362,21 @@ def test_remaining_headers_set_the_share_up_and_down_without_compounding() -> No
     assert sched.multiplier(now + 1) == pytest.approx(BETA + 0.01)
 
 
+def test_a_revealed_share_holds_until_readings_stop_then_recovers() -> None:
+    """Between two answers the share stays what the headers said (recovering from the first
+    second put it above the truth by the recovery x the gap between answers, which at
+    Langdock's limits is up to a request per window: 429s); without readings it recovers."""
+    sched = Sched(*LANGDOCK, share_smoothing_s=0.0, share_smoothing_down_s=0.0)
+    t = 0.0
+    for _ in range(25):
+        t = sched.reserve(200, t)
+    sched.feedback(200, {"x-ratelimit-remaining-tokens": "1000"}, 10.0)
+    hold = sched.p.share_hold_s
+    assert sched.share(10.0) == sched.share(10.0 + hold) == pytest.approx(0.58)
+    assert sched.share(10.0 + hold + 5) == pytest.approx(0.58 + 5 * sched.p.aimd_recovery_per_s)
+    assert sched.share(10.0 + hold + 100) == 1.0
+
+
 def test_headers_of_a_one_second_window_do_not_throttle() -> None:
     """x-ratelimit-remaining-* of the server's 1 s window, a second into the run: the 1 s
     reading is the whole window (ours + remaining), not a fraction of our 10 s budget."""

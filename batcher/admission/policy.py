@@ -75,6 +75,11 @@ class Policy:
     # taken as it is, so start-up does not overshoot.
     share_smoothing_s: float = 2.0
     share_smoothing_down_s: float = 0.5
+    # A revealed share holds this long before it recovers like the multiplier: headers on the
+    # next answers say whether others left. Recovering from the first second biased it high by
+    # the recovery rate x the time between answers (0.5-1 s at Langdock's limits: +0.5-1 % of
+    # the quota, the margin below it, and 2 % of the answers were 429s with others using 40 %).
+    share_hold_s: float = 10.0
     # The window caps keep this x (1 - headroom) x (1 - share) below a revealed share: it is an
     # estimate, off by a request at Langdock's limits (a 10 s window holds ~25 requests).
     share_margin_factor: float = 2.0
@@ -97,6 +102,7 @@ class Policy:
             "window_margin",
             "feedback_slack_s",
             "default_pause_s",
+            "share_hold_s",
         ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -29,7 +29,8 @@ The schedule (server semantics in policy.py):
   `remaining` gives an estimate and the largest is taken (a window longer than the header's
   reads low while we ramp up; one shorter cannot hold the remaining count; the 1 s reading is
   noisy at Langdock's limits, one request being half a second's tokens, so it only counts
-  until the 10 s window has been filled). Smoothed, 4x faster downwards.
+  until the 10 s window has been filled). Smoothed, 4x faster downwards; it recovers like the
+  multiplier only after `share_hold_s` without a reading.
 - **Pauses**: a 429 or an unexplained near-limit header stops admission for its pause (capped),
   and the pacing resumes at the paced rate when it ends.
 - **Failed admissions** (5xx): when the remaining-* of the answer, or of the next one, show the
@@ -120,7 +121,9 @@ def _mult(p: Policy, v0: float | None, t0: int | None, now: int) -> float:
 
 
 def _share(p: Policy, st: State, now: int) -> float:
-    return _mult(p, st.sh0, st.sht, now) if p.adaptive else 1.0
+    if not p.adaptive:
+        return 1.0
+    return _mult(p, st.sh0, None if st.sht is None else st.sht + us(p.share_hold_s), now)
 
 
 def _multiplier(p: Policy, st: State, now: int) -> float:

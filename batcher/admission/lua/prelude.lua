@@ -51,8 +51,10 @@ local function mult(v0, t0)
   return math.min(1, v0 + P.aimd_recovery_per_s * math.max(0, now - t0) / 1000000)
 end
 local function share_now()
-  if P.adaptive then return mult(st.sh0, st.sht) end
-  return 1
+  if not P.adaptive then return 1 end
+  local t0 = nil
+  if st.sht then t0 = st.sht + us(P.share_hold_s) end
+  return mult(st.sh0, t0)
 end
 local function multiplier()
   if not P.adaptive then return 1 end
