@@ -5,13 +5,13 @@ changed row, `--retry-errors` re-asks an error), and possibly ids that have sinc
 input. The output holds exactly the current input's rows, each with its latest result:
 
     journal pass   (hash(id), byte offset) of every result record, latest first   16 B/record
-    input pass     hash(id) of every input row, in input order                      8 B/row
-    join           Arrow's index_in: for each input row, the offset of its latest record
-    write          input order: input rows again (kept columns taken from the input, typed
-                   as the input has them), each record read at its offset; completion order:
-                   the offsets sorted, records read in journal order (kept columns from them)
+    index          the pairs sorted by hash (a binary search finds an id's latest record)
+    write          input order: the input read again batch by batch, each row's record read
+                   at its offset (kept columns taken from the input, typed as the input has
+                   them); completion order: the rows' offsets (8 B/row) sorted, records read
+                   in journal order (kept columns from them)
 
-So memory stays a few arrays of 8-byte numbers however large the job (an external join by
+So memory stays two arrays of 8-byte numbers however large the job (an external join by
 row position; the alternative, Arrow's sort over spilled row groups, would hold the results
 themselves). Ids are compared by 64-bit hash: a collision between an input id and another id
 of the journal (odds ~n*m/2^64, 5e-8 at a million rows each) would be caught by the record's
@@ -55,7 +55,7 @@ def as_json_value(value: Any) -> Any:
 _RESULT_PREFIX = b'{"t": "r", "id": "'  # how the journal writes every result line
 
 
-def journal_index(journal: Path) -> tuple[pa.Array, pa.Array]:
+def journal_index(journal: Path) -> tuple[array[int], array[int]]:
     """(id hashes, byte offsets) of the journal's result records, the latest record first.
 
     Only each line's id is decoded (the whole record is read when it is written out): a
@@ -83,37 +83,49 @@ def journal_index(journal: Path) -> tuple[pa.Array, pa.Array]:
             offset += len(raw)
     hashes.reverse()
     offsets.reverse()
-    return int64_view(hashes), int64_view(offsets)
+    return hashes, offsets
 
 
-def _int64s(values: pa.Array) -> array[int]:
-    """An int64 Arrow array (no nulls) as an array('q'): 8 bytes a value, bisect-able."""
-    out = array("q")
+def _int64s(values: pa.Array) -> memoryview:
+    """An int64 Arrow array (no nulls) as a sequence of ints, read in place (no copy; the
+    memoryview keeps the Arrow buffer alive)."""
     data = values.buffers()[1]
-    if data is not None:
-        out.frombytes(memoryview(data)[values.offset * 8 : (values.offset + len(values)) * 8])
-    return out
+    if data is None or not len(values):
+        return memoryview(array("q"))
+    return memoryview(data).cast("q")[values.offset : values.offset + len(values)]
 
 
-def offsets_in_input_order(journal: Path, batches: IdBatches) -> pa.Array:
-    """For each input row, the byte offset of its latest journal record (null: none).
+class JournalIndex:
+    """Where each id's latest journal record is: the records' (hash, offset) pairs sorted by
+    hash, the latest first among equal hashes, searched by bisection per input row.
 
-    The journal's (hash, offset) pairs sorted by hash, the latest first among equal hashes,
-    and a binary search per input row: no hash table over every id (Arrow's index_in built
-    one), and no array of the input's hashes: 16 bytes a journal record, 8 an input row."""
-    hashes, offsets = journal_index(journal)  # latest first
-    order = pc.sort_indices(hashes)  # stable (Arrow's documented sort): latest still first
-    h, o = _int64s(pc.take(hashes, order)), _int64s(pc.take(offsets, order))
-    del hashes, offsets, order
-    found = array("q")
-    n = len(h)
-    for batch in batches():
-        for row in batch:
-            key = hash(row.id)
-            i = bisect_left(h, key)
-            found.append(o[i] if i < n and h[i] == key else -1)
-    values = int64_view(found)
-    return pc.if_else(pc.equal(values, -1), pa.scalar(None, pa.int64()), values)
+    16 bytes a journal record once built, 32 while sorting (each column is freed once
+    reordered); nothing per input row, so the input is joined batch by batch. (Arrow's
+    index_in built a hash table over every id; the former join also kept an offset per input
+    row and copies of both columns: the 1M-row write's peak.)"""
+
+    def __init__(self, journal: Path) -> None:
+        hashes, offsets = journal_index(journal)  # latest first
+        view = int64_view(hashes)
+        order = pc.sort_indices(view)  # stable (Arrow's documented sort): latest still first
+        self._hash_array = pc.take(view, order)
+        del view, hashes
+        self._offset_array = pc.take(int64_view(offsets), order)
+        del offsets, order
+        self._hashes = _int64s(self._hash_array)
+        self._offsets = _int64s(self._offset_array)
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def latest(self, row_id: str) -> int | None:
+        """The byte offset of the id's latest record (None: the journal has none). A hash
+        collision gives another id's record: `RecordReader.at` checks the id it reads."""
+        key = hash(row_id)
+        i = bisect_left(self._hashes, key)
+        if i < len(self._hashes) and self._hashes[i] == key:
+            return int(self._offsets[i])
+        return None
 
 
 class RecordReader:
@@ -148,22 +160,21 @@ def records_in_input_order(
     journal: Path,
     batches: IdBatches,
     keep_names: list[str],
-    offsets: pa.Array | None = None,
-    chunk: int = CHUNK_ROWS,
+    index: JournalIndex | None = None,
+    chunk: int | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Chunks of result records in input order, their `keep` taken from the input rows.
 
-    Input rows without a result (a stopped run) are left out. `offsets`: from
-    `offsets_in_input_order`, when the caller already has them."""
-    if offsets is None:
-        offsets = offsets_in_input_order(journal, batches)
-    position = 0
+    Input rows without a result (a stopped run) are left out. `index`: the journal's, when the
+    caller already has it."""
+    if index is None:
+        index = JournalIndex(journal)
+    chunk = chunk or CHUNK_ROWS
     out: list[dict[str, Any]] = []
     with RecordReader(journal) as reader:
         for batch in batches():
             for row in batch:
-                offset = offsets[position].as_py()
-                position += 1
+                offset = index.latest(row.id)
                 if offset is None:
                     continue
                 rec = reader.at(offset, row.id)
@@ -177,14 +188,29 @@ def records_in_input_order(
         yield out
 
 
+def offsets_in_completion_order(batches: IdBatches, index: JournalIndex) -> pa.Array:
+    """The offsets of the current input rows' latest records, sorted: journal order."""
+    found = array("q")
+    for batch in batches():
+        for row in batch:
+            offset = index.latest(row.id)
+            if offset is not None:
+                found.append(offset)
+    view = int64_view(found)
+    return pc.take(view, pc.sort_indices(view))
+
+
 def records_in_completion_order(
-    journal: Path, batches: IdBatches, offsets: pa.Array | None = None, chunk: int = CHUNK_ROWS
+    journal: Path,
+    batches: IdBatches,
+    index: JournalIndex | None = None,
+    chunk: int | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Chunks of the current input's latest result records, in the order they were answered."""
-    if offsets is None:
-        offsets = offsets_in_input_order(journal, batches)
-    offsets = pc.drop_null(offsets)
-    ordered = pc.sort_indices(offsets)
+    if index is None:
+        index = JournalIndex(journal)
+    offsets = _int64s(offsets_in_completion_order(batches, index))
+    chunk = chunk or CHUNK_ROWS
     with RecordReader(journal) as reader:
-        for i in range(0, len(ordered), chunk):
-            yield [reader.at(off) for off in offsets.take(ordered.slice(i, chunk)).to_pylist()]
+        for i in range(0, len(offsets), chunk):
+            yield [reader.at(off) for off in offsets[i : i + chunk].tolist()]

@@ -7,6 +7,7 @@ import gzip
 import http.server
 import importlib.resources
 import io
+import pickle
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -228,6 +229,17 @@ def test_building_an_encoding_never_touches_the_network(
     enc = tokens._build_encoding.__wrapped__("cl100k_base")  # uncached: really builds
     assert enc.encode_ordinary("hello world") == [15339, 1917]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_encoding_keeps_no_python_copy_of_its_ranks() -> None:
+    """The Rust encoder has its own copy; the Python dict (27 MB for o200k) is dropped, and
+    pickling, the one thing that needed it, says so."""
+    enc = tokens.get_encoding("o200k_base")
+    assert len(enc._mergeable_ranks) == 0
+    assert enc.encode_ordinary("hello world") == [24912, 2375]
+    assert enc.decode([24912, 2375]) == "hello world" and enc.n_vocab == 200019
+    with pytest.raises(TypeError, match="keeps no Python copy of its ranks"):
+        pickle.dumps(enc)
 
 
 # ---- images ----

@@ -1,17 +1,23 @@
-"""The writer never fails on what a journal holds: a record that does not fit is an error row."""
+"""The writer never fails on what a journal holds: a record that does not fit is an error row.
+The ordered output: each input row's latest record, in input or journal order."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from batcher import assemble, writer
+from batcher.errors import BatcherError
+from batcher.readers import Row
 from batcher.records import Result
 from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA
-from batcher.writer import write_output_from_journal
+from batcher.writer import write_output_from_journal, write_output_ordered
 
 HEADER = {"t": "h", "version": 1, "fingerprint": "f", "created": "2025-01-01T00:00:00"}
 
@@ -88,3 +94,68 @@ def test_error_rows_keep_their_earlier_error(tmp_path: Path) -> None:
     (row,) = pq.read_table(out).to_pylist()
     assert "before that: gave up after 8 attempts" in row["error"]
     assert pa.types.is_int32(pq.read_schema(out).field("attempts").type)
+
+
+# ---- the output in input order, joined with the journal (batcher/assemble.py) ----
+
+
+def input_batches(ids: list[str], size: int = 3) -> Callable[[], Iterator[list[Row]]]:
+    rows = [Row(i, n + 1, {"id": i, "text": f"t-{i}"}) for n, i in enumerate(ids)]
+    return lambda: iter([rows[k : k + size] for k in range(0, len(rows), size)])
+
+
+def test_ordered_output_takes_each_rows_latest_record_in_input_or_journal_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small chunks and row groups, so the join and the grouping cross their boundaries.
+    monkeypatch.setattr(assemble, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(writer, "ROW_GROUP_ROWS", 4)
+    n = 11
+    answered = [good(i) for i in reversed(range(n))]  # completion order: the reverse
+    answered[3] = good(7, status="error", error="boom", content=None)  # r7, then again:
+    answered.append(good(7, content="second"))  # the latest record wins
+    answered.append(good(99))  # a row that has since left the input
+    journal = write_journal(tmp_path / "j", answered)
+    ids = [f"r{i}" for i in range(n)]
+    out = tmp_path / "out.parquet"
+
+    rows = write_output_ordered(
+        journal, out, input_batches(ids), keep_names=["text"], expected_rows=n
+    )
+    assert rows == (n, 0)
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == ids
+    assert table.column("content").to_pylist()[7] == "second"
+    assert table.column("text").to_pylist() == [f"t-{i}" for i in ids]
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3  # 4 + 4 + 3 rows
+
+    write_output_ordered(journal, out, input_batches(ids), order="completion", keep_names=[])
+    got = pq.read_table(out).column("id").to_pylist()
+    assert got == [f"r{i}" for i in reversed(range(n)) if i != 7] + ["r7"]
+
+
+def test_ordered_output_leaves_out_rows_without_a_record_and_checks_the_count(
+    tmp_path: Path,
+) -> None:
+    journal = write_journal(tmp_path / "j", [good(2), good(0)])
+    out = tmp_path / "out.parquet"
+    ids = ["r0", "r1", "r2"]
+    assert write_output_ordered(journal, out, input_batches(ids), keep_names=[]) == (2, 0)
+    assert pq.read_table(out).column("id").to_pylist() == ["r0", "r2"]
+    with pytest.raises(BatcherError, match="would hold 2 rows but the input has 3"):
+        write_output_ordered(journal, out, input_batches(ids), keep_names=[], expected_rows=3)
+    empty = write_journal(tmp_path / "empty", [])
+    assert write_output_ordered(empty, out, input_batches(ids), keep_names=[]) == (0, 0)
+
+
+def test_journal_index_finds_the_latest_record_of_each_id(tmp_path: Path) -> None:
+    journal = write_journal(tmp_path / "j", [good(1), good(2), good(1, content="new")])
+    index = assemble.JournalIndex(journal)
+    assert len(index) == 3 and index.latest("r3") is None
+    with assemble.RecordReader(journal) as reader:
+        offset = index.latest("r1")
+        assert offset is not None and reader.at(offset, "r1")["content"] == "new"
+        offset = index.latest("r2")
+        assert offset is not None and reader.at(offset, "r2")["content"] == "c2"
+        with pytest.raises(BatcherError, match="share a 64-bit hash"):
+            reader.at(offset, "r1")
