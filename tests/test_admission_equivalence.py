@@ -113,6 +113,8 @@ def random_answer(
     failed = (0, 0, 0)
     if kind < 0.15:
         status = 429
+        if admissions and rng.random() < 0.6:
+            failed = rng.choice(admissions[-5:])  # names its admission: a bound on the share
         if rng.random() < 0.5:
             headers["retry-after"] = str(rng.choice([0, 1, 2, 7, 120]))
         elif rng.random() < 0.5:
@@ -120,7 +122,7 @@ def random_answer(
     elif kind < 0.25 and admissions:
         status = rng.choice([500, 503])
         failed = rng.choice(admissions[-5:])
-    if rng.random() < 0.6:
+    if rng.random() < (0.3 if status == 429 else 0.6):
         w = rng.choice([1, 10, 60])
         headers["x-ratelimit-remaining-requests"] = str(rng.randint(0, max(1, p.rpm * w // 60)))
         headers["x-ratelimit-remaining-tokens"] = str(rng.randint(0, max(1, p.tpm * w // 60)))
@@ -233,3 +235,23 @@ async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:
     sig = read_feedback(policy, 503, {}, failed=failed)
     schedule.feedback(policy, st, sig, now + 2)
     assert st.sus == slots[0].seq
+
+
+async def test_a_429_bound_lowers_the_same_share(limiter: RedisLimiter) -> None:
+    """Without headers, a 429 naming its admission bounds the share: equal on both sides."""
+    policy = Policy(500, 60_000, aimd_strike_requests=0)  # every 429 is a strike
+    limiter.policy = lambda model: policy
+    st = State()
+    now, want = 10**15, None
+    for _ in range(60):  # 300 tokens every 0.5 s: 0.6 of the TPM
+        now += 500_000
+        want = schedule.reserve(policy, st, 300, now)
+        assert await limiter.reserve(MODEL, 300, now_us=now) == want
+    assert want is not None
+    sig = read_feedback(
+        policy, 429, {}, last_cost=300, failed=(want.seq, want.at, 300), sent_at=want.at
+    )
+    out = schedule.feedback(policy, st, sig, now + 100_000)
+    assert await limiter.send_feedback(MODEL, sig, now_us=now + 100_000) == out
+    assert comparable(await redis_state(limiter)) == comparable(st)
+    assert st.shdown == 1 and 0.55 < out.share < 0.65

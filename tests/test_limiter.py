@@ -408,6 +408,43 @@ def test_without_headers_a_429_cuts_the_aimd_multiplier() -> None:
     assert sched.share(1.0) == 1.0
 
 
+def test_a_429_naming_its_admission_bounds_the_share_without_headers() -> None:
+    """Others use 40 % (unseen, no headers): after 30 s at 60 % of the limits, the 10 s window
+    that refused held our ~6,000 tokens: the share drops to ~0.6 and holds there."""
+    sched = Sched(*LANGDOCK)
+    t, slots = 0.0, []
+    while t < 30.0:
+        t = sched.reserve(300, t + 0.5)  # 600 tokens/s: 0.6 of the TPM
+        slots.append((t, sched.st.seq))
+    at, seq = slots[-1]
+    sig = read_feedback(sched.p, 429, {}, last_cost=300, failed=(seq, us(at), 300), sent_at=us(at))
+    assert sig.bound
+    sch.feedback(sched.p, sched.st, sig, us(at + 0.1))
+    assert sched.share(at + 0.1) == pytest.approx(0.6, abs=0.04)  # 19-20 sends in 10 s
+    assert sched.share(at + sched.p.share_hold_s) == sched.share(at + 0.1)
+    assert sched.st.shdown == 1
+
+
+def test_a_429_bound_above_the_share_or_without_its_admission_says_nothing() -> None:
+    sched = Sched(*LANGDOCK)
+    t = 0.0
+    while t < 30.0:
+        t = sched.reserve(300, t + 0.5)
+    # Without the admission it answers: no bound (only the pause and AIMD).
+    assert not read_feedback(sched.p, 429, {}, last_cost=300).bound
+    sched.feedback(429, {}, t)
+    assert sched.share(t) == 1.0
+    # Our usage fills the whole window (a 429 of jitter at its edge): no news.
+    full = Sched(*LANGDOCK)
+    t, seq = 0.0, 0
+    while t < 30.0:
+        t = full.reserve(300, t)
+        seq = full.st.seq
+    sig = read_feedback(full.p, 429, {}, last_cost=300, failed=(seq, us(t), 300), sent_at=us(t))
+    sch.feedback(full.p, full.st, sig, us(t))
+    assert full.share(t) == 1.0
+
+
 @pytest.mark.parametrize(
     ("events", "at", "expected"),
     [

@@ -68,6 +68,8 @@ class Signal:
     # The slot of the admission this answers (schedule clock, µs), 0 if unknown: the server
     # counted our sends up to about then, so the share is read over windows ending there.
     sent_at: int = 0
+    # A 429 naming its admission (sent_at set): the server's windows had no room for it.
+    bound: bool = False
 
     @property
     def has_headers(self) -> bool:
@@ -97,6 +99,7 @@ class Signal:
             "failed_at": self.failed_at,
             "failed_cost": self.failed_cost,
             "sent_at": self.sent_at,
+            "bound": self.bound,
         }
 
 
@@ -133,6 +136,7 @@ def read_feedback(
             remaining_requests=left_req,
             remaining_tokens=left_tok,
             sent_at=sent_at,
+            bound=sent_at > 0 and failed[0] > 0,
         )
     near = {"requests": False, "tokens": False}
     pause = 0.0

@@ -79,7 +79,10 @@ class Policy:
     # next answers say whether others left. Recovering from the first second biased it high by
     # the recovery rate x the time between answers (0.5-1 s at Langdock's limits: +0.5-1 % of
     # the quota, the margin below it, and 2 % of the answers were 429s with others using 40 %).
-    share_hold_s: float = 10.0
+    # Without headers only 429s reveal it (an upper bound: our usage over the window that
+    # refused): each costs a pause, so it is probed again only this rarely (10 s: 7 % 429s at
+    # Langdock's limits with others using 40 %, 30 s: 3-4 %).
+    share_hold_s: float = 30.0
     # The window caps keep this x (1 - headroom) x (1 - share) below a revealed share: it is an
     # estimate, off by a request at Langdock's limits (a 10 s window holds ~25 requests).
     share_margin_factor: float = 2.0

@@ -30,7 +30,10 @@ The schedule (server semantics in policy.py):
   reads low while we ramp up; one shorter cannot hold the remaining count; the 1 s reading is
   noisy at Langdock's limits, one request being half a second's tokens, so it only counts
   until the 10 s window has been filled). Smoothed, 4x faster downwards; it recovers like the
-  multiplier only after `share_hold_s` without a reading.
+  multiplier only after `share_hold_s` without a reading. Without headers, a 429 naming its
+  admission bounds the share from above: the window that refused held our usage over it (the
+  refused request included) and others'; which window it was is unknown, so the largest
+  reading counts, and only if it is below the share.
 - **Pauses**: a 429 or an unexplained near-limit header stops admission for its pause (capped),
   and the pacing resumes at the paced rate when it ends.
 - **Failed admissions** (5xx): when the remaining-* of the answer, or of the next one, show the
@@ -337,6 +340,11 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
     _expire(p, st, now)
     share = _share(p, st, now)
     before = _multiplier(p, st, now)
+    cooled = st.tdec is None or now - st.tdec >= us(p.aimd_cooldown_s)
+    strike = sig.is_429 and (
+        p.aimd_strike_requests == 0
+        or (st.s429 is not None and st.seq - st.s429 <= p.aimd_strike_requests)
+    )
     if sig.failed_seq:
         st.sus, st.susat, st.suscost = sig.failed_seq, sig.failed_at, sig.failed_cost
     if st.sus and sig.has_headers:
@@ -352,6 +360,21 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
             best = _estimates(p, st, left, limit, tokens, now, _end(sig, now), None)
             if best is not None and (revealed is None or best < revealed):
                 revealed = best
+        if revealed is None and sig.bound and not sig.has_headers and strike and len(st.log) >= 10:
+            # A 429 without headers: the window that refused held our usage (the refused
+            # request included) and others'; our share of it is at most our usage over it.
+            # Which window refused is not known: the largest reading bounds them all. Only on
+            # a strike (a lone 429 is jitter) and from 10 admissions on (a hiccup right at the
+            # start must not take the share away; the ramp's 1 s reading covers the rest).
+            bound = None
+            for limit, tokens in ((p.rpm, False), (p.tpm, True)):
+                best = _estimates(p, st, 0, limit, tokens, now, _end(sig, now), None)
+                if best is not None and (bound is None or best > bound):
+                    bound = best
+            # Our own pacing fills a window up to the headroom: a reading that close to the
+            # share is a 429 of jitter at a full window's edge, not others' load.
+            if bound is not None and bound < share - p.share_margin_factor * (1 - p.headroom):
+                revealed = bound
         if revealed is not None:
             revealed = max(p.aimd_min, min(1.0, revealed))
             tau = us(p.share_smoothing_s if revealed >= share else p.share_smoothing_down_s)
@@ -387,11 +410,6 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
         st.rtat = max(st.rtat if st.rtat is not None else 0, st.pause + tol)
         st.ttat = max(st.ttat if st.ttat is not None else 0, st.pause + tol)
     m = _mult(p, st.m0, st.t0, now)
-    cooled = st.tdec is None or now - st.tdec >= us(p.aimd_cooldown_s)
-    strike = sig.is_429 and (
-        p.aimd_strike_requests == 0
-        or (st.s429 is not None and st.seq - st.s429 <= p.aimd_strike_requests)
-    )
     if sig.is_429:
         st.s429 = st.seq
     if p.adaptive and (strike or (limited and not sig.is_429 and revealed is None)) and cooled:

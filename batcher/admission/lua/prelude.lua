@@ -159,6 +159,9 @@ local function apply_feedback(sig)
   expire_log()
   local share = share_now()
   local before = multiplier()
+  local cooled = (not st.tdec) or now - st.tdec >= us(P.aimd_cooldown_s)
+  local strike = sig.is_429 and (P.aimd_strike_requests == 0
+    or (st.s429 ~= nil and st.seq - st.s429 <= P.aimd_strike_requests))
   if sig.failed_seq > 0 then
     st.sus, st.susat, st.suscost = sig.failed_seq, sig.failed_at, sig.failed_cost
   end
@@ -170,6 +173,17 @@ local function apply_feedback(sig)
       if r[1] >= 0 then
         local best = estimates(r[1], r[2], r[3], stop_of(sig), nil)
         if best and (not revealed or best < revealed) then revealed = best end
+      end
+    end
+    if not revealed and sig.bound and not has_headers and strike
+        and redis.call('ZCARD', LOG) >= 10 then
+      local bound = nil
+      for _, r in ipairs({{P.rpm, false}, {P.tpm, true}}) do
+        local best = estimates(0, r[1], r[2], stop_of(sig), nil)
+        if best and (not bound or best > bound) then bound = best end
+      end
+      if bound and bound < share - P.share_margin_factor * (1 - P.headroom) then
+        revealed = bound
       end
     end
     if revealed then
@@ -210,9 +224,6 @@ local function apply_feedback(sig)
     st.ttat = math.max(st.ttat or 0, st.pause + tol)
   end
   local m = mult(st.m0, st.t0)
-  local cooled = (not st.tdec) or now - st.tdec >= us(P.aimd_cooldown_s)
-  local strike = sig.is_429 and (P.aimd_strike_requests == 0
-    or (st.s429 ~= nil and st.seq - st.s429 <= P.aimd_strike_requests))
   if sig.is_429 then st.s429 = st.seq end
   if P.adaptive and (strike or (limited and not sig.is_429 and not revealed)) and cooled then
     m = math.max(P.aimd_min, m * P.aimd_beta)
