@@ -28,6 +28,7 @@ import contextvars
 import hashlib
 import json
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -43,6 +44,7 @@ from batcher.outcome import RunOutcome, StopReason
 from batcher.progress import MODES, ProgressMode
 from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, coerce_result_fields
 from batcher.spec import Job, job_from_mapping, load_job
+from batcher.summary import saved_rows
 
 DataKind = Literal["arrow", "pandas", "polars", "path"]
 # Result columns an input column may not share a name with (the id column is the exception).
@@ -79,12 +81,17 @@ def _as_table(data: Any) -> tuple[pa.Table, DataKind]:
     )
 
 
-def _from_table(table: pa.Table, kind: DataKind) -> Any:
+def _from_table(table: pa.Table, kind: DataKind, index: Any = None) -> Any:
+    """`table` as the input's kind; a pandas answer gets the input's index (its rows are the
+    input's rows, in order), so `df["label"] = out["content"]` aligns on a filtered frame."""
     if kind == "pandas":
         try:
-            return table.to_pandas()
+            frame = table.to_pandas()
         except ImportError:  # pragma: no cover - pandas gave us the input
             raise InputDataError("pandas is needed to return a DataFrame") from None
+        if index is not None and len(index) == len(frame):
+            frame.index = index
+        return frame
     if kind == "polars":
         import polars as pl
 
@@ -150,11 +157,13 @@ async def arun(
     raw.update(overrides)
     kind: DataKind = "path"
     table: pa.Table | None = None
+    index: Any = None  # a pandas input's index, given back with the answer
     shape = {k: v for k, v in raw.items() if k not in ("input", "output")}
     if isinstance(data, (str, os.PathLike)):
         raw["input"] = str(data)
     elif data is not None:
         table, kind = _as_table(data)
+        index = data.index if kind == "pandas" else None
         _check_columns(table.column_names, raw.get("id_column"))
         name = f"{_digest(shape)}-{_table_digest(table)}"
         folder = state_dir()
@@ -171,6 +180,8 @@ async def arun(
     if "output" not in raw:
         raw["output"] = str(state_dir() / f"{_digest(shape)}-{_digest(raw['input'])}.parquet")
     spec = job_from_mapping(raw, base, source=source)
+    # Messages name the rows by the file the run reads: for a frame, our copy of it.
+    copy = _DataName(spec.input, kind, index) if table is not None else None
     if spec.output_format != "parquet":
         raise JobSpecError(
             f"{source}: the Python API returns the rows as a table; output_format: "
@@ -191,9 +202,14 @@ async def arun(
         )
         # Built off the loop: opening the input (keep_columns: all reads a whole JSONL for
         # its keys) must not freeze the caller's loop (a notebook's).
-        engine = await asyncio.to_thread(Engine, spec, options)
-        outcome = await engine.run()
-    return _answer(outcome, table, kind, spec)
+        try:
+            engine = await asyncio.to_thread(Engine, spec, options)
+            outcome = await engine.run()
+        except BatcherError as exc:
+            if copy is not None:
+                copy.rename(exc)
+            raise
+    return _answer(outcome, table, kind, spec, index, copy)
 
 
 @contextlib.asynccontextmanager
@@ -212,15 +228,53 @@ async def _endpoint(job: Job, mock: bool) -> AsyncIterator[tuple[str | None, str
         await server.stop()
 
 
-def _answer(outcome: RunOutcome, table: pa.Table | None, kind: DataKind, job: Job) -> Any:
+class _DataName:
+    """Puts "the DataFrame passed as data" (row N, its index label) in an error's message
+    where it names the API's internal copy of the frame (`…/batcher/runs/<hash>.input.parquet`),
+    which the caller never saw."""
+
+    def __init__(self, copy: Path, kind: DataKind, index: Any) -> None:
+        paths = sorted({re.escape(str(copy)), re.escape(str(copy.resolve()))}, key=len)[::-1]
+        # "<path>:3 (id …)" (a row's request) and "<path> row 3" (a row's id) name row 3.
+        self._pattern = re.compile(rf"(?:{'|'.join(paths)})(?::(\d+)| row (\d+))?")
+        self._what = (
+            "the table passed as data" if kind == "arrow" else "the DataFrame passed as data"
+        )
+        self._index = index
+
+    def _replace(self, match: re.Match[str]) -> str:
+        number = match.group(1) or match.group(2)
+        if number is None:
+            return self._what
+        row = int(number)
+        label = ""
+        if self._index is not None and 1 <= row <= len(self._index):
+            value = self._index[row - 1]  # numpy scalars' repr is np.int64(5): str() it
+            label = f", index {value!r}" if isinstance(value, str) else f", index {value}"
+        return f"{self._what} (row {row}, counting from 1{label})"
+
+    def rename(self, error: BaseException) -> None:
+        if error.args and isinstance(error.args[0], str):
+            error.args = (self._pattern.sub(self._replace, error.args[0]), *error.args[1:])
+
+
+def _answer(
+    outcome: RunOutcome,
+    table: pa.Table | None,
+    kind: DataKind,
+    job: Job,
+    index: Any = None,
+    copy: _DataName | None = None,
+) -> Any:
     result = _result_table(outcome, table, job)
     if outcome.reason is StopReason.COMPLETED:
-        return _from_table(result, kind)
+        return _from_table(result, kind, index)
     error: BatcherError = outcome.error or RunInterrupted(
-        f"interrupted; {outcome.saved_rows} of {outcome.stats.total_rows} rows are saved. "
-        "Run the same call again to resume."
+        f"interrupted; {saved_rows(outcome)}. Run the same call again to resume."
     )
-    error.partial = _from_table(result, kind)  # type: ignore[attr-defined]
+    if copy is not None:
+        copy.rename(error)
+    error.partial = _from_table(result, kind, index)  # type: ignore[attr-defined]
     error.outcome = outcome  # type: ignore[attr-defined]
     raise error
 

@@ -213,8 +213,9 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | N
         )
     if status in (401, 403):
         return AuthenticationError(
-            f"the server rejected the API key ({status}): {msg}. Check that the key is valid "
-            "for this workspace and allowed to use this model.",
+            # The server's sentence may end in its own period ("...settings."): one, not two.
+            f"the server rejected the API key ({status}): {msg.rstrip('. ')}. Check that the "
+            "key is valid for this workspace and allowed to use this model.",
             **kw,
         )
     if status == 408 or status >= 500:

@@ -15,7 +15,7 @@ from typing import Any
 from batcher.errors import InputDataError, JobSpecError
 from batcher.models import is_o_series
 from batcher.readers import Row
-from batcher.spec import Job, check_model, check_o_series_params, check_params
+from batcher.spec import Job, check_model, check_o_series_params, check_params, role_problem
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -122,7 +122,10 @@ class RequestBuilder:
         except (KeyError, ValueError, TypeError) as exc:
             msg = exc.args[0] if exc.args else str(exc)
             if isinstance(exc, KeyError):
-                msg = f"the messages template uses {{{msg}}} but the row has no column {msg!r}"
+                msg = (
+                    f"the messages template uses {{{msg}}} but the row has no column {msg!r} "
+                    f"(its columns: {_names(row.data)})"
+                )
             raise InputDataError(f"{self.job.input}:{row.line} (id {row.id}): {msg}") from None
         return body
 
@@ -159,12 +162,22 @@ class RequestBuilder:
         return {c: row.data.get(c) for c in self.job.keep_columns}
 
 
+def _names(data: dict[str, Any], most: int = 20) -> str:
+    """A row's column names for a message; a very wide row's are cut short."""
+    names = sorted(map(str, data))
+    shown = ", ".join(names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "") or "none"
+
+
 def _check_messages(messages: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {role, content}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"messages[{i}] must be an object with role and content")
+        problem = role_problem(m["role"])
+        if problem:  # the API answers 400 for it: a bad row, found before sending
+            raise ValueError(f"messages[{i}]: {problem}")
 
 
 def _check_o1_roles(model: str, roles: list[Any], where: str) -> None:

@@ -8,9 +8,11 @@ which rows the sample takes: the N smallest stable hashes of the ids, the same e
 
 from __future__ import annotations
 
+import difflib
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -21,6 +23,7 @@ from batcher.readers import InputReader
 from batcher.requests import RequestBuilder
 from batcher.sharding import stable_hash
 from batcher.spec import Job
+from batcher.summary import plural
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,8 @@ def scan_input(
     known = reader.column_names()
     if known is not None:
         builder.check_columns(known)
+    # JSONL has no schema: a kept column no row has is a typo (else an all-null column).
+    keep = KeepSeen(job.keep_columns if known is None and job.keep_columns != "all" else ())
     hashes = array("q")  # 8 bytes per row: duplicate ids are found without keeping ids
     stable = array("q") if sample is not None else None
     total = failed = 0
@@ -49,6 +54,8 @@ def scan_input(
     models: set[str] = set()
     for batch in reader.iter_batches(4096):
         for row in batch:
+            if keep.missing:
+                keep.see(row.data)
             if not selected(row.id):
                 continue
             hashes.append(hash(row.id))
@@ -66,6 +73,7 @@ def scan_input(
                     ) from None
                 failed += 1
                 first_failure = first_failure or exc
+    keep.check(job)
     if total and failed == total and first_failure is not None:
         # Not a few bad rows: the template itself is wrong (a typo in a {column}).
         raise InputDataError(f"every row is unusable, e.g. {first_failure}")
@@ -79,6 +87,36 @@ def scan_input(
         total = len(picked)
     pa.default_memory_pool().release_unused()
     return Scan(total, frozenset(models), sample_max)
+
+
+class KeepSeen:
+    """Which `keep_columns` some row of a schemaless (JSONL) input has, and which none has.
+
+    Costs a lookup or two per row only until every kept column was seen (usually row 1);
+    the columns rows do have are gathered only while one is missing, for the message."""
+
+    def __init__(self, keep: Iterable[str]) -> None:
+        self.missing: list[str] = list(keep)
+        self.columns: dict[str, None] = {}  # rows' columns, in first-seen order
+
+    def see(self, data: dict[str, Any]) -> None:
+        self.missing = [c for c in self.missing if c not in data]
+        if self.missing:
+            self.columns.update(dict.fromkeys(data))
+
+    def check(self, job: Job) -> None:
+        """InputDataError naming the first kept column no row has."""
+        if not self.missing:
+            return
+        name = self.missing[0]
+        have = [c for c in self.columns if c != job.id_column]
+        close = difflib.get_close_matches(name, have, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InputDataError(
+            f"{job.input}: keep_columns names {name!r}, which no row of the input has{hint}; "
+            f"the rows' columns: {', '.join(have[:30]) or 'none'}"
+            f"{', ...' if len(have) > 30 else ''}. Correct the name (nothing was sent)"
+        )
 
 
 def _report_duplicates(
@@ -100,6 +138,7 @@ def _report_duplicates(
     sample = ", ".join(repr(x) for x in dups[:5])
     where = f"id_column {job.id_column!r}" if job.id_column else "custom_id"
     raise InputDataError(
-        f"{job.input}: {len(dups)} duplicate ids in {where} (e.g. {sample}); "
+        f"{job.input}: duplicate ids in {where}: {plural(len(dups), 'id')} "
+        f"{'appears' if len(dups) == 1 else 'appear'} more than once (e.g. {sample}); "
         "every row needs a unique id so its answer can be matched and resumed"
     )

@@ -18,10 +18,11 @@ from batcher.spec import Job
 def resolve_api_key(job: Job) -> str:
     """The key from `endpoint.api_key_env`, checked (`check_api_key`)."""
     name = job.endpoint.api_key_env
-    key = os.environ.get(name, "")
-    if not key.strip():
+    key = os.environ.get(name)
+    if key is None or not key.strip():
+        state = "is not set" if key is None else "is set but empty"
         raise JobSpecError(
-            f"the environment variable {name} is not set; export it with your Langdock API "
+            f"the environment variable {name} {state}; export it with your Langdock API "
             "key (or name another variable in endpoint.api_key_env)"
         )
     return check_api_key(key, source=f"the environment variable {name}")

@@ -6,6 +6,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -36,6 +37,16 @@ from batcher.records import RESULT_FIELDS
 from batcher.storage import check_url, is_url, state_path
 
 LANGDOCK_HOST = "https://api.langdock.com"
+# The chat message roles OpenAI's API accepts ("usr" is a 400 for every row).
+MESSAGE_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool", "function")
+# OpenAI's documented ranges of the numeric chat parameters (inclusive).
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "presence_penalty": (-2, 2),
+    "frequency_penalty": (-2, 2),
+}
+MAX_STOP_SEQUENCES = 4
 # Columns batcher writes itself; a kept input column must not take one of these names.
 OUTPUT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, "parsed")
 
@@ -110,6 +121,14 @@ class Message(_Strict):
     role: str
     content: str
     name: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        problem = role_problem(role)
+        if problem:
+            raise ValueError(problem)
+        return role
 
 
 class Images(_Strict):
@@ -294,6 +313,45 @@ class Job(_Strict):
         return self.limits.get(model, Limit())
 
 
+def role_problem(role: Any) -> str | None:
+    """Why `role` is not a chat message role, in words (with the likely intended one)."""
+    if isinstance(role, str) and role in MESSAGE_ROLES:
+        return None
+    hint = ""
+    if isinstance(role, str):
+        close = difflib.get_close_matches(role.lower(), MESSAGE_ROLES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"role {role!r} is not a chat role{hint}; use one of {', '.join(MESSAGE_ROLES)}"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def param_problem(key: str, value: Any) -> str | None:
+    """What is wrong with one chat parameter's value, per OpenAI's documented ranges, or None.
+
+    The API answers 400 for each such row after a round trip; a job-wide typo (temperature: 7)
+    is cheaper to say once, before anything is sent. Null means "the default" there too."""
+    if value is None and key in (*PARAM_RANGES, "seed", "stop"):
+        return None
+    if key in PARAM_RANGES:
+        low, high = PARAM_RANGES[key]
+        if not _number(value) or not low <= value <= high:
+            return f"must be a number from {low:g} to {high:g} (not {value!r})"
+    elif key == "seed":
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be a whole number (not {value!r})"
+    elif key == "stop":
+        if isinstance(value, str):
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return f"must be a string or a list of strings (not {value!r})"
+        if len(value) > MAX_STOP_SEQUENCES:
+            return f"takes at most {MAX_STOP_SEQUENCES} stop sequences (not {len(value)})"
+    return None
+
+
 def check_params(params: dict[str, Any], *, where: str) -> None:
     bad = [p for p in UNSUPPORTED_PARAMS if p in params]
     if bad:
@@ -310,6 +368,10 @@ def check_params(params: dict[str, Any], *, where: str) -> None:
             raise ValueError(
                 f"{where}.{key}: must be a whole number of tokens, at least 1 (not {value!r})"
             )
+    for key, value in params.items():
+        problem = param_problem(key, value)
+        if problem:
+            raise ValueError(f"{where}.{key}: {problem}")
 
 
 def check_model(model: str, allow_any_model: bool, *, where: str) -> None:
@@ -343,7 +405,8 @@ def _format_validation_error(path: Path | str, exc: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (see the README's job file reference)"
-        lines.append(f"  {loc}: {msg}")
+        # A message that names its own place ("params.temperature: ...") is not prefixed again.
+        lines.append(f"  {msg}" if msg.startswith((f"{loc}:", f"{loc}.")) else f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
@@ -441,7 +504,33 @@ def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
             f"{path}: output: {job.output} is a directory; give a file path inside it "
             f"(e.g. {job.output / 'results.parquet'})"
         )
+    problem = output_suffix_problem(urls.get("output") or str(job.output), job.output_format)
+    if problem:
+        raise JobSpecError(f"{path}: {problem}")
     return job
+
+
+# Suffixes that say "not Parquet": such a name with Parquet bytes inside misleads every tool.
+TEXT_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt")
+PARQUET_SUFFIXES: tuple[str, ...] = (".parquet", ".pq")
+
+
+def output_suffix_problem(output: str, output_format: str) -> str | None:
+    """The output's name contradicts output_format (other or no suffixes are left alone)."""
+    name = output.rstrip("/").rsplit("/", 1)[-1]
+    suffix = Path(name).suffix.lower()
+    if output_format == "parquet" and suffix in TEXT_SUFFIXES:
+        return (
+            f"output: {name} ends in {suffix} but output_format is parquet (the default), so "
+            f"the file would hold Parquet. Name it {Path(name).stem}.parquet, or set "
+            "output_format: batch for OpenAI's Batch-API JSONL"
+        )
+    if output_format == "batch" and suffix in PARQUET_SUFFIXES:
+        return (
+            f"output: {name} ends in {suffix} but output_format: batch writes JSONL. Name it "
+            f"{Path(name).stem}.jsonl, or leave output_format out for Parquet"
+        )
+    return None
 
 
 def request_fingerprint(job: Job, input_digest: str) -> str:

@@ -17,19 +17,30 @@ from batcher.stats import RunStats
 RERUN = "run the same command again to resume"
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """ "1 row", "2 rows", "1,000 rows" (`many` for an irregular plural)."""
+    return f"{n:,} {word if n == 1 else many or word + 's'}"
+
+
+def saved_rows(outcome: RunOutcome) -> str:
+    """ "7 of 10 rows are saved", in agreement for one row."""
+    saved, total = outcome.saved_rows, outcome.stats.total_rows
+    return f"{saved} of {plural(total, 'row')} {'is' if saved == 1 else 'are'} saved"
+
+
 def closing_message(outcome: RunOutcome) -> str:
     """What happened, in one or two lines, and the next step."""
-    saved = (
-        f"{outcome.saved_rows} of {outcome.stats.total_rows} rows are saved in {outcome.journal}."
-    )
+    saved = f"{saved_rows(outcome)} in {outcome.journal}."
     reason = outcome.reason
     if reason is StopReason.COMPLETED:
         where = outcome.published_to or outcome.output
-        message = f"wrote {outcome.rows_written} rows to {where}"
+        message = f"wrote {plural(outcome.rows_written, 'row')} to {where}"
         if outcome.error_rows:
+            errors = outcome.error_rows
             return message + (
-                f"; {outcome.error_rows} rows are errors (`batcher inspect {outcome.output}` "
-                "groups them; send just those again with --retry-errors)"
+                f"; {plural(errors, 'row')} {'is an error' if errors == 1 else 'are errors'} "
+                f"(`batcher inspect {outcome.output}` groups them; send just "
+                f"{'that one' if errors == 1 else 'those'} again with --retry-errors)"
             )
         return message + f" (`batcher inspect {outcome.output}` summarises it)"
     if reason in (StopReason.INTERRUPTED, StopReason.TERMINATED):

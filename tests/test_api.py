@@ -166,3 +166,46 @@ def test_cancelling_arun_ends_every_task_and_keeps_the_answers(mock_server) -> N
     assert out.column("status").to_pylist() == ["ok"] * 80
     assert srv.stats()["duplicates"] == 0  # every answer received was journaled
     assert answered < 80
+
+
+def test_a_filtered_frame_comes_back_with_its_index(mock_server) -> None:
+    """`df["label"] = out["content"]` must align: the answer has the input's index."""
+    srv = mock_server(**FAST)
+    df = pd.DataFrame({"product": ["mouse", "keyboard"] * 5, "text": _texts(10)})
+    df = df[df["product"] != "keyboard"]  # index 0, 2, 4, 6, 8
+    out = batcher.run(_job(srv.url), data=df, progress="quiet")
+    assert list(out.index) == [0, 2, 4, 6, 8]
+    df["label"] = out["content"]
+    assert df["label"].notna().all()
+    assert (out["text"] == df["text"]).all()
+    named = df.set_index(pd.Index(list("abcde"), name="key"))
+    again = batcher.run(_job(srv.url), data=named, progress="quiet")
+    assert list(again.index) == list("abcde") and again.index.name == "key"
+
+
+def test_a_stopped_run_partial_keeps_the_frame_index(
+    mock_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = mock_server(**FAST, api_keys=frozenset({"right"}))
+    monkeypatch.setenv("TEST_LANGDOCK_KEY", "wrong")
+    df = pd.DataFrame({"text": _texts(4)}, index=[10, 20, 30, 40])
+    with pytest.raises(AuthenticationError) as info:
+        batcher.run(_job(srv.url), data=df, progress="quiet")
+    partial = info.value.partial  # type: ignore[attr-defined]
+    assert list(partial.index) == [10, 20, 30, 40]
+    assert partial["status"].isna().all()
+
+
+def test_errors_name_the_frame_not_its_internal_copy(mock_server) -> None:
+    srv = mock_server(**FAST)
+    df = pd.DataFrame({"text": ["fine", None, "fine too"]}, index=[3, 5, 7])
+    with pytest.raises(InputDataError) as info:
+        batcher.run(_job(srv.url), data=df, progress="quiet")
+    message = str(info.value)
+    assert "the DataFrame passed as data (row 2, counting from 1, index 5)" in message
+    assert ".input.parquet" not in message and "batcher/runs" not in message
+    assert srv.stats()["requests"] == 0
+    with pytest.raises(InputDataError) as info:
+        batcher.run(_job(srv.url, keep_columns=["prodcut"]), data=df, progress="quiet")
+    assert "the DataFrame passed as data" in str(info.value)
+    assert ".input.parquet" not in str(info.value)

@@ -276,6 +276,20 @@ def test_config_normalises_collections() -> None:
         ),
         (chat(response_format={"type": "yaml"}), 400, "response_format.type"),
         (chat(model="gpt-5"), 404, "model"),
+        (
+            {"model": "gpt-4o", "messages": [{"role": "usr", "content": "hi"}]},
+            400,
+            "messages[0].role",
+        ),
+        (chat(temperature=7), 400, "temperature"),
+        (chat(temperature=-0.1), 400, "temperature"),
+        (chat(temperature="0"), 400, "temperature"),
+        (chat(top_p=1.5), 400, "top_p"),
+        (chat(presence_penalty=-3), 400, "presence_penalty"),
+        (chat(frequency_penalty=2.5), 400, "frequency_penalty"),
+        (chat(seed="42"), 400, "seed"),
+        (chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+        (chat(stop=[1]), 400, "stop"),
         (chat(tools=[]), 400, "tools"),
         (chat(tools=[{"type": "retrieval"}]), 400, "tools[0].type"),
         (
@@ -329,6 +343,13 @@ def test_accepted_requests() -> None:
     validate_request(chat(functions=[{"name": "f"}], function_call={"name": "f"}), models)
     validate_request(with_image("https://example.com/a.png", "low"), None)
     validate_request(with_image(png_data_url(3, 2), "high"), None)
+    edges = {"temperature": 2, "top_p": 0, "presence_penalty": -2, "frequency_penalty": 2.0}
+    validate_request(chat(**edges, seed=7, stop=["a", "b", "c", "d"]), models)
+    validate_request(chat(temperature=None, stop="END"), models)
+    for role in ("system", "developer", "assistant", "tool", "function"):
+        body = chat()
+        body["messages"].insert(0, {"role": role, "content": "x"})
+        validate_request(body, models)
 
 
 def test_completion_is_deterministic_and_truthful() -> None:

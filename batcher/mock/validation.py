@@ -15,6 +15,15 @@ from batcher.mock.faults import MARKER_FAIL_400
 from batcher.models import O_SERIES_REFUSED_PARAMS, UNSUPPORTED_PARAMS, is_o_series
 
 IMAGE_DETAILS: tuple[str, ...] = ("low", "high", "auto")
+ROLES: tuple[str, ...] = ("system", "assistant", "user", "function", "tool", "developer")
+# OpenAI's documented ranges (inclusive) of the numeric sampling parameters.
+RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "presence_penalty": (-2, 2),
+    "frequency_penalty": (-2, 2),
+}
+MAX_STOP = 4
 TOOL_CHOICES: tuple[str, ...] = ("none", "auto", "required")
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
@@ -93,6 +102,14 @@ def validate_request(body: Any, models: tuple[str, ...] | None) -> dict[str, Any
                 f"Invalid 'messages[{i}]': expected an object with a 'role'.",
                 param=f"messages[{i}]",
             )
+        if msg["role"] not in ROLES:
+            raise Refusal(
+                400,
+                f"Invalid value: '{msg['role']}'. Supported values are: "
+                f"{', '.join(repr(r) for r in ROLES[:-1])}, and {ROLES[-1]!r}.",
+                param=f"messages[{i}].role",
+                code="invalid_value",
+            )
         content = msg.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise Refusal(
@@ -118,6 +135,7 @@ def validate_request(body: Any, models: tuple[str, ...] | None) -> dict[str, Any
         )
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
+    _validate_sampling(body)
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise Refusal(
             400,
@@ -164,6 +182,70 @@ def validate_request(body: Any, models: tuple[str, ...] | None) -> dict[str, Any
             code="model_not_found",
         )
     return body
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a number" if isinstance(value, (int, float)) else "null"
+
+
+def _validate_sampling(body: Mapping[str, Any]) -> None:
+    """The ranges and types OpenAI checks (a 400 `invalid_request_error`, as there)."""
+    for name, (low, high) in RANGES.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise Refusal(
+                400,
+                f"Invalid type for '{name}': expected a decimal, but got "
+                f"{_type_name(value)} instead.",
+                param=name,
+                code="invalid_type",
+            )
+        if not low <= value <= high:
+            above = value > high
+            raise Refusal(
+                400,
+                f"Invalid '{name}': decimal {'above maximum' if above else 'below minimum'} "
+                f"value. Expected a value {'<=' if above else '>='} {high if above else low:g}, "
+                f"but got {value!r} instead.",
+                param=name,
+                code=f"decimal_{'above_max' if above else 'below_min'}_value",
+            )
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise Refusal(
+            400,
+            f"Invalid type for 'seed': expected an integer, but got {_type_name(seed)} instead.",
+            param="seed",
+            code="invalid_type",
+        )
+    stop = body.get("stop")
+    if stop is None or isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise Refusal(
+            400,
+            "Invalid type for 'stop': expected a string or an array of strings.",
+            param="stop",
+            code="invalid_type",
+        )
+    if len(stop) > MAX_STOP:
+        raise Refusal(
+            400,
+            f"Invalid 'stop': array too long. Expected an array with maximum length {MAX_STOP}, "
+            f"but got an array with length {len(stop)} instead.",
+            param="stop",
+            code="array_above_max_length",
+        )
 
 
 def _validate_response_format(body: Mapping[str, Any]) -> None:
