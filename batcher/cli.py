@@ -418,6 +418,16 @@ def _store_path(path: Path | None, mock: bool) -> Path:
     return path if path is not None else default_store_path(mock)
 
 
+def _no_store(path: Path, mock: bool) -> str:
+    """Said instead of figures when the store file is absent: a typo in --path looks like an
+    empty store otherwise (and nothing is created by looking)."""
+    from batcher.cache import default_store_path
+
+    default = default_store_path(mock)
+    where = "nothing has been stored yet" if path == default else f"the default is {default}"
+    return f"no response store at {path} ({where}; check --path)"
+
+
 @main.group()
 def cache() -> None:
     """The response store: answers kept by request and shared by every job, so reruns pay once."""
@@ -431,8 +441,12 @@ def cache_stats(path: Path | None, mock: bool, as_json: bool) -> None:
     """Entries, size on disk and hits of the response store."""
     from batcher.cache import render_stats, stats_record, store_stats
 
-    stats = store_stats(_store_path(path, mock))
-    click.echo(json.dumps(stats_record(stats)) if as_json else render_stats(stats))
+    store = _store_path(path, mock)
+    stats = store_stats(store)
+    if as_json:
+        click.echo(json.dumps({**stats_record(stats), "exists": store.exists()}))
+    else:
+        click.echo(render_stats(stats) if store.exists() else _no_store(store, mock))
 
 
 @cache.command("prune")
@@ -458,8 +472,20 @@ def cache_prune(
 
     if older_than is None and max_size is None:
         raise click.UsageError("say what to remove: --older-than AGE and/or --max-size SIZE")
-    removed, stats = prune_store(_store_path(path, mock), older_than, max_size)
+    store = _store_path(path, mock)
+    if not store.exists():
+        click.echo(f"{_no_store(store, mock)}: nothing to remove")
+        return
+    removed, stats = prune_store(store, older_than, max_size)
+    floor = ""
+    if max_size is not None and stats.size_bytes > max_size:
+        floor = (
+            f"; it cannot shrink to {human_bytes(max_size)}: the store's tables and indexes "
+            f"take {human_bytes(stats.size_bytes)} with {stats.entries:,} "
+            + ("entry" if stats.entries == 1 else "entries")
+            + " (delete the file to drop it whole)"
+        )
     click.echo(
         f"removed {removed:,} entries; {stats.entries:,} left, "
-        f"{human_bytes(stats.size_bytes)} on disk ({stats.path})"
+        f"{human_bytes(stats.size_bytes)} on disk ({stats.path}){floor}"
     )

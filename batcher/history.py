@@ -210,6 +210,8 @@ class HistoryRecorder:
                     "reason": self.end_reason,
                     "elapsed_s": round(s.elapsed(), 3),
                     "rows_total": s.total_rows,
+                    # exact by now: the run counts them as it reads the input past the journal
+                    "rows_done_before": s.done_before,
                     "rows_ok": s.ok,
                     "rows_error": s.error,
                     "requests": s.requests_sent,

@@ -12,6 +12,8 @@ Error messages are grouped after their numbers and ids are blanked, so a thousan
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -27,6 +29,7 @@ from batcher.errors import BatcherError, InputDataError
 from batcher.journal import SkippedLines, journal_latest_mask, journal_path, read_results
 from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
+from batcher.records import STATUS_ERROR, STATUS_OK
 from batcher.schema import RESULT_SCHEMA
 from batcher.spec import Price
 
@@ -50,22 +53,51 @@ _SCHEMA = pa.schema(
 _COLUMNS = tuple(_SCHEMA.names)
 REUSED = ["cache", "dedupe"]  # sources of answers that cost nothing this time
 
-# Order matters: whole ids before the digits inside them.
-_NORMALISE: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I), "<id>"),
-    (re.compile(r"\(id [^)]*\)"), "(id <id>)"),
-    # chatcmpl-AbC123, req_9f8e7d, 0x1f2e, long hex: any token mixing letters and digits
-    (re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{8,}\b"), "<id>"),
-    # 6, 30.5s, file.jsonl:17; not "(429)" (the status tells errors apart) nor "S0"
-    (re.compile(r"(?<![\w(.])\d+(?:\.\d+)?(?![\d.])"), "<n>"),
-)
+_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.I)
+_ID_IN_PARENS = re.compile(r"\(id [^)]*\)")
+# A word starting with a letter, with dashes or dots inside: a model name (gpt-4o-mini,
+# gpt-4o-mini-2024-07-18, gemini-1.5-pro) or an id (chatcmpl-AbC123, req_9f8e7d).
+_NAME = re.compile(r"(?<![\w.-])[A-Za-z][A-Za-z0-9]*(?:[-_.][A-Za-z0-9]+)+")
+_SEGMENT = re.compile(r"[-_.]")
+# chatcmpl-AbC123, req_9f8e7d, 0x1f2e, long hex: any other token mixing letters and digits
+_TOKEN_ID = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[\w-]{8,}\b")
+# 6, 30.5s, file.jsonl:17; not "(429)" (the status tells errors apart) nor "S0"
+_NUMBER = re.compile(r"(?<![\w(.])\d+(?:\.\d+)?(?![\d.])")
+_KEPT = "\x00"  # stands in for a model name while numbers are blanked
+
+
+def _is_id(word: str) -> bool:
+    """An id has a random-looking part: 6+ characters mixing letters and digits (model names'
+    parts are short, or only letters, or only digits: 4o, mini, 2024)."""
+    return any(
+        len(part) >= 6 and any(c.isdigit() for c in part) and any(c.isalpha() for c in part)
+        for part in _SEGMENT.split(word)
+    )
 
 
 def normalise_error(message: str) -> str:
-    """The message with numbers and ids blanked, so alike errors group together."""
+    """The message with numbers and ids blanked, so alike errors group together; model names
+    are kept (a limit of gpt-4o-mini is not one of gpt-4o)."""
     text = message.strip().splitlines()[0] if message.strip() else "(empty message)"
-    for pattern, repl in _NORMALISE:
-        text = pattern.sub(repl, text)
+    text = _UUID.sub("<id>", text)  # whole ids before the digits inside them
+    text = _ID_IN_PARENS.sub("(id <id>)", text)
+    kept: list[str] = []
+
+    def name(m: re.Match[str]) -> str:
+        word = m.group(0)
+        if _is_id(word):
+            return "<id>"
+        if "-" in word and any(c.isdigit() for c in word):
+            kept.append(word)
+            return _KEPT
+        return word
+
+    text = _NAME.sub(name, text)
+    text = _TOKEN_ID.sub("<id>", text)
+    text = _NUMBER.sub("<n>", text)
+    if kept:
+        names = iter(kept)
+        text = re.sub(_KEPT, lambda _: next(names), text)
     return text[:300]
 
 
@@ -111,7 +143,8 @@ class _Totals:
                 tokens[1] += g["completion_tokens_sum"] or 0
         _tally(self.finish_reason, table["finish_reason"])
         for item in pc.value_counts(table["attempts"]).to_pylist():
-            self.attempts[item["values"] or 0] += item["counts"]
+            if item["values"] is not None:  # unknown (a Batch output keeps no attempts)
+                self.attempts[item["values"]] += item["counts"]
         grouped = table.group_by("model", use_threads=False).aggregate(
             [
                 ("id", "count"),
@@ -237,8 +270,127 @@ def _journal_batches(
         yield _records_table(batch), [r.get("parsed") for r in batch]
 
 
+def _batch_cells(line: Any) -> dict[str, Any] | None:
+    """One line of OpenAI's Batch output as result cells, or None if it is not one.
+
+    The file keeps what the API answered (model, finish_reason, usage, the error), not how it
+    went: latency, attempts, answer source and cost_usd stay empty."""
+    if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
+        return None
+    if "response" not in line and "error" not in line:
+        return None
+    response, error = line.get("response"), line.get("error")
+    cells: dict[str, Any] = {"id": line["custom_id"]}
+    body = response.get("body") if isinstance(response, dict) else None
+    if error is None and isinstance(response, dict) and response.get("status_code") == 200:
+        cells["status"] = STATUS_OK
+    else:
+        cells["status"] = STATUS_ERROR
+        message = error.get("message") if isinstance(error, dict) else None
+        if not isinstance(message, str) and isinstance(body, dict):
+            err = body.get("error")
+            message = err.get("message") if isinstance(err, dict) else None
+        cells["error"] = message if isinstance(message, str) else "(no message in the line)"
+    if isinstance(body, dict):
+        cells["model"] = body.get("model")
+        choices = body.get("choices")
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            cells["finish_reason"] = choices[0].get("finish_reason")
+        usage = body.get("usage")
+        if isinstance(usage, dict):
+            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                cells[name] = usage.get(name)
+    return cells
+
+
+def _batch_output_batches(
+    path: Path, skipped: SkippedLines
+) -> Iterator[tuple[pa.Table, list[Any] | None]]:
+    """A Batch output JSONL, streamed; lines that are not Batch output lines are counted into
+    `skipped` (they are not rows of the output)."""
+    batch: list[dict[str, Any]] = []
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                cells = _batch_cells(json.loads(raw))
+            except ValueError:
+                skipped.add(lineno, "not JSON")
+                continue
+            if cells is None:
+                skipped.add(lineno, "not a Batch output line")
+                continue
+            batch.append(cells)
+            if len(batch) >= BATCH_ROWS:
+                yield _records_table(batch), None
+                batch = []
+    if batch:
+        yield _records_table(batch), None
+
+
+def _first_line(path: Path) -> bytes:
+    """The first non-blank line (of the first MB), or b"" ; b"PAR1" for a Parquet file."""
+    try:
+        with path.open("rb") as fh:
+            if fh.read(4) == b"PAR1":
+                return b"PAR1"
+            fh.seek(0)
+            while fh.tell() < 1 << 20:
+                raw = fh.readline(1 << 20)
+                if not raw or raw.strip():
+                    return raw.strip()
+    except OSError as exc:
+        raise BatcherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return b""
+
+
+def output_kind(path: Path) -> str:
+    """ "parquet" or "batch" (OpenAI's Batch output JSONL) for an existing output file, sniffed
+    from its content (an `output_format: batch` job writes JSONL under any name)."""
+    first = _first_line(path)
+    if first == b"PAR1":
+        return "parquet"
+    if not first and path.suffix != ".parquet":
+        return "batch"  # an empty Batch output: a job of no rows (Parquet is never empty)
+    line: Any = None
+    with contextlib.suppress(ValueError):
+        line = json.loads(first)
+    if _batch_cells(line) is not None:
+        return "batch"
+    hint = ""
+    if isinstance(line, dict) and "custom_id" in line and "body" in line:
+        hint = " (it looks like Batch-API input: lines with a request body, not answers)"
+    raise InputDataError(
+        f"{path}: neither a Parquet output nor a Batch-API output JSONL{hint}; give an output "
+        "written by batcher, its journal (<output>.journal), or the job file"
+    )
+
+
+def journal_finished(path: Path) -> bool:
+    """Does the journal end with an `end` record saying its run completed? (The last record of
+    the file: a later run that started and stopped leaves its own records after it.)"""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 65_536))
+            tail = fh.read()
+    except OSError:
+        return False
+    for raw in reversed(tail.split(b"\n")):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return False  # a torn or damaged last line: no end record after it
+        return isinstance(rec, dict) and rec.get("t") == "end" and rec.get("complete") is True
+    return False
+
+
 def _resolve(path: Path) -> tuple[Path, str]:
-    """(file to read, "parquet" | "journal") for an output, a journal or a job file."""
+    """(file to read, "parquet" | "batch" | "journal") for an output, a journal or a job file."""
     if path.suffix in (".yaml", ".yml"):
         from batcher.spec import load_job  # only here: inspecting outputs needs no job
 
@@ -248,7 +400,7 @@ def _resolve(path: Path) -> tuple[Path, str]:
             raise InputDataError(f"{path}: no such journal")
         return path, "journal"
     if path.exists():
-        return path, "parquet"
+        return path, output_kind(path)
     journal = journal_path(path)
     if journal.exists():
         return journal, "journal"  # the job has not written its output yet
@@ -275,6 +427,8 @@ def inspect_path(path: Path, prices: Mapping[str, Price] | None = None) -> dict[
     try:
         if source == "parquet":
             batches = _parquet_batches(source_path)
+        elif source == "batch":
+            batches = _batch_output_batches(source_path, skipped)
         else:
             mask, superseded = journal_latest_mask(source_path)
             batches = _journal_batches(source_path, mask, skipped)
@@ -285,6 +439,10 @@ def inspect_path(path: Path, prices: Mapping[str, Price] | None = None) -> dict[
     report = _report(totals, prices or {})
     report = {"path": str(source_path), "source": source, **report}
     if source == "journal":
+        report["finished"] = journal_finished(source_path)
+    if source == "batch" and journal_path(source_path).exists():
+        report["journal"] = str(journal_path(source_path))
+    if source != "parquet":
         report["superseded_records"] = superseded
         report["skipped_lines"] = {
             "count": skipped.count,
@@ -354,7 +512,8 @@ def _report(t: _Totals, prices: Mapping[str, Price]) -> dict[str, Any]:
             "kinds": len(t.errors),
             "top": [
                 {
-                    "message": key,
+                    "message": g.example,  # a real one; `kind` is what the group shares
+                    "kind": key,
                     "count": g.count,
                     "sample_ids": g.sample_ids,
                     "example": g.example,
@@ -385,10 +544,17 @@ def _seconds(value: float) -> str:
     return f"{value:.2f}s" if value < 60 else format_duration(value)
 
 
+def _what(report: Mapping[str, Any]) -> str:
+    if report["source"] == "parquet":
+        return "Parquet output"
+    if report["source"] == "batch":
+        return "Batch-API output JSONL"
+    return "journal of a finished job" if report.get("finished") else "journal of an unfinished job"
+
+
 def render_inspection(report: dict[str, Any]) -> str:
     """The report for people; `--json` prints the dict instead."""
-    what = "Parquet output" if report["source"] == "parquet" else "journal of an unfinished job"
-    lines = [f"{report['path']}: {report['rows']:,} rows ({what})"]
+    lines = [f"{report['path']}: {report['rows']:,} rows ({_what(report)})"]
     if report.get("superseded_records"):
         lines.append(
             f"  ({report['superseded_records']:,} earlier results replaced by a retry are left out)"
@@ -396,10 +562,17 @@ def render_inspection(report: dict[str, Any]) -> str:
     if report.get("skipped_lines", {}).get("count"):
         skipped = SkippedLines(**report["skipped_lines"])
         lines.append(
-            f"  warning: {skipped.count:,} unreadable journal "
+            f"  warning: {skipped.count:,} unreadable "
+            + ("journal " if report["source"] == "journal" else "")
             + ("line" if skipped.count == 1 else "lines")
-            + f" skipped: {skipped.describe()}; results on them are not counted here, and the "
-            "next run sends their rows again"
+            + f" skipped: {skipped.describe()}; results on them are not counted here"
+            + (", and the next run sends their rows again" if report["source"] == "journal" else "")
+        )
+    if report["source"] == "batch":
+        where = f"`batcher inspect {report['journal']}`" if report.get("journal") else "its journal"
+        lines.append(
+            "  (a Batch output holds no latency, attempts, answer source or paid cost; "
+            f"{where} has them)"
         )
     tok = report["tokens"]
     lines += [
@@ -438,9 +611,10 @@ def render_inspection(report: dict[str, Any]) -> str:
             f"p99 {lat['p99']:.2f}s · max {_seconds(lat['max'])}"
         )
     attempts = " · ".join(f"{k}: {v:,}" for k, v in report["attempts"].items())
-    lines.append(
-        f"attempts:      {attempts or '-'}  ({report['retried_rows']:,} rows needed a retry)"
-    )
+    if attempts or report["source"] != "batch":
+        lines.append(
+            f"attempts:      {attempts or '-'}  ({report['retried_rows']:,} rows needed a retry)"
+        )
     errors = report["errors"]
     if errors["rows"]:
         lines.append(
@@ -448,7 +622,7 @@ def render_inspection(report: dict[str, Any]) -> str:
             + ("kind" if errors["kinds"] == 1 else "kinds")
         )
         for e in errors["top"]:
-            lines.append(f"  {e['count']:>9,}  {e['message']}")
+            lines.append(f"  {e['count']:>9,}  {e['message'].strip().splitlines()[0][:300]}")
             if e["sample_ids"]:
                 lines.append(f"             e.g. ids {', '.join(e['sample_ids'])}")
         shown = sum(e["count"] for e in errors["top"])

@@ -24,9 +24,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batcher.errors import BatcherError, ExitCode
+from batcher.errors import BatcherError, ExitCode, InputDataError
 from batcher.history import HISTORY_SUFFIX, History, history_path, read_history
-from batcher.inspect_output import inspect_path, render_inspection
+from batcher.inspect_output import inspect_path, output_kind, render_inspection
 from batcher.journal import journal_latest_mask, journal_path, read_results
 from batcher.pricing import format_usd
 from batcher.progress import format_duration
@@ -46,27 +46,29 @@ class ReportUnavailable(BatcherError):
 # ---- finding the job's files ----
 
 
-def _locate(path: Path) -> tuple[Path, Mapping[str, Price] | None]:
-    """(output path, the job file's prices) for a job file, an output, a journal or a history."""
+def _locate(path: Path) -> tuple[Path, Mapping[str, Price] | None, bool]:
+    """(output path, the job file's prices, whether `path` is a job file) for a job file, an
+    output, a journal or a history."""
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         from batcher.spec import load_job
 
         job = load_job(path)
-        return job.output, job.prices
+        return job.output, job.prices, True
     name = path.name
     for suffix in (HISTORY_SUFFIX, ".journal"):
         if name.endswith(suffix):
-            return path.with_name(name[: -len(suffix)]), None
-    return path, None
+            return path.with_name(name[: -len(suffix)]), None, False
+    return path, None, False
 
 
 # ---- one streamed pass: latencies and numeric structured fields ----
 
 
 def _result_batches(output: Path) -> Iterator[tuple[list[Any], list[Any] | None]]:
-    """(latency_s values, parsed values or None) per batch, from the output or the journal."""
-    if output.exists():
+    """(latency_s values, parsed values or None) per batch, from the output or the journal (also
+    for a Batch-API output, which keeps no latencies)."""
+    if output.exists() and output_kind(output) == "parquet":
         pf = pq.ParquetFile(output)
         names = set(pf.schema_arrow.names)
         columns = [c for c in ("latency_s", "parsed") if c in names]
@@ -188,7 +190,8 @@ def _runs(history: History) -> list[dict[str, Any]]:
                 "started": _iso(start_t),
                 "offset_min": round(offset / 60, 4),
                 "duration_s": round(max(duration, 0.0), 3),
-                "resumed_rows": run.start.get("rows_done_before", 0),
+                # the end line's figure is exact (the start line's only the journal's count)
+                "resumed_rows": end.get("rows_done_before", run.start.get("rows_done_before", 0)),
                 "ended": end.get("reason") or ("stopped" if run.end else "no end record (crash?)"),
                 "rows_ok": sum(p["ok"] for p in points),
                 "rows_error": sum(p["error"] for p in points),
@@ -215,12 +218,17 @@ def _iso(t: float) -> str:
 
 def build_report(path: Path, prices: Mapping[str, Price] | None = None) -> dict[str, Any]:
     """Everything the report shows, as JSON-able data, for a job file, output or journal."""
-    output, job_prices = _locate(Path(path))
+    output, job_prices, is_job = _locate(Path(path))
     prices = prices if prices is not None else job_prices
     hist_file = history_path(output)
     history = read_history(hist_file)
     has_results = output.exists() or journal_path(output).exists()
     if not has_results and not history.runs:
+        if is_job:  # exit 2 as `inspect` does for the same job
+            raise InputDataError(
+                f"{path}: the job has not run yet: no output, journal or run history at "
+                f"{output} (run it with `batcher run {path}`)"
+            )
         raise BatcherError(
             f"{path}: no output, journal or run history there; give the job file or its output path"
         )
@@ -299,11 +307,17 @@ def render_text(report: Mapping[str, Any]) -> str:
         lines.append(
             f"run {run['number']} ({run['run_id']}) {run['started']}: "
             f"{format_duration(run['duration_s'])}, ended {run['ended']}; "
-            f"{run['rows_ok']:,} ok, {run['rows_error']:,} errors, {run['requests']:,} requests, "
+            + (f"{run['resumed_rows']:,} rows done before, " if run["resumed_rows"] else "")
+            + f"{run['rows_ok']:,} ok, {run['rows_error']:,} errors, {run['requests']:,} requests, "
             f"{run['rate_limited']:,} 429s, {run['retries']:,} retries{spend}"
         )
         points = run["points"]
-        if points:
+        if points and not run["requests"]:
+            reused = (
+                f" (its {run['rows_ok']:,} answers came from the store)" if run["rows_ok"] else ""
+            )
+            lines.append(f"  nothing was sent in this run{reused}")
+        elif points:
             lines.append(
                 f"  requests/min  {sparkline([p['rpm'] for p in points])}  peak "
                 f"{run['peak_rpm']:,.0f} / limit {run['limit_rpm']:,.0f}"
@@ -534,7 +548,10 @@ def render_html(report: Mapping[str, Any]) -> str:
     if insp is not None:
         status = ", ".join(f"{k} {v:,}" for k, v in insp["status"].items()) or "-"
         tok = insp["tokens"]
-        what = "finished output" if insp["source"] == "parquet" else "journal (not finished)"
+        what = {"parquet": "finished output", "batch": "Batch-API output"}.get(
+            insp["source"],
+            "journal (finished)" if insp.get("finished") else "journal (not finished)",
+        )
         parts.append(
             _table(
                 None,
@@ -574,7 +591,9 @@ def render_html(report: Mapping[str, Any]) -> str:
                         f"{r['requests']:,}",
                         f"{r['rate_limited']:,}",
                         f"{r['retries']:,}",
-                        f"{r['peak_rpm']:,.0f} / {r['limit_rpm']:,.0f}",
+                        f"{r['peak_rpm']:,.0f} / {r['limit_rpm']:,.0f}"
+                        if r["requests"]
+                        else "nothing sent",
                         "-" if r["spend_usd"] is None else format_usd(r["spend_usd"]),
                     ]
                     for r in runs
@@ -607,8 +626,8 @@ def render_html(report: Mapping[str, Any]) -> str:
     errors = (insp or {}).get("errors") or {"rows": 0, "top": []}
     if errors["rows"]:
         parts.append(
-            f"<p>{errors['rows']:,} rows, {errors['kinds']:,} kinds (numbers and ids blanked "
-            "to group alike messages)</p>"
+            f"<p>{errors['rows']:,} rows, {errors['kinds']:,} kinds (messages alike but for "
+            "numbers and ids are grouped; one example each)</p>"
         )
         parts.append(
             _table(

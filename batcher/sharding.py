@@ -42,3 +42,25 @@ def shard_output(output: Path, k: int, n: int) -> Path:
 
 def shard_outputs(output: Path, n: int) -> list[Path]:
     return [shard_output(output, k, n) for k in range(1, n + 1)]
+
+
+def shards_beside(output: Path) -> int | None:
+    """N of the `--shard K/N` runs whose journals sit beside `output` (the N of the journal
+    written last, if the job was sharded more than one way), or None."""
+    from batcher.journal import journal_path  # lazily: the journal's users import sharding
+
+    tail = journal_path(output).name[len(output.name) :]  # ".journal"
+    name = re.compile(
+        re.escape(output.stem) + r"\.shard-(\d+)-of-(\d+)" + re.escape(output.suffix + tail)
+    )
+    found: dict[int, float] = {}
+    try:
+        candidates = list(output.parent.glob(f"{output.stem}.shard-*{tail}"))
+        for path in candidates:
+            m = name.fullmatch(path.name)
+            if m and 1 <= int(m[1]) <= int(m[2]):
+                n = int(m[2])
+                found[n] = max(found.get(n, 0.0), path.stat().st_mtime)
+    except OSError:
+        return None
+    return max(found, key=lambda n: found[n]) if found else None

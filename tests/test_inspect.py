@@ -115,8 +115,9 @@ def check_report(report: dict) -> None:
     first = errors["top"][0]
     assert first["count"] == 2
     assert first["sample_ids"] == ["r7", "r8"]
-    assert "(429)" in first["message"]
-    assert "retry after <n> seconds" in first["message"]
+    assert "(429)" in first["kind"]
+    assert "retry after <n> seconds" in first["kind"]
+    assert first["message"] == RATE.format(6)  # a real message of the group
     assert errors["top"][1]["sample_ids"] == ["r9"]
     assert report["parsed"]["rows"] == 7
     assert report["parsed"]["values"] == {"label": {"positive": 4, "negative": 3}}
@@ -209,7 +210,7 @@ def test_missing_and_foreign_files(tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match="written by batcher"):
         inspect_path(tmp_path / "other.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
-    with pytest.raises(InputDataError, match="not a readable Parquet"):
+    with pytest.raises(InputDataError, match="neither a Parquet output nor a Batch-API output"):
         inspect_path(tmp_path / "junk.parquet")
 
 
