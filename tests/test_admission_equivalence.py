@@ -89,8 +89,8 @@ async def redis_state(lim: RedisLimiter) -> State:
         st.log.append(Entry(int(score), cum, seq, cost))
     refunded: Any = await lim._redis.zrange(refunds, 0, -1, withscores=True)
     for member, score in refunded:
-        seq, cost = (int(x) for x in str(member).split(":"))
-        st.refunds.append(Refund(int(score), seq, cost))
+        seq, cost, req = (int(x) for x in str(member).split(":"))
+        st.refunds.append(Refund(int(score), seq, cost, req))
     st.refunds.sort()
     return st
 

@@ -425,6 +425,21 @@ def test_a_429_naming_its_admission_bounds_the_share_without_headers() -> None:
     assert sched.st.shdown == 1
 
 
+def test_a_429_gives_back_the_tokens_of_its_admission_not_its_request() -> None:
+    """Refused, so not charged: counted on, its tokens read as our usage in the next headers
+    (a request over the share for a window at Langdock's limits)."""
+    sched = Sched(*LANGDOCK, aimd_strike_requests=200)
+    for i in range(3):
+        sched.reserve(300, float(i))
+    last = sched.st.log[-1]
+    sig = read_feedback(sched.p, 429, {}, failed=(last.seq, last.at, 300), sent_at=last.at)
+    sch.feedback(sched.p, sched.st, sig, us(2.1))
+    sch.feedback(sched.p, sched.st, sig, us(2.2))  # the same answer twice: given back once
+    win = sch._window(sched.st, -1)
+    assert (win.n - win.n_refunded, win.total - win.t_refunded) == (3, 600)
+    assert sched.st.refunded == 0  # "failed admissions given back" counts 5xx only
+
+
 def test_a_429_bound_above_the_share_or_without_its_admission_says_nothing() -> None:
     sched = Sched(*LANGDOCK)
     t = 0.0

@@ -61,7 +61,8 @@ class Signal:
     remaining_requests: int | None = None  # x-ratelimit-remaining-*, when sent
     remaining_tokens: int | None = None
     # A 5xx: the admission (number, slot, cost) to give back if the remaining-* headers of
-    # this or the next answer show the server did not charge it; seq 0 for none.
+    # this or the next answer show the server did not charge it; a 429: the admission whose
+    # tokens it refused (given back at once); seq 0 for none.
     failed_seq: int = 0
     failed_at: int = 0
     failed_cost: int = 0
@@ -124,8 +125,9 @@ def read_feedback(
     lower = {k.lower(): v for k, v in headers.items()}
     left_req = _parse_int(lower.get("x-ratelimit-remaining-requests"))
     left_tok = _parse_int(lower.get("x-ratelimit-remaining-tokens"))
-    # A 5xx, or no answer at all (status 0: dropped connection, timeout), may not be charged.
-    seq, at, cost = failed if status == 0 or 500 <= status <= 599 else (0, 0, 0)
+    # A 5xx, or no answer at all (status 0: dropped connection, timeout), may not be charged;
+    # a 429's tokens were not.
+    seq, at, cost = failed if status in (0, 429) or 500 <= status <= 599 else (0, 0, 0)
     if status == 429:
         retry = parse_retry_after(lower)
         pause = policy.default_pause_s if retry is None else retry
@@ -135,8 +137,11 @@ def read_feedback(
             last_cost=last_cost,
             remaining_requests=left_req,
             remaining_tokens=left_tok,
+            failed_seq=seq,
+            failed_at=at,
+            failed_cost=cost,
             sent_at=sent_at,
-            bound=sent_at > 0 and failed[0] > 0,
+            bound=sent_at > 0 and seq > 0,
         )
     near = {"requests": False, "tokens": False}
     pause = 0.0

@@ -70,6 +70,7 @@ class Refund(NamedTuple):
     at: int
     seq: int
     cost: int
+    req: int = 1  # 0: its tokens only (a 429: refused, its request may still count)
 
 
 @dataclass(slots=True)
@@ -160,7 +161,7 @@ def _window(st: State, since: int) -> _Window:
     nref = tref = 0
     for r in st.refunds:
         if r.at > since:
-            nref += 1
+            nref += r.req
             tref += r.cost
     if n == 0:
         return _Window(first, 0, 0, 0, nref, tref)
@@ -345,7 +346,7 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
         p.aimd_strike_requests == 0
         or (st.s429 is not None and st.seq - st.s429 <= p.aimd_strike_requests)
     )
-    if sig.failed_seq:
+    if sig.failed_seq and not sig.is_429:
         st.sus, st.susat, st.suscost = sig.failed_seq, sig.failed_at, sig.failed_cost
     if st.sus and sig.has_headers:
         _judge_failed(p, st, sig, now)
@@ -384,6 +385,13 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
             if revealed < share - 1e-3:
                 st.shdown += 1
             st.sh0, st.sht, share = revealed, now, revealed
+    # A 429 naming its admission: the server refused it and charged no tokens. Counted on,
+    # they read as our usage in the next headers (~a request over the share for a window:
+    # 429s again) and held a window's room for nothing.
+    refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
+    if sig.is_429 and sig.failed_seq and refused.at >= now - _longest(p):
+        if refused not in st.refunds:  # reported twice: given back once (a set in Redis)
+            st.refunds.append(refused)
     # A near-limit answer our own sending (within the share) explains needs no pause: the
     # windows hold the next request back until it fits.
     explained = False

@@ -2,7 +2,8 @@
 -- the clock, the model's state and the steps of batcher/admission/schedule.py, line for line.
 -- KEYS[1] state hash, KEYS[2] admission log (sorted set: score = slot time, member =
 -- "<running token total>:<seq>:<cost>", zero-padded so rank order is log order), KEYS[3]
--- refunds (score = slot time, member "<seq>:<cost>"). All times in whole microseconds.
+-- refunds (score = slot time, member "<seq>:<cost>:<1 if its request is given back too>").
+-- All times in whole microseconds.
 -- ARGV[1] the policy (JSON, batcher.admission.policy.Policy), ARGV[2] the request (JSON).
 if redis.replicate_commands then redis.replicate_commands() end
 local P = cjson.decode(ARGV[1])
@@ -87,8 +88,8 @@ end
 local function window(since)
   local nref, tref = 0, 0
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', REF, '(' .. fmt(since), '+inf')) do
-    local _, cost = string.match(m, '^(%d+):(%d+)$')
-    nref, tref = nref + 1, tref + tonumber(cost)
+    local _, cost, req = string.match(m, '^(%d+):(%d+):(%d+)$')
+    nref, tref = nref + tonumber(req), tref + tonumber(cost)
   end
   local card = redis.call('ZCARD', LOG)
   local first = redis.call('ZCOUNT', LOG, '-inf', fmt(since))
@@ -149,7 +150,7 @@ local function judge_failed(sig)
   local with_it = estimates(left, limit, tokens, stop_of(sig), nil)
   local without = estimates(left, limit, tokens, stop_of(sig), e)
   if with_it and without and with_it > 1 and 1 >= without then
-    redis.call('ZADD', REF, fmt(e.at), fmt(e.seq) .. ':' .. fmt(e.cost))
+    redis.call('ZADD', REF, fmt(e.at), fmt(e.seq) .. ':' .. fmt(e.cost) .. ':1')
     st.refunded = st.refunded + 1
   end
 end
@@ -162,7 +163,7 @@ local function apply_feedback(sig)
   local cooled = (not st.tdec) or now - st.tdec >= us(P.aimd_cooldown_s)
   local strike = sig.is_429 and (P.aimd_strike_requests == 0
     or (st.s429 ~= nil and st.seq - st.s429 <= P.aimd_strike_requests))
-  if sig.failed_seq > 0 then
+  if sig.failed_seq > 0 and not sig.is_429 then
     st.sus, st.susat, st.suscost = sig.failed_seq, sig.failed_at, sig.failed_cost
   end
   local has_headers = sig.remaining_requests >= 0 or sig.remaining_tokens >= 0
@@ -197,6 +198,9 @@ local function apply_feedback(sig)
       if revealed < share - 1e-3 then st.shdown = st.shdown + 1 end
       st.sh0, st.sht, share = revealed, now, revealed
     end
+  end
+  if sig.is_429 and sig.failed_seq > 0 and sig.failed_at >= now - longest() then
+    redis.call('ZADD', REF, fmt(sig.failed_at), fmt(sig.failed_seq) .. ':' .. fmt(sig.failed_cost) .. ':0')
   end
   local explained = false
   if sig.near_limit and not sig.is_429 then
