@@ -388,10 +388,11 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
     # A 429 naming its admission: the server refused it and charged no tokens. Counted on,
     # they read as our usage in the next headers (~a request over the share for a window:
     # 429s again) and held a window's room for nothing.
+    # Reported twice, it is given back once (a set in Redis).
     refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
-    if sig.is_429 and sig.failed_seq and refused.at >= now - _longest(p):
-        if refused not in st.refunds:  # reported twice: given back once (a set in Redis)
-            st.refunds.append(refused)
+    recent = refused.at >= now - _longest(p)
+    if sig.is_429 and sig.failed_seq and recent and refused not in st.refunds:
+        st.refunds.append(refused)
     # A near-limit answer our own sending (within the share) explains needs no pause: the
     # windows hold the next request back until it fits.
     explained = False
