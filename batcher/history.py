@@ -147,6 +147,7 @@ class HistoryRecorder:
         restart: bool = False,
         wall_clock: Callable[[], float] = time.time,
         meta: Mapping[str, Any] | None = None,
+        rows_done_before: int | None = None,
     ) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be > 0")
@@ -158,6 +159,10 @@ class HistoryRecorder:
         self.restart = restart  # --restart: the old history belongs to the old job
         self.wall_clock = wall_clock
         self.meta = dict(meta or {})
+        # The start line is written before the run reads its input, when `stats.done_before`
+        # (counted batch by batch as the input is read past the journal) is still 0: the
+        # caller passes what the journal answers instead. The end line has the exact count.
+        self.rows_done_before = rows_done_before
         self.end_reason: str | None = None
         self.samples = 0
         self._latency = LatencySample()
@@ -187,7 +192,9 @@ class HistoryRecorder:
                 "t": round(self.wall_clock(), 3),
                 "pid": os.getpid(),
                 "rows_total": s.total_rows,
-                "rows_done_before": s.done_before,
+                "rows_done_before": (
+                    s.done_before if self.rows_done_before is None else self.rows_done_before
+                ),
                 "interval_s": self.interval_s,
                 **self.meta,
             }

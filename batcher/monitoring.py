@@ -50,7 +50,10 @@ class RunMonitoring:
         restart: bool = False,
         run_id: str | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        rows_done_before: int | None = None,
     ) -> None:
+        """`rows_done_before`: the rows the journal answers as the run starts (for the history's
+        start line; the run counts the exact figure only as it reads the input)."""
         self.job, self.stats, self.output = job, stats, output
         self.name = job_name(output)
         self.history = HistoryRecorder(
@@ -60,6 +63,7 @@ class RunMonitoring:
             interval_s,
             prices=job.prices,
             restart=restart,
+            rows_done_before=rows_done_before,
         )
         self.metrics: MetricsServer | None = None
         if job.metrics.prometheus_port is not None:

@@ -149,6 +149,20 @@ def test_resumed_runs_append_and_are_told_apart(tmp_path: Path) -> None:
     assert [r.run_id for r in read_history(path).runs] == ["third"]
 
 
+def test_rows_done_before_in_the_start_and_end_lines(tmp_path: Path) -> None:
+    """The start line is written before the input is read (stats.done_before still 0): it
+    takes the journal's count from the caller; the end line takes the run's exact count."""
+    path = tmp_path / "out.parquet.history.jsonl"
+    stats = make_stats(Clock())
+    rec = HistoryRecorder(path, stats, "resumed", rows_done_before=60)
+    rec.open()
+    stats.done_before = 58  # two of the journal's rows changed their request: asked again
+    rec.close()
+    (run,) = read_history(path).runs
+    assert run.start["rows_done_before"] == 60
+    assert run.end is not None and run.end["rows_done_before"] == 58
+
+
 def test_crash_leaves_a_readable_history(tmp_path: Path) -> None:
     """No end line and a torn last line: the run is still there, the torn line skipped."""
     path = tmp_path / "h.jsonl"
