@@ -335,6 +335,13 @@ def merge(job_file: Path, n: int) -> None:
     multiple=True,
     help="Accept only this key (repeatable); default: any non-empty key.",
 )
+@click.option(
+    "--unmarked",
+    is_flag=True,
+    help="Pass for a real API: answers lack the x-batcher-mock header, so batcher stores and "
+    "resumes them as real answers (benchmarks, tests of the store). Never point a real job's "
+    "output at runs made this way.",
+)
 def serve_mock(
     host: str,
     port: int,
@@ -349,8 +356,12 @@ def serve_mock(
     no_retry_after: bool,
     no_ratelimit_headers: bool,
     api_keys: tuple[str, ...],
+    unmarked: bool,
 ) -> None:
-    """Run the bundled Langdock-compatible server (prints its base URL)."""
+    """Run the bundled Langdock-compatible server (prints its base URL).
+
+    Its answers are signed as demo answers: batcher keeps them out of your response store and
+    a run against the real API asks for them again."""
     from batcher.mock import MockConfig, main_serve
 
     try:
@@ -365,6 +376,7 @@ def serve_mock(
             foreign_share=foreign_share,
             retry_after_headers=not no_retry_after,
             ratelimit_headers=not no_ratelimit_headers,
+            marked=not unmarked,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None

@@ -59,7 +59,9 @@ from batcher.journal import (
     journal_path,
     key_hash,
     open_journal,
+    read_state,
 )
+from batcher.models import MOCK_HEADER
 from batcher.monitoring import RunMonitoring
 from batcher.outcome import RunOutcome, StopReason
 from batcher.prepare import Prepared, Preparer
@@ -121,8 +123,14 @@ class Engine:
         self.job = job = resolve_keep(job, self.reader)  # keep_columns: all -> the columns
         self.options = options
         self.output = shard_output(job.output, *options.shard) if options.shard else job.output
-        if options.sample is not None:  # its own output and journal beside the job's
-            self.output = self.output.with_name(f"{self.output.stem}.sample{self.output.suffix}")
+        # The job's --sample output and journal, beside its own: one budget covers both.
+        sample_output = self.output.with_name(f"{self.output.stem}.sample{self.output.suffix}")
+        self._sibling = self.output  # the other one of the two
+        if options.sample is not None:
+            self.output = sample_output
+        else:
+            self._sibling = sample_output
+        self._demo_seen = False  # an answer signed by the bundled server came back
         self.limiter = limiter or make_limiter(job)
         self.stats = RunStats()
         self.structured = self._structured()
@@ -460,6 +468,8 @@ class Engine:
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._breaker.success()
         self._opened.set()  # the endpoint, key and model work: let the others go
+        if MOCK_HEADER in answer.headers and not self._demo_seen:
+            self._demo_server()
         return answer, worst
 
     def _failed(self, req: Request, exc: RetryableAPIError) -> None:
@@ -553,7 +563,7 @@ class Engine:
         total = await asyncio.to_thread(self.scan)
         if total == 0:
             log.warning("%s has no rows: nothing to send", job.input)
-        self._clean_leftovers(opts.restart)
+        self._clean_leftovers()
         self._input_digest = await asyncio.to_thread(input_digest, job.input)
         fingerprint = request_fingerprint(job, self._input_digest)
         journal, state = await asyncio.to_thread(
@@ -563,6 +573,7 @@ class Engine:
             restart=opts.restart,
             retry_errors=opts.retry_errors,
             fsync=opts.fsync,
+            mock=opts.mock,
         )
         self._journal = journal
         self.reuse = await asyncio.to_thread(self._open_reuse)
@@ -572,7 +583,9 @@ class Engine:
                 # left (--retry-errors especially) may fail for their own reasons.
                 self._opened.set()
             await asyncio.to_thread(self._remember_done, state, opts.retry_errors)
-            self.budget.spent_usd = state.spent_usd
+            self.budget.spent_usd = state.spent_usd + await asyncio.to_thread(
+                self._sibling_spent
+            )
             if self.budget.cap_usd is not None:
                 from batcher.estimate import estimate_job
 
@@ -594,7 +607,11 @@ class Engine:
             path = resolve_store_path(cfg.path, self.job.job_dir, mock=opts.mock)
             store = ResponseStore.open(path)
         return Reuse(
-            store, read=opts.read_cache, dedupe=self.job.dedupe, structured=self.structured
+            store,
+            read=opts.read_cache,
+            dedupe=self.job.dedupe,
+            structured=self.structured,
+            mock_store=opts.mock,
         )
 
     def _remember_done(self, state: JournalState, retry_errors: bool) -> None:
@@ -619,7 +636,11 @@ class Engine:
         self.stats.cap_usd = self.budget.cap_usd
         self.stats.spent_before_usd = self.budget.spent_usd
         async with RunMonitoring(
-            self.job, self.stats, self.output, restart=self.options.restart
+            self.job,
+            self.stats,
+            self.output,
+            restart=self.options.restart,
+            rows_done_before=len(self._done),  # the journal's count; the end record's is exact
         ) as monitor:
             self._monitor = monitor
             outcome = await self._run_sending(journal, total, api_key)
@@ -705,13 +726,38 @@ class Engine:
             else None,
         )
 
-    def _clean_leftovers(self, restart: bool) -> None:
-        """We hold the job lock: temp files of a crashed final write are ours to remove, and
-        after --restart the old output belongs to the old job."""
+    def _clean_leftovers(self) -> None:
+        """We hold the job lock: temp files of a crashed final write are ours to remove. (An
+        earlier output stays, even after --restart, until this run's replaces it: a restart
+        that is stopped leaves the last complete output in place.)"""
         for tmp in self.output.parent.glob(f".{self.output.name}.tmp-*"):
             tmp.unlink(missing_ok=True)
-        if restart:
-            self.output.unlink(missing_ok=True)
+
+    def _sibling_spent(self) -> float:
+        """What the job's --sample run spent (or, for a sample, the job's runs): the budget
+        covers both. Demo spending counts only toward demo runs."""
+        path = journal_path(self._sibling)
+        if not path.exists():
+            return 0.0
+        try:
+            other = read_state(path)
+        except BatcherError:
+            return 0.0  # unreadable: its own run will say so
+        return other.spent_usd if other.mock == self.options.mock else 0.0
+
+    def _demo_server(self) -> None:
+        """The server signs its answers as batcher's bundled server (serve-mock): say so once,
+        and mark the journal so that a run against the API asks for these rows again."""
+        self._demo_seen = True
+        if self.options.mock:
+            return
+        log.warning(
+            "the server is batcher's bundled mock server: its answers are demo answers. They "
+            "stay out of your response store, and a run against the API asks for them again"
+        )
+        if self._journal is not None:
+            with contextlib.suppress(BatcherError):
+                self._journal.write_meta({"t": "mock"})
 
     def _end_counts(self) -> dict[str, Any]:
         return {
@@ -729,6 +775,14 @@ class Engine:
             yield [r for r in batch if in_shard(r.id)]
 
     def _write_output(self, expected_rows: int) -> tuple[int, int]:
+        if expected_rows == 0 and self.output.exists():
+            # An input emptied by a failed upstream step must not wipe last night's answers.
+            log.warning(
+                "the output %s of an earlier run is left as it was (the input has no rows); "
+                "delete it if an empty output is what you want",
+                self.output,
+            )
+            return 0, 0
         if input_digest(self.job.input) != self._input_digest:
             raise InputDataError(
                 f"{self.job.input} changed while the job ran, so the output cannot be written "

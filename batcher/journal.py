@@ -38,7 +38,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batcher.errors import JobLocked, JournalError, StorageError
+from batcher.errors import JobLocked, JobSpecError, JournalError, StorageError
 from batcher.idhashes import int64_view
 from batcher.records import STATUS_OK, Result
 
@@ -105,8 +105,16 @@ class JobLock:
     def acquire(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise storage_error(self.path.parent, exc, "create the directory") from None
+        except OSError as exc:  # before anything is sent: the job's output path is wrong
+            why = (
+                "a file is in the way (a path component is not a directory)"
+                if exc.errno in (errno.EEXIST, errno.ENOTDIR)
+                else exc.strerror or str(exc)
+            )
+            raise JobSpecError(
+                f"cannot create the output directory {self.path.parent}: {why}; choose another "
+                "output path, or make that directory writable"
+            ) from None
         for _ in range(10):  # the file we locked can be unlinked before we lock it: retry
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -224,6 +232,7 @@ class JournalState:
     completion_tokens: int = 0
     dropped_tail: bool = False
     skipped: SkippedLines = field(default_factory=SkippedLines)
+    mock: bool = False  # answers from batcher's bundled server (demo answers) are in it
 
     @property
     def ok_count(self) -> int:
@@ -415,6 +424,12 @@ def _apply(
         fingerprint = rec.get("fingerprint")
         if isinstance(fingerprint, str) and state.fingerprint is not None:
             state.fingerprint = fingerprint  # the job as this run saw it (after the header)
+        if rec.get("mock") is True:
+            state.mock = True
+    elif kind == "mock":  # a run found its server was the bundled one (serve-mock)
+        state.mock = True
+    elif kind == "spent":  # what the job spent before a --restart emptied the journal
+        state.spent_usd += _money(rec.get("usd"))
     elif kind == "end":
         state.last_end = rec
         state.spent_usd += _money(rec.get("unrecorded_usd"))
@@ -670,12 +685,41 @@ def open_journal(
     restart: bool = False,
     retry_errors: bool = False,
     fsync: bool = True,
+    mock: bool = False,
 ) -> tuple[Journal, JournalState]:
     """Open (or create) the journal for appending; the caller holds the job lock.
 
-    Refuses to continue a journal whose fingerprint differs, unless `restart`.
+    `restart` empties it but keeps what the job spent (the budget counts the whole job). The
+    bundled server's demo answers never count for a run against the API: such a journal
+    starts afresh (its spending too); a `mock` run refuses to mix demo answers into a journal
+    of real ones unless `restart`.
     """
     path = journal_path(output)
+    old: JournalState | None = None
+    if path.exists():
+        try:  # (a journal about to be emptied needs no repair)
+            old = read_state(path, repair=not restart)
+        except JournalError:
+            if not restart:
+                raise
+    carried = 0.0
+    if old is not None and old.records:
+        if old.mock and not mock:
+            log.warning(
+                "%s holds answers from batcher's bundled server (--mock or serve-mock): demo "
+                "answers, not the API's. This run starts afresh and asks the API for every row",
+                path.name,
+            )
+            restart = True
+        elif mock and not old.mock and not restart:
+            raise JournalError(
+                f"{path} holds {old.records} answers from the API; a --mock run would put demo "
+                "answers among them. Give the demo its own output (e.g. `output: "
+                "out/demo.parquet`), or --restart to replace them (the API's answers stay in "
+                "your response store)"
+            )
+        elif restart:
+            carried = old.spent_usd
     if restart and path.exists():
         try:  # emptied in place, not unlinked: the job lock is an flock on this very file
             with path.open("r+b") as fh:
@@ -683,7 +727,7 @@ def open_journal(
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise storage_error(path, exc, "empty the old journal") from None
-    state = read_state(path, repair=True)
+    state = JournalState() if restart or old is None else old
     if state.fingerprint is not None and state.fingerprint != fingerprint:
         # Not a refusal: each result carries the key of the request it answered, so the run
         # asks again exactly the rows whose request changed, and keeps the others' answers.
@@ -715,6 +759,9 @@ def open_journal(
         )
         fsync_dir(path.parent)  # the new file's directory entry must survive a crash too
         state.fingerprint = fingerprint
+    if carried:
+        journal.write_meta({"t": "spent", "usd": carried, "before": "--restart"})
+        state.spent_usd = carried
     journal.write_meta(
         {
             "t": "run",
@@ -722,9 +769,11 @@ def open_journal(
             "pid": os.getpid(),
             "retry_errors": retry_errors,
             "fingerprint": fingerprint,
+            "mock": mock,
         }
     )
     state.fingerprint = fingerprint
+    state.mock = state.mock or mock
     return journal, state
 
 

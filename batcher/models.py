@@ -28,6 +28,11 @@ O_SERIES_REFUSED_PARAMS: tuple[str, ...] = (
     "logit_bias",
 )
 
+# The response header batcher's bundled server (--mock, serve-mock) signs its answers with:
+# they are demo answers, kept out of the user's response store and never resumed by a run
+# against the API.
+MOCK_HEADER = "x-batcher-mock"
+
 # Default per-model limits: Langdock's workspace quota.
 DEFAULT_RPM = 500
 DEFAULT_TPM = 60_000

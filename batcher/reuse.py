@@ -13,6 +13,8 @@ A request is served without being sent when
 
 Only answers that became `ok` rows enter the store; they are written in batches off the event
 loop (`flush`), and kept in memory until written so a duplicate in between still finds them.
+The bundled server's answers (signed with MOCK_HEADER) are demo answers: they enter only the
+mock store of a `--mock` run, never the user's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from batcher.answers import result_from_answer
 from batcher.cache import CachedAnswer, CacheEntry, ResponseStore
 from batcher.client import Answer
+from batcher.models import MOCK_HEADER
 from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, Request, Result
 from batcher.structured import StructuredOutput
 
@@ -61,8 +64,10 @@ class Reuse:
         read: bool,
         dedupe: bool | None,
         structured: StructuredOutput | None,
+        mock_store: bool = False,
     ) -> None:
         self.store = store
+        self.mock_store = mock_store  # the store of --mock runs: demo answers may enter it
         self.read = read and store.enabled  # --no-cache: ask afresh (answers are still stored)
         # ... but this run's own answers still serve its duplicates, from the store
         self.own_only = not read and store.enabled
@@ -134,15 +139,16 @@ class Reuse:
             return []
         key = req.key.key
         if result.ok and answer is not None:
-            self._pending.append(
-                CacheEntry(
-                    req.key,
-                    answer.body,
-                    model=result.model,
-                    prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens,
+            if self.mock_store or MOCK_HEADER not in answer.headers:  # not a demo answer
+                self._pending.append(
+                    CacheEntry(
+                        req.key,
+                        answer.body,
+                        model=result.model,
+                        prompt_tokens=result.prompt_tokens,
+                        completion_tokens=result.completion_tokens,
+                    )
                 )
-            )
             self._recent[key] = result
             self._recent.move_to_end(key)
             while len(self._recent) > RECENT_MAX:

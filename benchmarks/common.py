@@ -43,10 +43,13 @@ WORDS = tuple(_TEXT.split())
 
 
 class MockProcess:
-    """`batcher serve-mock ARGS` on a free port, in its own process; stopped with SIGINT."""
+    """`batcher serve-mock ARGS` on a free port, in its own process; stopped with SIGINT.
+
+    `--unmarked`: the benchmarks measure batcher against a real API, whose answers are stored
+    and resumed (the bundled server's signed demo answers are neither)."""
 
     def __init__(self, *args: str) -> None:
-        self.args = ["--port", "0", *args]
+        self.args = ["--port", "0", "--unmarked", *args]
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""  # OpenAI-SDK base URL: {root}/openai/eu/v1
         self.root = ""

@@ -22,6 +22,10 @@ def mock_server() -> Iterator[Callable[..., ThreadedMockServer]]:
     started: list[ThreadedMockServer] = []
 
     def start(*, clock: Callable[[], float] = time.monotonic, **config: Any) -> ThreadedMockServer:
+        # Unmarked unless a test asks: here the bundled server plays the real API, whose
+        # answers are stored and resumed (tests of the bundled server's own marking pass
+        # marked=True).
+        config.setdefault("marked", False)
         server = ThreadedMockServer(MockConfig(**config), clock=clock)
         server.start()
         started.append(server)

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from batcher.mock.answers import build_completion, canonical_digest
-from batcher.mock.config import MockConfig
+from batcher.mock.config import MOCK_HEADER, MockConfig
 from batcher.mock.cost import admission_cost, prompt_tokens
 from batcher.mock.faults import (
     MARKER_DROP_ONCE,
@@ -272,6 +272,8 @@ class MockServer:
         completion = build_completion(body, digest, prompt, self._serial)
         self._stats.accept(model, cost, digest)
         headers["x-request-id"] = str(uuid.uuid4())
+        if self.config.marked:
+            headers[MOCK_HEADER] = "1"
         return web.json_response(completion, headers=headers)
 
     def _first_time(self, kind: str, marker: str, user: str, digest: bytes) -> bool:

@@ -9,7 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from batcher.models import DEFAULT_RPM, DEFAULT_TPM, SUPPORTED_MODELS
+from batcher.models import DEFAULT_RPM, DEFAULT_TPM, MOCK_HEADER, SUPPORTED_MODELS
+
+__all__ = ["MOCK_HEADER", "MockConfig"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class MockConfig:
     # "context" one (gpt-4o's); batcher's `images.count_as` setting names the same choice.
     image_count_as: Literal["billing", "context"] = "billing"
     stats_bucket_s: float = 1.0  # resolution of the admitted-per-interval series
+    # Sign answers with MOCK_HEADER. False: the server passes for a real API (its answers are
+    # stored and resumed like the real API's): for tests and benchmarks of exactly that.
+    marked: bool = True
 
     def __post_init__(self) -> None:
         # Normalise collections so callers may pass sets/lists/dicts and the config stays frozen.
