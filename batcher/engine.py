@@ -355,8 +355,11 @@ class Engine:
             result, answer = await self._send(req, probing=True)
         except BadRequest as exc:  # only a 404 gets here: the route or the model is wrong
             raise JobSpecError(f"the first request failed: {exc}; {where}") from None
-        except APIConnectionError as exc:
-            raise JobSpecError(f"the first request failed: {exc}; {where}") from None
+        except APIConnectionError as exc:  # a typo in the URL, or the network is down tonight
+            raise APIError(
+                f"the first request failed: {exc}. Nothing else was sent; {where}, and the "
+                "network, then run the same command again"
+            ) from None
         except RetryableAPIError as exc:  # 5xx / timeouts / 429s to the end: not our setup
             raise APIError(
                 f"the service did not answer the first request: {exc}. It seems down or "

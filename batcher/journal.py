@@ -745,7 +745,7 @@ def open_journal(
             "says which job they belong to) is missing or unreadable, so batcher cannot tell "
             "whether they were answers to this job. If they were, put this line back as the "
             f"first line of the journal and run again: {header}  (or start over with "
-            "--restart, which pays for every row again)"
+            "--restart: rows your response store answered are not paid again)"
         )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

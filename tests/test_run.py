@@ -212,7 +212,7 @@ def test_unreachable_server_stops_with_a_clear_message(tmp_path: Path) -> None:
     job = write_job(tmp_path, f"http://127.0.0.1:{port}/openai/eu/v1")
     start = time.monotonic()
     res = run_batcher("run", job)
-    assert res.returncode == 2, res.stderr
+    assert res.returncode == 4, res.stderr  # a typo or a network down: "run again" either way
     assert f"127.0.0.1:{port}" in res.stderr and "first request failed" in res.stderr
     assert time.monotonic() - start < 30
 
