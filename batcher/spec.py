@@ -47,6 +47,7 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "frequency_penalty": (-2, 2),
 }
 MAX_STOP_SEQUENCES = 4
+_CHECKED_PARAMS = frozenset((*PARAM_RANGES, "seed", "stop"))
 # Columns batcher writes itself; a kept input column must not take one of these names.
 OUTPUT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, "parsed")
 
@@ -333,7 +334,7 @@ def param_problem(key: str, value: Any) -> str | None:
 
     The API answers 400 for each such row after a round trip; a job-wide typo (temperature: 7)
     is cheaper to say once, before anything is sent. Null means "the default" there too."""
-    if value is None and key in (*PARAM_RANGES, "seed", "stop"):
+    if key not in _CHECKED_PARAMS or value is None:
         return None
     if key in PARAM_RANGES:
         low, high = PARAM_RANGES[key]
