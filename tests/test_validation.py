@@ -141,7 +141,8 @@ def test_the_bundled_server_answers_400_for_a_bad_role_or_temperature(mock_serve
             headers={"Authorization": "Bearer k", "Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(request, timeout=10)
+            # No proxy from the environment: the server is on 127.0.0.1.
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10)
         assert info.value.code == 400
         error = json.loads(info.value.read())["error"]
         assert error["type"] == "invalid_request_error"
