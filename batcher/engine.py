@@ -586,9 +586,7 @@ class Engine:
                 # left (--retry-errors especially) may fail for their own reasons.
                 self._opened.set()
             await asyncio.to_thread(self._remember_done, state, opts.retry_errors)
-            self.budget.spent_usd = state.spent_usd + await asyncio.to_thread(
-                self._sibling_spent
-            )
+            self.budget.spent_usd = state.spent_usd + await asyncio.to_thread(self._sibling_spent)
             if self.budget.cap_usd is not None:
                 from batcher.estimate import estimate_job
 
@@ -677,9 +675,12 @@ class Engine:
                     asyncio.create_task(self._worker()) for _ in range(job.concurrency)
                 ]
                 self._halt.producer = asyncio.create_task(self._produce())
+                held = len(self._done)  # answered before (a row whose request changed is not)
                 log.info(
-                    "sending %d rows to %s (the first request goes alone)",
-                    self.stats.remaining,
+                    "sending %s to %s (the first request goes alone)",
+                    f"the rows of {total:,} that have no answer yet ({held:,} do)"
+                    if held
+                    else f"{total:,} row{'' if total == 1 else 's'}",
                     base_url,
                 )
                 try:
