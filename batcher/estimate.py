@@ -28,6 +28,7 @@ from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
 from batcher.readers import open_input, resolve_keep
 from batcher.requests import RequestBuilder
+from batcher.scan import KeepSeen
 from batcher.spec import Job
 
 MAX_LISTED = 100  # over-context / over-TPM rows listed by id; the count is always whole
@@ -109,17 +110,23 @@ def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS
         builder.check_columns(known)
     preparer = Preparer(job, builder, fail_on_bad_row=True)
     est = _Estimator()
+    # a JSONL keep_columns name no row has: refused as `run` refuses it
+    keep = KeepSeen(job.keep_columns if known is None else ())
     # Counting (tiktoken's Rust encoder, GIL released) of batch k overlaps reading and
     # building batch k+1 (Python, holds the GIL): the two cores both work.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher-estimate") as pool:
         in_flight: Future[Prepared] | None = None
         for batch in reader.iter_batches(batch_rows):
+            if keep.missing:
+                for row in batch:
+                    keep.see(row.data)
             built = preparer.build(batch)
             if in_flight is not None:
                 est.account(in_flight.result())
             in_flight = pool.submit(preparer.count, built, num_threads=num_threads)
         if in_flight is not None:
             est.account(in_flight.result())
+    keep.check(job)
     job.check_limit_models(set(est.models))  # as `run` refuses it: a typo in limits:
     return _report(job, est, time.monotonic() - started)
 

@@ -57,7 +57,7 @@ def money_lines(stats: RunStats) -> list[str]:
     lines = []
     if stats.cache_hits or stats.dedupe_hits:
         lines.append(
-            f"reused:   {stats.cache_hits:,} rows answered from the cache, "
+            f"reused:   {plural(stats.cache_hits, 'row')} answered from the cache, "
             f"{stats.dedupe_hits:,} shared an identical request, "
             f"saving {format_usd(stats.saved_usd)}"
         )

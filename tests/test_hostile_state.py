@@ -415,6 +415,6 @@ def test_run_goes_on_past_a_corrupt_journal_line(tmp_path: Path, mock_server) ->
     # The row whose result was lost is asked again, and the response store answers it:
     # nothing is paid twice.
     assert srv.stats()["requests"] == 6
-    assert "1 rows answered from the cache" in rerun.stderr
+    assert "1 row answered from the cache" in rerun.stderr
     table = pq.read_table(output)
     assert sorted(table.column("id").to_pylist()) == [f"r{i}" for i in range(6)]

@@ -204,6 +204,8 @@ def test_a_kept_column_no_jsonl_row_has_is_refused_before_sending(
     assert "(did you mean 'product'?)" in res.stderr
     assert "the rows' columns: text, product" in res.stderr
     assert srv.stats()["requests"] == 0
+    est = run_batcher("estimate", job)  # refused alike before a run
+    assert est.returncode == 2 and "keep_columns names 'prodcut'" in est.stderr
 
 
 def test_a_kept_column_some_rows_have_is_kept(tmp_path: Path, mock_server) -> None:
