@@ -7,10 +7,14 @@
 join of the input's order with the journal's latest answers, then Parquet). This builds the
 input (as bench_memory does) and a journal as the bundled server's answers would leave it
 (records in completion order: the input order shuffled within windows of 64, the concurrency),
-once per DIR, then runs only the write in a fresh process: imports, the o200k vocabulary (as
-a run holds it), then `write_output_ordered` / `write_batch_output_ordered` in a worker thread
-(the engine runs it with `asyncio.to_thread`). Prints the RSS after imports and vocabulary, the
-write's peak RSS (VmHWM), Arrow's pool high-water mark and the write's time.
+once per DIR (with --keep DIR; else in a temporary directory), then runs only the write in a
+fresh process: imports, the o200k vocabulary (as a run holds it), an `Engine` and its input
+scan (Arrow's kernels, the allocators' pages), then `write_output_ordered` /
+`write_batch_output_ordered` in a worker thread (the engine runs it with `asyncio.to_thread`).
+Prints the RSS after imports, vocabulary and scan, the peak RSS (VmHWM: the write's, the scan's
+being lower), Arrow's pool high-water mark and the write's time. It leaves out the sending
+phase's own memory (client, limiter, store): add the write's rise to bench_memory's RSS while
+sending. Identical runs differ by up to ~12 MB (which glibc arena the worker thread gets).
 """
 
 from __future__ import annotations
