@@ -80,8 +80,9 @@ class Limiter(Protocol):
 
     `acquire` waits for the model's next slot (FIFO per model, except that a smaller request
     may take room the head of the line leaves in a window without delaying it) and returns
-    the `Admission`; it raises ValueError at once for a cost that can never fit. Every answer goes to `feedback`:
-    429s and near-limit headers pause and slow the model, x-ratelimit-remaining-* headers set
+    the `Admission`; it raises ValueError at once for a cost that can never fit. Every answer
+    goes to `feedback`: 429s and near-limit headers pause and slow the model,
+    x-ratelimit-remaining-* headers set
     the share. `admission` (default: the one this task's last acquire returned) anchors the
     headers to when the request was sent; a 5xx, or status 0 for no answer at all (dropped
     connection, timeout), is given back if the headers of that answer or the next show the
