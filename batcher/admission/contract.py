@@ -82,11 +82,11 @@ class Limiter(Protocol):
     may take room the head of the line leaves in a window without delaying it) and returns
     the `Admission`; it raises ValueError at once for a cost that can never fit. Every answer
     goes to `feedback`: 429s and near-limit headers pause and slow the model,
-    x-ratelimit-remaining-* headers set
-    the share. `admission` (default: the one this task's last acquire returned) anchors the
-    headers to when the request was sent; a 5xx, or status 0 for no answer at all (dropped
-    connection, timeout), is given back if the headers of that answer or the next show the
-    server did not charge it.
+    x-ratelimit-remaining-* headers set the share. `admission` (default: the one this task's
+    last acquire returned) anchors the headers to when the request was sent; a 5xx, or
+    status 0 for no answer at all (dropped connection, timeout), is given back if the headers
+    of that answer or the next show the server did not charge it; a 429's tokens are given
+    back at once.
     """
 
     backend: str
