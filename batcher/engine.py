@@ -544,6 +544,11 @@ class Engine:
         if stored:  # 0: the store is off or busy, the answers stay in memory
             self.reuse.stored(batch)
 
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """As that signal would (for embedders and benchmarks): SIGINT finishes what is in
+        flight within the grace period; a second call stops at once."""
+        self._halt.on_signal(signum)
+
     async def _refresh_effective(self) -> None:
         while True:
             self.stats.effective = self.limiter.snapshot()

@@ -204,10 +204,7 @@ async def measure(
 
 def stop_gracefully(engine: Engine) -> None:
     """As Ctrl-C would: nothing new is sent, what is in flight finishes."""
-    stop = getattr(engine, "request_stop", None)  # the engine's API before stopping.py
-    if stop is None:
-        stop = engine._halt.on_signal  # type: ignore[attr-defined,unused-ignore]
-    stop(signal.SIGINT)
+    engine.request_stop(signal.SIGINT)
 
 
 def check_rows(path: Path, rows: int) -> dict[str, Any]:
