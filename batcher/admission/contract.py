@@ -67,7 +67,8 @@ class ModelSnapshot:
             reasons.append(f"slowed by {self.decreases_near_limit} near-limit answer(s)")
         if self.share_reductions and self.share < 0.999:
             reasons.append(
-                f"rate-limit headers showed others using {1 - self.share:.0%} of the quota"
+                f"rate-limit headers showed {1 - self.share:.0%} of the quota used by others, "
+                "or `limits:` set above the server's own"
             )
         return reasons
 
