@@ -683,7 +683,7 @@ class Engine:
                 held = len(self._done)  # answered before (a row whose request changed is not)
                 log.info(
                     "sending %s to %s (the first request goes alone)",
-                    f"the rows of {total:,} that have no answer yet ({held:,} do)"
+                    f"the rows without an answer (the journal holds {held:,} of {total:,})"
                     if held
                     else f"{total:,} row{'' if total == 1 else 's'}",
                     base_url,
