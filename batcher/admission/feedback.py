@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batcher.admission.contract import Admission, answered
 from batcher.admission.policy import Policy
 from batcher.errors import parse_retry_after
 
@@ -166,4 +167,25 @@ def read_feedback(
         failed_at=at,
         failed_cost=cost,
         sent_at=sent_at,
+    )
+
+
+def read_answer(
+    policy: Policy,
+    model: str,
+    status: int,
+    headers: Mapping[str, str],
+    last_cost: int,
+    admission: Admission | None,
+) -> Signal:
+    """`read_feedback` for an answer of `model`, anchored to the admission it answers (the one
+    given, else this task's last): both backends read every answer through this."""
+    adm = answered(model, admission)
+    return read_feedback(
+        policy,
+        status,
+        headers,
+        last_cost=last_cost,
+        failed=(adm.seq, adm.at_us, adm.cost) if adm else (0, 0, 0),
+        sent_at=adm.at_us if adm else 0,
     )

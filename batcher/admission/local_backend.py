@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from batcher.admission import schedule
-from batcher.admission.contract import Admission, ModelSnapshot, answered, current_admission
-from batcher.admission.feedback import read_feedback
+from batcher.admission.contract import Admission, ModelSnapshot, current_admission
+from batcher.admission.feedback import read_answer
 from batcher.admission.lane import Lane
 from batcher.admission.policy import Policy, us
 from batcher.admission.schedule import State, check_cost
@@ -131,15 +131,8 @@ class LocalLimiter:
     ) -> None:
         """Report an answer: 429s pause, remaining-* headers or AIMD set the pace."""
         policy = self.policy(model)
-        adm = answered(model, admission)
-        failed = (adm.seq, adm.at_us, adm.cost) if adm else (0, 0, 0)
-        signal = read_feedback(
-            policy,
-            status,
-            headers,
-            last_cost=self._last_cost.get(model, 0),
-            failed=failed,
-            sent_at=adm.at_us if adm else 0,
+        signal = read_answer(
+            policy, model, status, headers, self._last_cost.get(model, 0), admission
         )
         if signal.is_429 or signal.near_limit or signal.has_headers or signal.failed_seq:
             schedule.feedback(policy, self.state(model), signal, us(self._now()))

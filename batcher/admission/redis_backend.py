@@ -43,8 +43,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from batcher.admission.contract import Admission, ModelSnapshot, answered, current_admission
-from batcher.admission.feedback import Signal, read_feedback
+from batcher.admission.contract import Admission, ModelSnapshot, current_admission
+from batcher.admission.feedback import Signal, read_answer
 from batcher.admission.lane import Lane
 from batcher.admission.local_backend import LocalLimiter, model_snapshot, policy_source
 from batcher.admission.schedule import Reply, check_cost
@@ -349,15 +349,8 @@ class RedisLimiter:
             self._fallback.feedback(model, status=status, headers=headers)
             return
         policy = self.policy(model)
-        adm = answered(model, admission)
-        failed = (adm.seq, adm.at_us, adm.cost) if adm else (0, 0, 0)
-        signal = read_feedback(
-            policy,
-            status,
-            headers,
-            last_cost=self._last_cost.get(model, 0),
-            failed=failed,
-            sent_at=adm.at_us if adm else 0,
+        signal = read_answer(
+            policy, model, status, headers, self._last_cost.get(model, 0), admission
         )
         if not signal.urgent:
             if signal.failed_seq or signal.has_headers or signal.near_limit:
