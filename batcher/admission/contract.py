@@ -40,7 +40,7 @@ class ModelSnapshot:
     effective_rpm: float  # the pace now: limit x headroom x multiplier
     effective_tpm: float
     multiplier: float  # fraction of the limits the pacing allows now (1: not slowed)
-    share: float  # the quota share the x-ratelimit-remaining-* headers revealed (1: all)
+    share: float  # our share of the quota, as headers or 429s revealed others' load (1: all)
     paused_until_s: float  # seconds until admission resumes after a 429; 0: not paused
     backend: Literal["local", "redis"]
     # Why it slowed down: AIMD decreases on 429s, on near-limit headers, and header readings
@@ -67,8 +67,8 @@ class ModelSnapshot:
             reasons.append(f"slowed by {self.decreases_near_limit} near-limit answer(s)")
         if self.share_reductions and self.share < 0.999:
             reasons.append(
-                f"rate-limit headers showed {1 - self.share:.0%} of the quota used by others, "
-                "or `limits:` set above the server's own"
+                f"others' load, read from rate-limit headers or 429s, left {self.share:.0%} of "
+                "the quota (or `limits:` are set above the server's own)"
             )
         return reasons
 
