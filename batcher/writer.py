@@ -6,6 +6,7 @@ reader never sees a half-written output and a crash never loses a finished row.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import hashlib
@@ -213,6 +214,38 @@ def _latest_mask(journal: Path) -> bytearray | None:
     return journal_latest_mask(journal)[0]
 
 
+@contextlib.contextmanager
+def _published(output: Path) -> Iterator[Path]:
+    """A temp file beside `output` for the caller to write; when the block ends without an
+    error it is fsynced and renamed over `output` (a reader sees the old file or the new one,
+    never half of one), otherwise removed. OSError becomes the StorageError saying what to do.
+    """
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, output)
+        fsync_dir(output.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(output, exc, "write the output") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _check_rows(output: Path, rows: int, expected_rows: int | None) -> None:
+    """Refuse to publish an output whose row count is not the input's (a bug of ours)."""
+    if expected_rows is not None and rows != expected_rows:
+        raise BatcherError(
+            f"internal error: {output.name} would hold {rows} rows but the input has "
+            f"{expected_rows}; nothing was published and the journal is intact. Please "
+            "report this."
+        )
+
+
 def write_parquet_atomic(
     output: Path,
     schema: pa.Schema,
@@ -225,47 +258,32 @@ def write_parquet_atomic(
     Returns (rows written, rows whose status is error). With `expected_rows`, a different
     count is an error raised before anything is published.
     """
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     rows = errors = 0
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            group: list[pa.Table] = []
-            pending = 0
-            for batch in batches:
-                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                group.append(table.cast(schema))
-                pending += table.num_rows
-                rows += table.num_rows
-                errors += pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0
-                if pending >= ROW_GROUP_ROWS:
+    with _published(output) as tmp:
+        try:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                group: list[pa.Table] = []
+                pending = 0
+                for batch in batches:
+                    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                    group.append(table.cast(schema))
+                    pending += table.num_rows
+                    rows += table.num_rows
+                    errors += pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0
+                    if pending >= ROW_GROUP_ROWS:
+                        writer.write_table(pa.concat_tables(group), row_group_size=pending)
+                        group, pending = [], 0
+                if group:
                     writer.write_table(pa.concat_tables(group), row_group_size=pending)
-                    group, pending = [], 0
-            if group:
-                writer.write_table(pa.concat_tables(group), row_group_size=pending)
-            del group
-        if expected_rows is not None and rows != expected_rows:
-            raise BatcherError(
-                f"internal error: {output.name} would hold {rows} rows but the input has "
-                f"{expected_rows}; nothing was published and the journal is intact. Please "
-                "report this."
-            )
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, output)
-        fsync_dir(output.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(output, exc, "write the output") from None
-    except pa.ArrowException as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputDataError(
-            f"cannot write {output}: {exc}. A kept column with values of mixed types? "
-            "Remove it from keep_columns; the journal is intact, run again to retry."
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                del group
+        except pa.ArrowException as exc:
+            if isinstance(exc, OSError):  # (ArrowIOError) a disk problem, not the data's
+                raise
+            raise InputDataError(
+                f"cannot write {output}: {exc}. A kept column with values of mixed types? "
+                "Remove it from keep_columns; the journal is intact, run again to retry."
+            ) from None
+        _check_rows(output, rows, expected_rows)
     return rows, errors
 
 
@@ -455,32 +473,14 @@ def write_batch_output(
     one line at a time). Returns (rows written, error rows); with `expected_rows`, a different
     count is an error raised before anything is published."""
     created = int(time.time()) if created is None else created
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     rows = errors = 0
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as fh:
-            for rec in records:
-                line = batch_output_line(rec, created=created)
-                fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
-                rows += 1
-                errors += line["error"] is not None
-            if expected_rows is not None and rows != expected_rows:
-                raise BatcherError(
-                    f"internal error: {output.name} would hold {rows} rows but the input has "
-                    f"{expected_rows}; nothing was published and the journal is intact. Please "
-                    "report this."
-                )
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, output)
-        fsync_dir(output.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise storage_error(output, exc, "write the output") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _published(output) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for rec in records:
+            line = batch_output_line(rec, created=created)
+            fh.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
+            rows += 1
+            errors += line["error"] is not None
+        _check_rows(output, rows, expected_rows)
     return rows, errors
 
 
