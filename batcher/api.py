@@ -155,26 +155,9 @@ async def arun(
         raise JobSpecError(f"progress must be one of {', '.join(MODES)}, not {progress!r}")
     raw, base, source = _job_mapping(job)
     raw.update(overrides)
-    kind: DataKind = "path"
-    table: pa.Table | None = None
-    index: Any = None  # a pandas input's index, given back with the answer
     shape = {k: v for k, v in raw.items() if k not in ("input", "output")}
-    if isinstance(data, (str, os.PathLike)):
-        raw["input"] = str(data)
-    elif data is not None:
-        table, kind = _as_table(data)
-        index = data.index if kind == "pandas" else None
-        _check_columns(table.column_names, raw.get("id_column"))
-        name = f"{_digest(shape)}-{_table_digest(table)}"
-        folder = state_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.input.parquet"
-        if not path.exists():  # the same frame again: the same file, so the run resumes
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-        raw["input"] = str(path)
-        raw.setdefault("output", str(folder / f"{name}.parquet"))
+    # Off the caller's loop (a notebook's): converting, hashing and copying a frame take time.
+    kind, table, index = await asyncio.to_thread(_stage_data, raw, shape, data)
     if "input" not in raw:
         raise JobSpecError(f"{source}: give the rows: data=... or input: in the job")
     if "output" not in raw:
@@ -209,7 +192,33 @@ async def arun(
             if copy is not None:
                 copy.rename(exc)
             raise
-    return _answer(outcome, table, kind, spec, index, copy)
+    return await asyncio.to_thread(_answer, outcome, table, kind, spec, index, copy)
+
+
+def _stage_data(
+    raw: dict[str, Any], shape: Mapping[str, Any], data: Any
+) -> tuple[DataKind, pa.Table | None, Any]:
+    """`data` as the job's input: a path as it is; a table or frame copied once to the state
+    directory under a name of the job's shape and the data's digest (the same frame again:
+    the same file, so the run resumes). Returns (its kind, the table, a pandas index)."""
+    if isinstance(data, (str, os.PathLike)):
+        raw["input"] = str(data)
+    if data is None or isinstance(data, (str, os.PathLike)):
+        return "path", None, None
+    table, kind = _as_table(data)
+    index = data.index if kind == "pandas" else None  # given back with the answer
+    _check_columns(table.column_names, raw.get("id_column"))
+    name = f"{_digest(shape)}-{_table_digest(table)}"
+    folder = state_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.input.parquet"
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    raw["input"] = str(path)
+    raw.setdefault("output", str(folder / f"{name}.parquet"))
+    return kind, table, index
 
 
 @contextlib.asynccontextmanager
