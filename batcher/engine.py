@@ -230,7 +230,7 @@ class Engine:
         in_shard = self._in_shard
         built = self.preparer.build([r for r in batch if in_shard(r.id)])
         skipped = built.drop(self._done_row) if len(self._done) else 0
-        served = [] if self.reuse is None else self.preparer.serve(built, self.reuse.lookup)
+        served = [] if self.reuse is None else self.preparer.serve(built, self.reuse)
         return self.preparer.count(built), served, skipped
 
     async def _produce(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from batcher.cache import CacheKey, cache_key
 from batcher.errors import InputDataError
@@ -27,6 +27,9 @@ from batcher.records import STATUS_ERROR, Request, Result
 from batcher.requests import RequestBuilder
 from batcher.spec import Job
 from batcher.tokens import count_request_tokens, count_request_tokens_batch, max_output_tokens
+
+if TYPE_CHECKING:
+    from batcher.reuse import Reuse
 
 RejectKind = Literal["bad_row", "over_context", "over_tpm"]
 
@@ -138,22 +141,23 @@ class Preparer:
         )
         built.rejections.append(Rejection(row.id, "bad_row"))
 
-    def serve(
-        self, built: Built, lookup: Callable[[list[Request]], tuple[list[Request], list[Result]]]
-    ) -> list[Result]:
-        """Rows `lookup` answers without a request (the response store) leave `built` before
-        `count`: an answer that costs no quota needs no token count (a rerun answered from
-        the store spent a tenth of its CPU counting). `lookup` gets each row's request
-        uncounted (cost 0) and returns (the rest, the results it served)."""
-        uncounted = [
-            Request(row.id, body, model, 0, self.builder.keep(row) if self._keep else {}, key)
-            for model, (rows, bodies, keys) in built.by_model.items()
-            for row, body, key in zip(rows, bodies, keys, strict=True)
-            if key is not None
-        ]
-        if not uncounted:
+    def serve(self, built: Built, reuse: Reuse) -> list[Result]:
+        """Rows the response store answers leave `built` before `count`: an answer that costs
+        no quota needs no token count (a rerun answered from the store spent a tenth of its
+        CPU counting). Only rows with a stored answer get a (zero-cost) Request."""
+        found = reuse.lookup(k for g in built.by_model.values() for k in g[2] if k is not None)
+        if not found:
             return []
-        served = lookup(uncounted)[1]
+        served: list[Result] = []
+        for model, (rows, bodies, keys) in built.by_model.items():
+            for row, body, key in zip(rows, bodies, keys, strict=True):
+                hit = found.get(key.key) if key is not None else None
+                if hit is None:
+                    continue
+                keep = self.builder.keep(row) if self._keep else {}
+                result = reuse.serve(Request(row.id, body, model, 0, keep, key), hit)
+                if result is not None:
+                    served.append(result)
         if served:
             answered = {r.id for r in served}
             built.drop(lambda row_id, key: key is not None and row_id in answered)

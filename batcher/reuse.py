@@ -23,11 +23,11 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from batcher.answers import result_from_answer
-from batcher.cache import CachedAnswer, CacheEntry, ResponseStore
+from batcher.cache import CachedAnswer, CacheEntry, CacheKey, ResponseStore
 from batcher.client import Answer
 from batcher.models import MOCK_HEADER
 from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, Request, Result
@@ -80,25 +80,15 @@ class Reuse:
 
     # ---- in the preparing thread ----
 
-    def lookup(self, requests: list[Request]) -> tuple[list[Request], list[Result]]:
-        """(requests still to send, results served from the store)."""
-        if not (self.read or self.own_only) or not requests:
-            return requests, []
-        found = self.store.get_many(r.key for r in requests if r.key is not None)
-        if not found:
-            return requests, []
-        send: list[Request] = []
-        served: list[Result] = []
-        for req in requests:
-            hit = found.get(req.key.key) if req.key is not None else None
-            result = self._serve(req, hit) if hit is not None else None
-            if result is None:
-                send.append(req)
-            else:
-                served.append(result)
-        return send, served
+    def lookup(self, keys: Iterable[CacheKey]) -> dict[str, CachedAnswer]:
+        """The store's answers among `keys`, by key (none when the store is not read); `serve`
+        says which of them a request may have."""
+        if not (self.read or self.own_only):
+            return {}
+        return self.store.get_many(keys)
 
-    def _serve(self, req: Request, hit: CachedAnswer) -> Result | None:
+    def serve(self, req: Request, hit: CachedAnswer) -> Result | None:
+        """`req`'s row answered by `hit`, or None when it must be asked."""
         ours = hit.created >= self.started  # answered earlier in this very run
         if ours and not deterministic(req.body, self.dedupe):
             return None  # dedupe off: this row gets its own request
