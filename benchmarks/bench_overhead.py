@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+import bare_client
 from common import (
     API_KEY,
     KEY_ENV,
@@ -71,45 +70,16 @@ TARGET_PROCESS_CPU = 1.4  # batcher's CPU per row over the bare client's, whole 
 BARE_CLIENT = Path(__file__).with_name("bare_client.py")
 
 
-def bare_bodies(input_path: Path, job_messages: list[dict[str, str]], max_tokens: int) -> list:
-    """What a hand-written script sends: the same template filled from each row."""
-    system, user = job_messages
-    bodies = []
-    with input_path.open("rb") as fh:
-        for raw in fh:
-            row = json.loads(raw)
-            bodies.append(
-                {
-                    "model": MODEL,
-                    "max_tokens": max_tokens,
-                    "temperature": 0,
-                    "messages": [
-                        {"role": "system", "content": system["content"]},
-                        {"role": "user", "content": user["content"].replace("{text}", row["text"])},
-                    ],
-                }
-            )
-    return bodies
-
-
 async def bare_loop(url: str, input_path: Path, job: Any, concurrency: int) -> int:
-    bodies = bare_bodies(
-        input_path,
-        [m.model_dump() for m in job.messages],
-        job.params["max_tokens"],
-    )
-    sem = asyncio.Semaphore(concurrency)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
-
-        async def one(body: dict[str, Any]) -> bool:
-            async with sem, session.post(f"{url}/chat/completions", json=body) as resp:
-                data = await resp.json()
-                return resp.status == 200 and bool(data["choices"])
-
-        results = await asyncio.gather(*(one(b) for b in bodies))
-    return sum(results)
+    """The hand-written script of bare_client.py, in this process: the same template filled
+    from each row, sent over one session with a semaphore."""
+    spec = {
+        "input": str(input_path),
+        "model": MODEL,
+        "params": job.params,
+        "messages": [m.model_dump() for m in job.messages],
+    }
+    return await bare_client.send_all(url, API_KEY, bare_client.bodies(spec), concurrency)
 
 
 def run_bare(url: str, directory: Path, job: Any, concurrency: int) -> dict[str, float]:
