@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
+from aiohttp import web
 
 API_KEY = "test-key-7f3a9c"  # what the tests export; must never show up in any output
 
@@ -116,3 +117,14 @@ def start_batcher(*args: str | Path, env: dict[str, str] | None = None) -> subpr
 
 def read_output(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serve a test double's `app` on a free port of 127.0.0.1: (its runner, the port)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    return runner, int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
+from helpers import serve_app
 
 Action = Literal["answer", "stall", "drop", "cut", "stall_body"]
 STALL_MAX_S = 30.0  # a stalled answer ends by itself after this, even if nobody stops us
@@ -318,13 +319,8 @@ class HostileGateway:
             self._stopped = asyncio.Event()
             app = web.Application()
             app.router.add_post("/openai/eu/v1/chat/completions", self._chat)
-            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            server = site._server
-            assert server is not None
-            return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+            self._runner, port = await serve_app(app)
+            return port
 
         self.port = asyncio.run_coroutine_threadsafe(up(), self._loop).result(timeout=10)
         return self

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
+from helpers import serve_app
 
 WindowKind = Literal["fixed", "sliding"]
 BodyShape = Literal["azure", "openai", "anthropic"]
@@ -475,13 +476,8 @@ class ThreadedDouble:
         self._thread.start()
 
         async def up() -> int:
-            self._runner = web.AppRunner(self.double.app, shutdown_timeout=0.5)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            server = site._server
-            assert server is not None
-            return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+            self._runner, port = await serve_app(self.double.app)
+            return port
 
         self.port = asyncio.run_coroutine_threadsafe(up(), self._loop).result(timeout=10)
         return self

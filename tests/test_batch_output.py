@@ -81,12 +81,11 @@ def _batch_input(n: int, *, fail: set[int], tools: set[int]) -> list[dict[str, A
     return lines
 
 
-def test_batch_output_read_back_as_openai_documents_it(tmp_path: Path, mock_server) -> None:
-    srv = mock_server(**FAST)
-    write_jsonl(tmp_path / "batch.jsonl", _batch_input(24, fail={3, 11}, tools={5, 6}))
-    job = write_job(
-        tmp_path,
-        srv.url,
+def _batch_job(tmp: Path, url: str, **extra: Any) -> Path:
+    """A job over `batch.jsonl` (a Batch-API input: no template) writing Batch-API output."""
+    return write_job(
+        tmp,
+        url,
         input="batch.jsonl",
         output="out/results.jsonl",
         output_format="batch",
@@ -94,7 +93,14 @@ def test_batch_output_read_back_as_openai_documents_it(tmp_path: Path, mock_serv
         id_column=None,
         model=None,
         params={"temperature": 0},
+        **extra,
     )
+
+
+def test_batch_output_read_back_as_openai_documents_it(tmp_path: Path, mock_server) -> None:
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "batch.jsonl", _batch_input(24, fail={3, 11}, tools={5, 6}))
+    job = _batch_job(tmp_path, srv.url)
     res = run_batcher("run", job)
     assert res.returncode == 3, res.stderr  # finished with row errors
     got = parse_openai_batch_output(tmp_path / "out/results.jsonl")
@@ -156,18 +162,7 @@ def test_count_mismatch_publishes_nothing(tmp_path: Path) -> None:
 def test_completion_order_still_has_every_row_once(tmp_path: Path, mock_server) -> None:
     srv = mock_server(**FAST)
     write_jsonl(tmp_path / "batch.jsonl", _batch_input(12, fail={4}, tools=set()))
-    job = write_job(
-        tmp_path,
-        srv.url,
-        input="batch.jsonl",
-        output="out/results.jsonl",
-        output_format="batch",
-        output_order="completion",
-        messages=None,
-        id_column=None,
-        model=None,
-        params={"temperature": 0},
-    )
+    job = _batch_job(tmp_path, srv.url, output_order="completion")
     res = run_batcher("run", job)
     assert res.returncode == 3, res.stderr
     got = parse_openai_batch_output(tmp_path / "out/results.jsonl")

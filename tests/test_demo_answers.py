@@ -18,11 +18,12 @@ from batcher.journal import read_state
 FAST: dict[str, Any] = {"rpm": None, "tpm": None}
 ROWS = [{"id": f"r{i}", "text": f"review number {i}"} for i in range(30)]
 OUT = "out/result.parquet"
+LIMITS = {"gpt-4o-mini": {"rpm": 1_000_000, "tpm": 1_000_000_000}}
 
 
 def _job(tmp: Path, url: str, **overrides: Any) -> Path:
     write_jsonl(tmp / "input.jsonl", ROWS)
-    return write_job(tmp, url, **overrides)
+    return write_job(tmp, url, **{"limits": LIMITS, **overrides})  # --mock enforces them
 
 
 def test_a_real_run_after_a_mock_run_asks_the_api_for_every_row(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from helpers import env_with_key, read_output, run_batcher, write_job, write_jsonl
 
-from batcher import reuse
+from batcher import engine, reuse
 from batcher.history import history_path, read_history
 
 FAST: dict[str, Any] = {"rpm": None, "tpm": None}
@@ -253,18 +253,19 @@ def test_no_cache_dedupes_far_apart_duplicates_through_the_store(
 ) -> None:
     """--no-cache: the run's own answers reach its duplicates through the store, not only
     through the bounded memory of recent answers; earlier runs' answers are asked afresh."""
-    # Memory holds the last 1,000 answers (more than are ever waiting to be stored: one read
-    # batch and the queue); the duplicates are 2,048 answers apart.
-    monkeypatch.setattr(reuse, "RECENT_MAX", 1000)
+    # Memory holds the last 300 answers (more than are ever waiting to be stored: one read
+    # batch of 64 and the queue of 64); the duplicates are 512 answers apart.
+    monkeypatch.setattr(reuse, "RECENT_MAX", 300)
     monkeypatch.setattr(reuse, "FLUSH_AT", 1)
+    monkeypatch.setattr(engine, "READ_BATCH", 64)
     srv = mock_server(**FAST)
-    data = [{"id": f"r{i}", "text": f"review {i % 2048}"} for i in range(4096)]
+    data = [{"id": f"r{i}", "text": f"review {i % 512}"} for i in range(1024)]
     write_jsonl(tmp_path / "input.jsonl", data)
     path = job(tmp_path, srv.url)
     assert run_batcher("run", path, "--no-cache").returncode == 0
-    assert srv.stats()["requests"] == 2048
+    assert srv.stats()["requests"] == 512
     sources = [r["source"] for r in check(tmp_path / "out/result.parquet", data)]
-    assert sources.count("api") == 2048 and sources.count("dedupe") == 2048
+    assert sources.count("api") == 512 and sources.count("dedupe") == 512
     res = run_batcher("run", path, "--restart", "--no-cache")
     assert res.returncode == 0, res.stderr
-    assert srv.stats()["requests"] == 4096  # afresh: not served the first run's answers
+    assert srv.stats()["requests"] == 1024  # afresh: not served the first run's answers

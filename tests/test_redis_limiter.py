@@ -626,16 +626,18 @@ async def test_remaining_headers_on_every_answer_set_the_share_not_aimd(
 async def test_the_head_hands_a_window_s_room_to_a_smaller_waiter(
     limiter_backend: Callable[..., Any],
 ) -> None:
-    """A 0.5 s window of 1,000 tokens holds 400 + 400 (0.25 s apart): a 450 waits for the
-    first to leave, 300, 250 and 150 queue behind it; then the 300 waits 0.25 s more and the
-    150 takes the room it leaves (the 250 would delay it). 0.25 s of slack for a slow loop."""
+    """A 1 s window of 1,000 tokens holds 400 + 400 (0.5 s apart): a 450 waits for the first
+    to leave, 300, 250 and 150 queue behind it; then the 300 waits 0.5 s more and the 150
+    takes the room it leaves (the 250 would delay it). The schedule runs on Redis's clock, so
+    this one is in real time: the four queue within microseconds, and 0.5 s separates every
+    decision (the order is what is checked, never a time)."""
     lim = await limiter_backend(
-        fixed(6_000, 120_000), headroom=1.0, window_margin=0.0, token_windows_s=(60.0, 0.5)
+        fixed(6_000, 60_000), headroom=1.0, window_margin=0.0, token_windows_s=(60.0, 1.0)
     )
     await lim.acquire(MODEL, 1)
     await asyncio.sleep(1.0)  # a second of pacing credit
     await lim.acquire(MODEL, 400)
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.5)
     await lim.acquire(MODEL, 400)
     order: list[int] = []
 
