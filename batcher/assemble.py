@@ -31,6 +31,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batcher import fastjson
 from batcher.errors import BatcherError
 from batcher.idhashes import int64_view
 from batcher.journal import _json_default as json_default
@@ -52,7 +53,9 @@ def as_json_value(value: Any) -> Any:
     return json.loads(json.dumps(value, default=json_default))
 
 
-_RESULT_PREFIX = b'{"t": "r", "id": "'  # how the journal writes every result line
+# How the journal begins every result line: now, and in journals of earlier versions.
+_RESULT_PREFIXES = (b'{"t":"r","id":"', b'{"t": "r", "id": "')
+_META_PREFIXES = (b'{"t":"', b'{"t": "')
 
 
 def journal_index(journal: Path) -> tuple[array[int], array[int]]:
@@ -62,18 +65,18 @@ def journal_index(journal: Path) -> tuple[array[int], array[int]]:
     million records parsed into dicts left ~100 MB of the allocator's pages behind."""
     hashes, offsets = array("q"), array("q")
     offset = 0
-    start = len(_RESULT_PREFIX)
     with journal.open("rb") as fh:
         for raw in fh:
             row_id = None
-            if raw.startswith(_RESULT_PREFIX) and raw.endswith(b"\n"):
+            prefix = next((p for p in _RESULT_PREFIXES if raw.startswith(p)), None)
+            if prefix is not None and raw.endswith(b"\n"):
                 # (A damaged line is never the latest of its id: the run that read the journal
                 # skipped it and asked that row again, appending a newer record.)
                 try:
-                    row_id = scanstring(raw.decode(), start)[0]
+                    row_id = scanstring(raw.decode(), len(prefix))[0]
                 except ValueError:  # UnicodeDecodeError included
                     row_id = None
-            elif not raw.startswith(b'{"t": "'):  # another writer's layout: parse it whole
+            elif not raw.startswith(_META_PREFIXES):  # another layout: parse it whole
                 rec = _record(raw)
                 if isinstance(rec, dict) and rec.get("t") == "r":
                     row_id = rec["id"]
@@ -136,7 +139,7 @@ class RecordReader:
 
     def at(self, offset: int, expected_id: str | None = None) -> dict[str, Any]:
         self._fh.seek(offset)
-        rec: dict[str, Any] = json.loads(self._fh.readline())
+        rec: dict[str, Any] = fastjson.loads(self._fh.readline())
         if expected_id is not None and rec.get("id") != expected_id:
             raise BatcherError(
                 f"internal error: two ids share a 64-bit hash ({expected_id!r} and "

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batcher import fastjson
 from batcher.errors import InputDataError, JobSpecError
 from batcher.sharding import shard_of
 from batcher.spec import OUTPUT_COLUMNS, Job
@@ -185,7 +186,7 @@ class InputReader:
                 pos = position
                 position += 1
                 try:
-                    obj = json.loads(raw)
+                    obj = fastjson.loads(raw)
                 except ValueError as exc:
                     yield self._bad(lineno, pos, f"not valid JSON ({exc})")
                     continue

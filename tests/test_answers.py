@@ -12,8 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from batcher import fastjson
 from batcher.answers import result_from_answer
 from batcher.client import Answer
+from batcher.journal import _result_line
 from batcher.records import Request
 from batcher.structured import StructuredOutput
 from batcher.writer import _flatten, output_schema
@@ -259,8 +261,7 @@ def test_any_json_answer_is_a_typed_result_or_a_row_error(body: Any, structured:
     assert r.status in ("ok", "error")
     assert r.ok or r.error
     # The journal's round trip, then the output's strict conversion: no fallback needed.
-    line = json.dumps({"t": "r", **r.to_record()}, ensure_ascii=False).encode()
-    rec = json.loads(line)
+    rec = fastjson.loads(_result_line(r))
     del rec["t"]
     schema = output_schema(["k"], None, so.arrow_type if so is not None else None)
     table = pa.Table.from_pylist([_flatten(rec, ["k"], {"k"})], schema=schema)

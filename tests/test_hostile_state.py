@@ -362,7 +362,7 @@ def test_lock_note_deleted_and_journal_deleted_mid_run(tmp_path: Path, mock_serv
             deadline -= 0.01
             assert deadline > 0, "the first run did not start"
             time.sleep(0.01)
-        assert b'"t": "r"' not in path.read_bytes()
+        assert b'"t":"r"' not in path.read_bytes()
         note.unlink()
         second = run_batcher("run", job)
         assert second.returncode == 5 and "already running" in second.stderr
@@ -398,7 +398,7 @@ def test_run_goes_on_past_a_corrupt_journal_line(tmp_path: Path, mock_server) ->
     assert srv.stats()["requests"] == 6
     path = journal_path(output)
     lines = path.read_bytes().splitlines(keepends=True)
-    assert lines[3].startswith(b'{"t": "r"')
+    assert lines[3].startswith(b'{"t":"r"')
     lines[3] = b"\x00" * 20 + b"\n"  # line 4: what a crash can leave in the middle
     path.write_bytes(b"".join(lines))
 

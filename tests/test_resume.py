@@ -115,7 +115,7 @@ def journal_lines(output: Path) -> list[bytes]:
 def results_in_journal(output: Path) -> int:
     """Finished rows on disk (whole lines only; superseded records included)."""
     return sum(
-        1 for line in journal_lines(output) if line.startswith(b'{"t": "r"') and line[-1:] == b"\n"
+        1 for line in journal_lines(output) if line.startswith(b'{"t":"r"') and line[-1:] == b"\n"
     )
 
 
@@ -330,7 +330,7 @@ def test_request_edits_ask_again_only_what_changed_pacing_edits_nothing(
     # One row's text edited, one row gone, one new row: the rest of the stopped run plus 2.
     edited = [*rows[:-2], {"id": "r298", "text": "edited"}, {"id": "new", "text": "a new row"}]
     write_jsonl(tmp_path / "input.jsonl", edited)
-    answered = {json.loads(line)["id"] for line in journal_lines(output) if b'"t": "r"' in line}
+    answered = {json.loads(line)["id"] for line in journal_lines(output) if b'"t":"r"' in line}
     unanswered_kept = sum(1 for r in rows[:-2] if r["id"] not in answered)
     before = srv.stats()
     res = run_batcher("run", job)

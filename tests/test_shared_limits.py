@@ -162,7 +162,7 @@ def test_redis_lost_mid_run(
     proc = start_batcher("run", job)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until rows are being answered
-        if journal.exists() and journal.read_text().count('"t": "r"') >= 10:
+        if journal.exists() and journal.read_text().count('"t":"r"') >= 10:
             break
         if proc.poll() is not None:
             break

@@ -1,0 +1,61 @@
+"""JSON on the per-row paths (input lines, answers, journal lines, stored answers): orjson,
+with the standard library's results.
+
+orjson parses and writes 3-10x faster than `json`, which was a fifth of the CPU of a run
+answered from the response store. Where the two differ, the standard library decides:
+
+- `loads`: orjson refuses what `json` accepts (NaN, Infinity, 1e400, lone surrogates, UTF-16
+  text) and then `json` parses it, or raises its own error. orjson reads an integer beyond
+  64 bits as a float, so a line with a run of 19+ digits is read by `json` alone (an id like
+  123456789012345678901234567890 must stay exact).
+- `dumps`: compact separators, non-ASCII kept as UTF-8. What orjson cannot write (an integer
+  beyond 64 bits, a non-string dict key, a lone surrogate) falls back to `json` with the same
+  layout, non-ASCII escaped. A float
+  NaN or infinity is written as null (`json` would write the invalid token NaN).
+
+Canonical request bytes (the response store's key, `cache.canonical_request`) stay with the
+standard library: the key must not change under existing stores, and orjson writes some
+floats differently (1e-7 vs 1e-07).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+__all__ = ["DecodeError", "dumps", "loads"]
+
+DecodeError = ValueError  # both libraries' errors are ValueErrors (UnicodeDecodeError too)
+
+# Every digit -> "0", everything else -> " ": a run of 19 digits is then a plain substring
+# search (0.3 us a line where a regex took 2.9 us, four times what orjson takes to parse it).
+_DIGIT_MASK = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_RUN = b"0" * 19
+_json_loads = json.loads
+_orjson_loads = orjson.loads
+_orjson_dumps = orjson.dumps
+_OrjsonError = orjson.JSONDecodeError
+
+
+def loads(raw: bytes | str) -> Any:
+    """json.loads(raw), faster."""
+    probe = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if _LONG_RUN not in probe.translate(_DIGIT_MASK):
+        try:
+            return _orjson_loads(raw)
+        except _OrjsonError:
+            pass  # maybe something only json reads: its result or its error
+    return _json_loads(raw)
+
+
+def dumps(value: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+    """Compact UTF-8 JSON of `value`; `default` turns what JSON has no type for into a value
+    (called for datetimes too, which orjson would otherwise write itself)."""
+    try:
+        return _orjson_dumps(value, default=default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+    except TypeError:  # (orjson.JSONEncodeError is one)
+        # ASCII escapes: a lone surrogate in a string (which orjson refuses) stays readable.
+        return json.dumps(value, separators=(",", ":"), default=default).encode()
