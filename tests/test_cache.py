@@ -16,12 +16,16 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batcher.cache import (
+    IGNORED_FIELDS,
     CacheEntry,
     CacheKey,
     ResponseStore,
     cache_key,
+    canonical_request,
     default_store_path,
     parse_duration,
     parse_size,
@@ -107,6 +111,35 @@ def test_key_is_canonical_and_the_check_is_independent() -> None:
     assert key.check.hex() not in key.key
     with pytest.raises(TypeError):
         request_key({"model": "m", "messages": object()})
+
+
+# The key's definition is json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False);
+# orjson computes it for most bodies and must give the very same bytes, or every stored answer
+# would become a miss after an upgrade.
+_JSON_LEAF = (
+    st.text(alphabet=st.characters(exclude_categories=("Cs",)))
+    | st.integers(-(2**64), 2**64)
+    | st.booleans()
+    | st.none()
+    | st.floats(allow_nan=False)
+)
+_JSON = st.recursive(
+    _JSON_LEAF,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@given(st.dictionaries(st.text(), _JSON, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_the_key_bytes_are_the_standard_librarys(value: dict[str, Any]) -> None:
+    expected = json.dumps(
+        {k: v for k, v in value.items() if k not in IGNORED_FIELDS},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    assert canonical_request(value) == expected
 
 
 # -- reading and writing ------------------------------------------------------------------------
@@ -400,7 +433,7 @@ def test_an_entry_that_does_not_match_its_request_is_never_served(
     store.put_many([entry(1), entry(2)])
     good = cache_key(body(1))
     assert store.get_many([CacheKey(good.key, b"\x00" * 16)]) == {}  # the check differs
-    # a damaged answer: zlib's checksum (or JSON) refuses it
+    # a damaged answer: its checksum refuses it
     damaged = bytes.fromhex(request_key(body(2)))
     with sqlite3.connect(store.path) as raw:
         (blob,) = raw.execute("SELECT answer FROM entries WHERE key = ?", (damaged,)).fetchone()
