@@ -5,8 +5,11 @@ the process that runs the job; the lock itself is an flock on the journal, see `
 
     {"t": "h", "version": 1, "fingerprint": "...", "created": "..."}   header, first line
     {"t": "run", "started": "...", "pid": 123, "retry_errors": false}  one per run
-    {"t": "r", "id": "...", "status": "ok", ...}                        one per finished row
+    {"t":"r","id":"...","status":"ok",...}                              one per finished row
     {"t": "end", "finished": "...", "complete": true}                   a run that ended
+
+Result lines are compact (orjson, batcher/fastjson.py: the per-row path); earlier journals wrote
+them with spaces like the others, and both are read.
 
 Results are written in group commits: every `append()` waits until its line is written and
 fsynced; lines that arrive while one fsync runs go out together in the next. A crash can only

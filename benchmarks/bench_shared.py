@@ -190,11 +190,16 @@ class CliRun:
             text = self.journal.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return 0
-        return sum(
-            1
-            for line in text.splitlines()
-            if line.startswith('{"t": "r"') and '"status": "ok"' in line
-        )
+        ok = 0
+        for line in text.splitlines(keepends=True):
+            if not line.endswith("\n"):
+                continue  # being written
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            ok += isinstance(rec, dict) and rec.get("t") == "r" and rec.get("status") == "ok"
+        return ok
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

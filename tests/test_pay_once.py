@@ -194,7 +194,7 @@ def test_kill_9_with_the_store_on_then_rerun(tmp_path: Path, mock_server) -> Non
     journal = tmp_path / "out/result.parquet.journal"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # keyed to answers journaled, not to time
-        if journal.exists() and journal.read_text().count('"t": "r"') >= 100:
+        if journal.exists() and journal.read_text().count('"t":"r"') >= 100:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)

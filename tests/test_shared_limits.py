@@ -170,7 +170,7 @@ def test_redis_lost_mid_run(
     own_redis.kill()
     _, err = proc.communicate(timeout=120)
     assert journal.exists(), err
-    done_before = journal.read_text().count('"t": "r"')
+    done_before = journal.read_text().count('"t":"r"')
     assert done_before >= 10
     if on_failure == "stop":
         assert proc.returncode == 4, err
