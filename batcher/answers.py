@@ -131,6 +131,8 @@ def _malformed(why: str, body: Any) -> str:
 
 def _clean(text: str) -> str:
     """The text, with lone surrogates (JSON allows "\\ud800"; UTF-8 does not) replaced."""
+    if text.isascii():  # most answers: no surrogate possible, no encoding needed
+        return text
     try:
         text.encode()
     except UnicodeEncodeError:

@@ -49,17 +49,18 @@ class Template:
         return self.parts[1::2]
 
     def render(self, data: dict[str, Any]) -> str:
-        if len(self.parts) == 1:
-            return self.parts[0]
-        out = []
-        for i, part in enumerate(self.parts):
-            if i % 2 == 0:
-                out.append(part)
-                continue
-            value = data[part]  # KeyError: the caller names the column and row
-            if value is None:
-                raise ValueError(f"column {part!r} is null")
-            out.append(value if isinstance(value, str) else _to_text(value))
+        parts = self.parts
+        if len(parts) == 1:
+            return parts[0]
+        out = [parts[0]]
+        for i in range(1, len(parts), 2):
+            value = data[parts[i]]  # KeyError: the caller names the column and row
+            if type(value) is not str:
+                if value is None:
+                    raise ValueError(f"column {parts[i]!r} is null")
+                value = value if isinstance(value, str) else _to_text(value)
+            out.append(value)
+            out.append(parts[i + 1])
         return "".join(out)
 
 

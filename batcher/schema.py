@@ -76,6 +76,8 @@ def coerce_result_fields(rec: dict[str, Any]) -> dict[str, Any]:
 
 def is_count(value: Any) -> TypeGuard[int]:
     """A token count or attempt number: a non-negative int (bool is not a number here)."""
+    if type(value) is int:  # the usual case, quickly
+        return 0 <= value < 2**63
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 

@@ -18,7 +18,7 @@ from batcher.client import Answer
 from batcher.journal import _result_line
 from batcher.records import Request
 from batcher.structured import StructuredOutput
-from batcher.writer import _flatten, output_schema
+from batcher.writer import _columns, output_schema
 
 REQ = Request("r1", {"model": "gpt-4o"}, "gpt-4o", 10, {"k": 1})
 
@@ -264,7 +264,10 @@ def test_any_json_answer_is_a_typed_result_or_a_row_error(body: Any, structured:
     rec = fastjson.loads(_result_line(r))
     del rec["t"]
     schema = output_schema(["k"], None, so.arrow_type if so is not None else None)
-    table = pa.Table.from_pylist([_flatten(rec, ["k"], {"k"})], schema=schema)
+    columns = _columns([rec], ["k"], {"k"}, schema)  # the writer's strict path, no fallback
+    table = pa.Table.from_arrays(
+        [pa.array(v, type=schema.field(n).type) for n, v in columns.items()], schema=schema
+    )
     pq.write_table(table, io.BytesIO())
 
 
