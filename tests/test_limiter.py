@@ -410,7 +410,8 @@ def test_without_headers_a_429_cuts_the_aimd_multiplier() -> None:
 
 def test_a_429_naming_its_admission_bounds_the_share_without_headers() -> None:
     """Others use 40 % (unseen, no headers): after 30 s at 60 % of the limits, the 10 s window
-    that refused held our ~6,000 tokens: the share drops to ~0.6 and holds there."""
+    that refused held our ~6,000 tokens, the refused request included: the share drops to our
+    usage without it (it fitted; with it, the window was full), and holds there."""
     sched = Sched(*LANGDOCK)
     t, slots = 0.0, []
     while t < 30.0:
@@ -420,9 +421,40 @@ def test_a_429_naming_its_admission_bounds_the_share_without_headers() -> None:
     sig = read_feedback(sched.p, 429, {}, last_cost=300, failed=(seq, us(at), 300), sent_at=us(at))
     assert sig.bound
     sch.feedback(sched.p, sched.st, sig, us(at + 0.1))
-    assert sched.share(at + 0.1) == pytest.approx(0.6, abs=0.04)  # 19-20 sends in 10 s
+    fitted = sum(1 for t0, s in slots if at - 10.0 < t0 and s != seq)  # 18-19 sends
+    assert sched.share(at + 0.1) == pytest.approx(fitted * 300 / 10_000)
     assert sched.share(at + sched.p.share_hold_s) == sched.share(at + 0.1)
     assert sched.st.shdown == 1
+
+
+def test_a_lone_429_while_probing_above_a_revealed_share_bounds_it_at_once() -> None:
+    """Past its hold the share recovers, probing above what the last 429 revealed: the 429
+    that answers the probe is news, not jitter, even with no other 429 near it."""
+    sched = Sched(*LANGDOCK, aimd_strike_requests=5, share_hold_s=10.0)
+
+    def refuse(t: float) -> None:
+        last = sched.st.log[-1]
+        sig = read_feedback(
+            sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
+        )
+        sch.feedback(sched.p, sched.st, sig, us(t))
+
+    t = 0.0
+    while t < 30.0:
+        t = sched.reserve(300, t + 0.5)
+    refuse(t)  # a lone 429 (the first): no bound
+    assert sched.share(t) == 1.0
+    t = sched.reserve(300, t + 0.5)
+    refuse(t)  # a strike: the share drops to what the window held
+    revealed = sched.share(t)
+    assert revealed < 0.7
+    for _ in range(60):  # past the hold, the share recovers: more than 5 admissions later
+        t = sched.reserve(300, t + 0.5)
+    probe = sched.share(t)
+    assert probe > revealed + 0.1
+    refuse(t)  # no strike (the last 429 was 60 admissions ago), but a probe's answer
+    assert sched.share(t) < probe - 0.1  # our usage over the window that refused
+    assert sched.st.shdown == 2
 
 
 def test_a_429_gives_back_the_tokens_of_its_admission_not_its_request() -> None:

@@ -94,6 +94,11 @@ class Policy:
     feedback_slack_s: float = 1.0
     idle_ttl_s: float = 600.0  # Redis: an idle model's state vanishes after this long
     _json: str = field(default="", init=False, repr=False, compare=False)
+    # Derived once (the schedule reads them per admission); not part of the encoding.
+    longest_us: int = field(default=0, init=False, repr=False, compare=False)
+    # The smallest window budgets: a log that fits these fits every window (a shortcut).
+    least_requests: float = field(default=0.0, init=False, repr=False, compare=False)
+    least_tokens: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rpm <= 0 or self.tpm <= 0:
@@ -131,8 +136,19 @@ class Policy:
         if not 0 < self.aimd_beta < 1 or not 0 < self.aimd_min <= 1:
             raise ValueError("aimd_beta must be in (0, 1) and aimd_min in (0, 1]")
         values = asdict(self)
-        del values["_json"]
+        for derived in ("_json", "longest_us", "least_requests", "least_tokens"):
+            del values[derived]
         object.__setattr__(self, "_json", json.dumps(values, separators=(",", ":")))
+        windows = (*self.request_windows_s, *self.token_windows_s)
+        object.__setattr__(
+            self, "longest_us", max(us(w * (1 + self.window_margin)) for w in windows)
+        )
+        # the very expressions the schedule compares with (same float rounding)
+        least = min(self.rpm * w / 60 for w in self.request_windows_s)
+        object.__setattr__(self, "least_requests", least)
+        object.__setattr__(
+            self, "least_tokens", min(self.tpm * w / 60 for w in self.token_windows_s)
+        )
 
     def encode(self) -> str:
         """The Lua scripts' policy argument: a JSON object, field names as here."""

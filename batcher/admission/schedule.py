@@ -31,9 +31,10 @@ The schedule (server semantics in policy.py):
   noisy at Langdock's limits, one request being half a second's tokens, so it only counts
   until the 10 s window has been filled). Smoothed, 4x faster downwards; it recovers like the
   multiplier only after `share_hold_s` without a reading. Without headers, a 429 naming its
-  admission bounds the share from above: the window that refused held our usage over it (the
-  refused request included) and others'; which window it was is unknown, so the largest
-  reading counts, and only if it is below the share.
+  admission brackets the share: the window that refused held our usage over it and others',
+  and had no room for the refused request; the share is set to the lower end (our usage
+  without it). Which window it was is unknown, so the largest reading counts, and only if it
+  is below the share.
 - **Pauses**: a 429 or an unexplained near-limit header stops admission for its pause (capped),
   and the pacing resumes at the paced rate when it ends.
 - **Failed admissions** (5xx): when the remaining-* of the answer, or of the next one, show the
@@ -170,7 +171,7 @@ def _window(st: State, since: int) -> _Window:
 
 
 def _longest(p: Policy) -> int:
-    return max(_wlen(p, w) for w in (*p.request_windows_s, *p.token_windows_s))
+    return p.longest_us  # max(_wlen(p, w)) over every window
 
 
 def _expire(p: Policy, st: State, now: int) -> None:
@@ -215,6 +216,14 @@ def _slot(p: Policy, st: State, cost: int, now: int) -> _Slot:
     at = max(now, rtat - tol, ttat - tol, st.pause, st.last)
     base = at
     log = st.log
+    # Shortcut (no change to the result): when the whole log and this request fit the
+    # smallest window budget, no window can push the slot. Far below the limits (a job's
+    # limits above what it can send) every admission takes it.
+    if not log or (
+        len(log) + 1 <= p.least_requests * cap
+        and log[-1].cum - log[0].cum + log[0].cost + cost <= p.least_tokens * cap
+    ):
+        return _Slot(at, rtat, ttat)
     for w in p.request_windows_s:
         length = _wlen(p, w)
         win = _window(st, base - length)
@@ -361,21 +370,44 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
             best = _estimates(p, st, left, limit, tokens, now, _end(sig, now), None)
             if best is not None and (revealed is None or best < revealed):
                 revealed = best
-        if revealed is None and sig.bound and not sig.has_headers and strike and len(st.log) >= 10:
-            # A 429 without headers: the window that refused held our usage (the refused
-            # request included) and others'; our share of it is at most our usage over it.
-            # Which window refused is not known: the largest reading bounds them all. Only on
-            # a strike (a lone 429 is jitter) and from 10 admissions on (a hiccup right at the
-            # start must not take the share away; the ramp's 1 s reading covers the rest).
-            bound = None
+        # Past its hold, a revealed share recovers: we probe above it, and a 429 there is the
+        # answer to the probe, not jitter (waiting for a second one cost a 429 per probe).
+        probing = st.sh0 is not None and st.sht is not None and share > st.sh0
+        if (
+            revealed is None
+            and sig.bound
+            and not sig.has_headers
+            and (strike or (sig.is_429 and probing))
+            and len(st.log) >= 10
+        ):
+            # A 429 without headers: the window that refused held our usage and others', and
+            # had no room for the refused request. Our share lies between our usage over it
+            # without that request (it fitted) and with it (it did not): the lower end is
+            # taken, since at the upper one the next request like it is refused again (at
+            # Langdock's limits one request is ~6 % of a 10 s window: 7-8 % of the answers
+            # were 429s). Which window refused is not known: the largest reading bounds them
+            # all. Only on a strike or a probe (a lone 429 is jitter) and from 10 admissions on
+            # (a hiccup right at the start must not take the share away; the ramp's 1 s reading
+            # covers the rest).
+            refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
+            without = None if refused in st.refunds else refused  # (reported twice: given back)
+            upper: float | None = None
+            lower: float | None = None
             for limit, tokens in ((p.rpm, False), (p.tpm, True)):
-                best = _estimates(p, st, 0, limit, tokens, now, _end(sig, now), None)
-                if best is not None and (bound is None or best > bound):
-                    bound = best
-            # Our own pacing fills a window up to the headroom: a reading that close to the
-            # share is a 429 of jitter at a full window's edge, not others' load.
-            if bound is not None and bound < share - p.share_margin_factor * (1 - p.headroom):
-                revealed = bound
+                hi = _estimates(p, st, 0, limit, tokens, now, _end(sig, now), None)
+                lo = _estimates(p, st, 0, limit, tokens, now, _end(sig, now), without)
+                if hi is not None and (upper is None or hi > upper):
+                    upper = hi
+                if lo is not None and (lower is None or lo > lower):
+                    lower = lo
+            # Our own pacing fills a window up to the headroom: a reading whose upper end is
+            # that close to the share is a 429 of jitter at a full window's edge, not others'.
+            if (
+                upper is not None
+                and lower is not None
+                and upper < share - p.share_margin_factor * (1 - p.headroom)
+            ):
+                revealed = lower
         if revealed is not None:
             revealed = max(p.aimd_min, min(1.0, revealed))
             tau = us(p.share_smoothing_s if revealed >= share else p.share_smoothing_down_s)

@@ -176,15 +176,24 @@ local function apply_feedback(sig)
         if best and (not revealed or best < revealed) then revealed = best end
       end
     end
-    if not revealed and sig.bound and not has_headers and strike
+    local probing = st.sh0 ~= nil and st.sht ~= nil and share > st.sh0
+    if not revealed and sig.bound and not has_headers and (strike or (sig.is_429 and probing))
         and redis.call('ZCARD', LOG) >= 10 then
-      local bound = nil
-      for _, r in ipairs({{P.rpm, false}, {P.tpm, true}}) do
-        local best = estimates(0, r[1], r[2], stop_of(sig), nil)
-        if best and (not bound or best > bound) then bound = best end
+      -- schedule.py says why: the lower end, our usage without the refused request
+      local without = nil
+      local member = fmt(sig.failed_seq) .. ':' .. fmt(sig.failed_cost) .. ':0'
+      if not redis.call('ZSCORE', REF, member) then
+        without = {at = sig.failed_at, cost = sig.failed_cost}
       end
-      if bound and bound < share - P.share_margin_factor * (1 - P.headroom) then
-        revealed = bound
+      local upper, lower = nil, nil
+      for _, r in ipairs({{P.rpm, false}, {P.tpm, true}}) do
+        local hi = estimates(0, r[1], r[2], stop_of(sig), nil)
+        local lo = estimates(0, r[1], r[2], stop_of(sig), without)
+        if hi and (not upper or hi > upper) then upper = hi end
+        if lo and (not lower or lo > lower) then lower = lo end
+      end
+      if upper and lower and upper < share - P.share_margin_factor * (1 - P.headroom) then
+        revealed = lower
       end
     end
     if revealed then
