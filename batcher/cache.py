@@ -141,17 +141,33 @@ _INT64 = (-(2**63), 2**63 - 1)
 
 
 def _plain(value: Any) -> bool:
-    """Only values orjson writes exactly as `_canonical_json` does (see there)."""
-    kind = type(value)
-    if kind is str or kind is bool or value is None:
-        return True
-    if kind is dict:
-        return all(type(k) is str and _plain(v) for k, v in value.items())
-    if kind is list:
-        return all(_plain(v) for v in value)
-    if kind is int:
-        return _INT64[0] <= value <= _INT64[1]
-    return False  # floats, tuples, subclasses, ...
+    """Only values orjson writes exactly as `_canonical_json` does (see there). A loop, not
+    recursion: this runs per row, and generator-based recursion cost as much as json."""
+    stack = [value]
+    pop, extend = stack.pop, stack.extend
+    low, high = _INT64
+    budget = 100_000  # a structure holding itself (not from JSON) must not loop forever:
+    while stack:  # json then says what is wrong
+        budget -= 1
+        if budget < 0:
+            return False
+        item = pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is dict:
+            for key in item:
+                if type(key) is not str:
+                    return False
+            extend(item.values())
+        elif kind is list:
+            extend(item)
+        elif kind is int:
+            if not low <= item <= high:
+                return False
+        else:
+            return False  # floats, tuples, subclasses, ...
+    return True
 
 
 def cache_key(body: Mapping[str, Any]) -> CacheKey:
