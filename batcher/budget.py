@@ -133,8 +133,8 @@ class Spending:
         rows = estimate.get("rows") or 0
         buys = int(rows * left / worst) if worst else rows
         return (
-            f"the estimate (up to {format_usd(worst)} for {rows} rows) exceeds what is left of "
-            f"max_cost_usd ({format_usd(left)} of {format_usd(self.budget.cap_usd)}): the run "
-            f"stops at the cap, after about {buys} rows (every answer at its max_tokens; "
-            "usually more)"
+            f"the estimate (up to {format_usd(worst)} for the {rows} rows left to ask) exceeds "
+            f"what is left of max_cost_usd ({format_usd(left)} of "
+            f"{format_usd(self.budget.cap_usd)}): the run stops at the cap, after about {buys} "
+            "rows (every answer at its max_tokens, none from the response store; usually more)"
         )

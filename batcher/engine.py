@@ -595,9 +595,13 @@ class Engine:
             if self.budget.cap_usd is not None:
                 from batcher.estimate import estimate_job
 
-                warning = self.spending.over_budget_warning(
-                    await asyncio.to_thread(estimate_job, self.job)
+                left_to_ask = await asyncio.to_thread(
+                    estimate_job,
+                    self.job,
+                    selected=self._in_shard,
+                    done=self._done_row if len(self._done) else None,
                 )
+                warning = self.spending.over_budget_warning(left_to_ask)
                 if warning:
                     log.warning("%s", warning)
             return await self._run_journaled(journal, total, api_key)

@@ -18,11 +18,12 @@ it is longer when others share the quota or the limiter keeps its headroom.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from batcher.cache import CacheKey
 from batcher.prepare import Prepared, Preparer
 from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
@@ -94,12 +95,21 @@ class _Estimator:
             self.models[model].default_max_tokens_rows += n
 
 
-def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
+def estimate_job(
+    job: Job,
+    *,
+    num_threads: int = 2,
+    batch_rows: int = BATCH_ROWS,
+    selected: Callable[[str], bool] | None = None,
+    done: Callable[[str, CacheKey | None], bool] | None = None,
+) -> dict[str, Any]:
     """Read every row, build its body, count its tokens; report cost and duration. Sends nothing.
 
     Raises InputDataError / JobSpecError for what `batcher run` would refuse (with
     on_bad_row: fail, the first bad row). Rows longer than their model's context window or a
     minute's TPM are the error rows `run` records without sending: not in the totals.
+    `selected(id)`: only these rows (a run's shard or sample); `done(id, key)`: rows whose
+    answer the job's journal already holds, left out (what a resumed run has left to ask).
     """
     started = time.monotonic()
     reader = open_input(job)
@@ -120,7 +130,11 @@ def estimate_job(job: Job, *, num_threads: int = 2, batch_rows: int = BATCH_ROWS
             if keep.missing:
                 for row in batch:
                     keep.see(row.data)
+            if selected is not None:
+                batch = [r for r in batch if selected(r.id)]
             built = preparer.build(batch)
+            if done is not None:
+                built.drop(done)
             if in_flight is not None:
                 est.account(in_flight.result())
             in_flight = pool.submit(preparer.count, built, num_threads=num_threads)

@@ -147,8 +147,12 @@ def test_the_budget_stops_at_the_cap_and_a_higher_cap_finishes_without_paying_tw
     assert abs(sum(r["cost_usd"] for r in results) - spent) < 1e-9
     first = srv.stats()["accepted"]
     assert first == len(results) < 400
-    res = run_batcher("run", path, "--max-cost", str(cap * 10))
+    # A cap that covers the rows left (but not the whole input again): no warning, the rest
+    # is asked, nothing is paid twice.
+    spent_so_far = json.loads(run_batcher("status", path, "--json").stdout)["spent_usd"]
+    res = run_batcher("run", path, "--max-cost", str(spent_so_far + estimate["cost_usd"] * 0.9))
     assert res.returncode == 0, res.stderr
+    assert "exceeds what is left" not in res.stderr
     assert srv.stats()["accepted"] == 400  # nothing paid twice
     check(tmp_path / "out/result.parquet", data)
     status = run_batcher("status", path, "--json")
