@@ -82,6 +82,7 @@ class RequestBuilder:
                 (m.model_dump(exclude_none=True, exclude={"content"}), Template.compile(m.content))
                 for m in job.messages
             ]
+        self._checked_columns: list[str] | None = None  # model_of: one row has built
         if not batch_format and job.model is None:
             raise JobSpecError("job file: model is required (e.g. model: gpt-4o-mini)")
         if job.model and is_o_series(job.model):
@@ -114,6 +115,26 @@ class RequestBuilder:
                     f"{self.job.input}: keep_columns names {col!r}, "
                     f"which is not a column of the input"
                 )
+
+    def model_of(self, row: Row) -> str:
+        """The model of the row's request; InputDataError exactly when `build_body` raises.
+
+        For the scan, which reads every row before anything is sent. With a messages template
+        everything but the filled-in columns is the job's own, the same for every row: once
+        one row has built, a row whose template columns all hold text builds too, so only
+        that is checked (a tenth of a build); any other row is built, to say what is wrong."""
+        columns = self._checked_columns
+        if columns is not None:
+            data = row.data
+            for col in columns:
+                if type(data.get(col)) is not str:
+                    break
+            else:
+                return self.job.model or ""
+        model: str = self.build_body(row)["model"]
+        if self.templates is not None and not self.batch_format:
+            self._checked_columns = [c for _, t in self.templates for c in t.columns]
+        return model
 
     def build_body(self, row: Row) -> dict[str, Any]:
         try:

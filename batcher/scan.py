@@ -65,7 +65,7 @@ def scan_input(
             if row.error is not None:
                 continue
             try:
-                models.add(builder.build_body(row)["model"])
+                models.add(builder.model_of(row))
             except InputDataError as exc:
                 if job.on_bad_row == "fail":
                     raise InputDataError(

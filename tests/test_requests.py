@@ -107,3 +107,39 @@ def test_check_columns_on_known_schema() -> None:
         b.check_columns(["id", "body"])
     with pytest.raises(InputDataError, match="keep_columns names 'lang'"):
         b.check_columns(["id", "text"])
+
+
+def test_the_scans_model_of_raises_exactly_when_build_body_does() -> None:
+    """model_of checks only the template's columns once a row has built: its verdict (and
+    message) must be build_body's for any row, before and after that first row."""
+    from datetime import datetime
+
+    b = RequestBuilder(
+        job(
+            messages=[
+                {"role": "system", "content": "Label {kind}."},
+                {"role": "user", "content": "{text} ({n})"},
+            ]
+        )
+    )
+    rows = [
+        {"text": "a"},  # no kind, no n: fails before any row built
+        {"kind": "k", "text": "t", "n": "1"},
+        {"kind": "k", "text": "t", "n": 2},  # a number: built in full, fine
+        {"kind": "k", "text": None, "n": "1"},  # null
+        {"kind": "k", "n": "1"},  # missing
+        {"kind": "k", "text": "t", "n": {"nested": [datetime(2026, 1, 1)]}},  # cannot be JSON
+        {"kind": "k", "text": "t", "n": "3", "extra": None},
+    ]
+    for i, data in enumerate(rows):
+        row = Row(str(i), i + 1, data)
+        try:
+            expected: str | Exception = b.build_body(row)["model"]
+        except InputDataError as exc:
+            expected = exc
+        if isinstance(expected, Exception):
+            with pytest.raises(InputDataError) as got:
+                b.model_of(row)
+            assert str(got.value) == str(expected)
+        else:
+            assert b.model_of(row) == expected == "gpt-4o-mini"
