@@ -170,6 +170,28 @@ def test_round_trip_and_misses(store: ResponseStore) -> None:
     assert store.get_many([]) == {}
 
 
+def test_every_codec_is_read_short_answers_stored_plain_long_ones_compressed(
+    store: ResponseStore,
+) -> None:
+    """Short answers are stored as JSON + CRC-32 (codec 2), long ones compressed (1); entries
+    an earlier version wrote as bare JSON (0) are still served."""
+    long = {**answer(2), "choices": [{"message": {"content": "a longer answer " * 60}}]}
+    store.put_many([entry(1), CacheEntry(cache_key(body(2)), long, "m", 1, 1)])
+    with sqlite3.connect(store.path) as raw:
+        codecs = dict(raw.execute("SELECT prompt_tokens, codec FROM entries").fetchall())
+        assert codecs == {11: 2, 1: 1}
+        old = cache_key(body(3))
+        raw.execute(
+            "INSERT INTO entries (key, check_hash, codec, answer, model, prompt_tokens,"
+            " completion_tokens, created, last_used) VALUES (?,?,0,?,?,?,?,?,?)",
+            (bytes.fromhex(old.key), old.check, json.dumps(answer(3)).encode(), "m", 13, 2, 1, 1),
+        )
+    got = store.get_many([cache_key(body(i)) for i in (1, 2, 3)])
+    assert got[request_key(body(1))].body == answer(1)
+    assert got[request_key(body(2))].body == long
+    assert got[request_key(body(3))].body == answer(3)
+
+
 def test_a_new_answer_replaces_the_old_and_keeps_the_hit_count(store: ResponseStore) -> None:
     store.put_many([entry(1)])
     store.get_many([cache_key(body(1))])
