@@ -95,6 +95,7 @@ class Policy:
     idle_ttl_s: float = 600.0  # Redis: an idle model's state vanishes after this long
     _json: str = field(default="", init=False, repr=False, compare=False)
     # Derived once (the schedule reads them per admission); not part of the encoding.
+    # The longest window with its margin: log entries older than that expire.
     longest_us: int = field(default=0, init=False, repr=False, compare=False)
     # The smallest window budgets: a log that fits these fits every window (a shortcut).
     least_requests: float = field(default=0.0, init=False, repr=False, compare=False)
@@ -144,11 +145,10 @@ class Policy:
             self, "longest_us", max(us(w * (1 + self.window_margin)) for w in windows)
         )
         # the very expressions the schedule compares with (same float rounding)
-        least = min(self.rpm * w / 60 for w in self.request_windows_s)
-        object.__setattr__(self, "least_requests", least)
-        object.__setattr__(
-            self, "least_tokens", min(self.tpm * w / 60 for w in self.token_windows_s)
-        )
+        least_requests = min(self.rpm * w / 60 for w in self.request_windows_s)
+        least_tokens = min(self.tpm * w / 60 for w in self.token_windows_s)
+        object.__setattr__(self, "least_requests", least_requests)
+        object.__setattr__(self, "least_tokens", least_tokens)
 
     def encode(self) -> str:
         """The Lua scripts' policy argument: a JSON object, field names as here."""

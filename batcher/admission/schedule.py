@@ -170,12 +170,8 @@ def _window(st: State, since: int) -> _Window:
     return _Window(first, n, e1.cum - e0.cum + e0.cost, e0.cum - e0.cost, nref, tref)
 
 
-def _longest(p: Policy) -> int:
-    return p.longest_us  # max(_wlen(p, w)) over every window
-
-
 def _expire(p: Policy, st: State, now: int) -> None:
-    cutoff = now - _longest(p)  # entries strictly older go
+    cutoff = now - p.longest_us  # entries strictly older go
     if st.log and st.log[0].at < cutoff:
         del st.log[: bisect_left(st.log, cutoff, key=lambda e: e.at)]
     if st.refunds:
@@ -330,7 +326,7 @@ def _judge_failed(p: Policy, st: State, sig: Signal, now: int) -> None:
     """Give back the suspect failed admission if this answer's headers show it was not charged."""
     entry = Refund(st.susat, st.sus, st.suscost)
     st.sus = st.susat = st.suscost = 0
-    if entry.at < now - _longest(p):
+    if entry.at < now - p.longest_us:
         return  # out of every window already
     if sig.remaining_tokens is not None:
         left, limit, tokens = sig.remaining_tokens, p.tpm, True
@@ -422,7 +418,7 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
     # 429s again) and held a window's room for nothing.
     # Reported twice, it is given back once (a set in Redis).
     refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
-    recent = refused.at >= now - _longest(p)
+    recent = refused.at >= now - p.longest_us
     if sig.is_429 and sig.failed_seq and recent and refused not in st.refunds:
         st.refunds.append(refused)
     # A near-limit answer our own sending (within the share) explains needs no pause: the
