@@ -35,6 +35,7 @@ from batcher.breaker import CircuitBreaker
 from batcher.budget import Spending
 from batcher.cache import CacheEntry, CacheKey, ResponseStore, resolve_store_path
 from batcher.client import Answer, ChatClient
+from batcher.collector import run_collector
 from batcher.errors import (
     APIConnectionError,
     APIError,
@@ -235,42 +236,58 @@ class Engine:
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
-        while not self._halt.stopping:
-            step = await asyncio.to_thread(self._prepare, it)
-            if step is None:
-                break
-            prepared, served, skipped = step
-            self.stats.done_before += skipped
-            if prepared.default_max_tokens and self.budget.cap_usd is not None:
-                raise JobSpecError(
-                    "max_cost_usd needs params.max_tokens (or max_completion_tokens in every "
-                    "request): without it an answer may cost more than the budget reserves "
-                    f"for it ({self.job.assumed_max_tokens} tokens, assumed_max_tokens)"
-                )
-            if prepared.default_max_tokens and not self._warned_default_max:
-                self._warned_default_max = True
-                log.warning(
-                    "requests set no max_tokens: each is charged %d tokens at admission "
-                    "(assumed_max_tokens), as the server does; set params.max_tokens to "
-                    "send faster",
-                    self.job.assumed_max_tokens,
-                )
-            for req in prepared.requests:  # here, not in the thread: displays read stats
-                if req.model not in self.stats.limits:
-                    limit = self.job.limit_for(req.model)
-                    self.stats.limits[req.model] = (limit.rpm, limit.tpm)
-            if prepared.errors or served:
-                await self._finish_many([*prepared.errors, *served])
-            for req in prepared.requests:
-                claim = True if self.reuse is None else self.reuse.claim(req)
-                if isinstance(claim, Result):  # an identical request was just answered
-                    await self._finish(claim)
-                elif claim:
-                    await self._queue.put(req)
-            if self.reuse is not None:
-                await self._flush_store(self.reuse.take_pending())
+        # One batch ahead: the next is prepared in its thread while this one's rows wait for
+        # the journal (fsync) and the queue. Never more than one: `it` is not thread-safe.
+        ahead: asyncio.Future[Any] | None = asyncio.ensure_future(
+            asyncio.to_thread(self._prepare, it)
+        )
+        try:
+            while not self._halt.stopping and ahead is not None:
+                step = await ahead
+                ahead = None
+                if step is None:
+                    break
+                ahead = asyncio.ensure_future(asyncio.to_thread(self._prepare, it))
+                await self._use(*step)
+        finally:
+            if ahead is not None:  # a stop: that batch is dropped (nothing of it went out)
+                with contextlib.suppress(Exception):
+                    await ahead  # its thread reads the input: let it end first
         for _ in self._halt.workers:
             await self._queue.put(None)
+
+    async def _use(self, prepared: Prepared, served: list[Result], skipped: int) -> None:
+        """One prepared batch: its error rows and store answers journaled, its requests
+        queued for the workers (or joined to an identical one in flight)."""
+        self.stats.done_before += skipped
+        if prepared.default_max_tokens and self.budget.cap_usd is not None:
+            raise JobSpecError(
+                "max_cost_usd needs params.max_tokens (or max_completion_tokens in every "
+                "request): without it an answer may cost more than the budget reserves "
+                f"for it ({self.job.assumed_max_tokens} tokens, assumed_max_tokens)"
+            )
+        if prepared.default_max_tokens and not self._warned_default_max:
+            self._warned_default_max = True
+            log.warning(
+                "requests set no max_tokens: each is charged %d tokens at admission "
+                "(assumed_max_tokens), as the server does; set params.max_tokens to "
+                "send faster",
+                self.job.assumed_max_tokens,
+            )
+        for req in prepared.requests:  # here, not in the thread: displays read stats
+            if req.model not in self.stats.limits:
+                limit = self.job.limit_for(req.model)
+                self.stats.limits[req.model] = (limit.rpm, limit.tpm)
+        if prepared.errors or served:
+            await self._finish_many([*prepared.errors, *served])
+        for req in prepared.requests:
+            claim = True if self.reuse is None else self.reuse.claim(req)
+            if isinstance(claim, Result):  # an identical request was just answered
+                await self._finish(claim)
+            elif claim:
+                await self._queue.put(req)
+        if self.reuse is not None:
+            await self._flush_store(self.reuse.take_pending())
 
     # ---- sending ----
 
@@ -562,7 +579,8 @@ class Engine:
         lock = JobLock(self.output)
         lock.acquire()
         try:
-            return await self._run_locked(api_key)
+            with run_collector():
+                return await self._run_locked(api_key)
         finally:
             lock.release()
 

@@ -77,6 +77,7 @@ class Reuse:
         self._leaders: dict[str, list[Request]] = {}  # key -> rows waiting for its answer
         self._recent: OrderedDict[str, Result] = OrderedDict()  # answered, maybe not stored
         self._pending: list[CacheEntry] = []
+        self._stored_last: list[CacheEntry] = []  # in the store, still held (see `stored`)
 
     # ---- in the preparing thread ----
 
@@ -170,7 +171,10 @@ class Reuse:
 
     def stored(self, batch: list[CacheEntry]) -> None:
         """`batch` is in the store (`ResponseStore.put_many`, called off the loop): a duplicate
-        now finds it there, so it no longer needs to be held in memory."""
+        prepared from now on finds it there. It is still held in memory until the next batch
+        is stored: the engine prepares one batch ahead, and that batch's store lookup may
+        have run just before this write (its duplicates then find the answers here)."""
         if self.store.enabled:
-            for entry in batch:
+            for entry in self._stored_last:
                 self._recent.pop(entry.key.key, None)
+            self._stored_last = batch
