@@ -58,6 +58,23 @@ _RESULT_PREFIXES = (b'{"t":"r","id":"', b'{"t": "r", "id": "')
 _META_PREFIXES = (b'{"t":"', b'{"t": "')
 
 
+def _leading_string(raw: bytes, start: int) -> str | None:
+    """The JSON string that begins at `start` (just past its opening quote), or None if it is
+    damaged. An id without escapes ends at the next quote: decoded alone, not the whole line."""
+    end = raw.find(b'"', start)
+    if end >= 0 and b"\\" not in raw[start:end]:
+        try:
+            text = raw[start:end].decode()
+        except UnicodeDecodeError:
+            return None
+        if text.isprintable():  # else a control character, which JSON must escape: below
+            return text
+    try:
+        return str(scanstring(raw.decode(), start)[0])
+    except ValueError:  # UnicodeDecodeError included
+        return None
+
+
 def journal_index(journal: Path) -> tuple[array[int], array[int]]:
     """(id hashes, byte offsets) of the journal's result records, the latest record first.
 
@@ -72,10 +89,7 @@ def journal_index(journal: Path) -> tuple[array[int], array[int]]:
             if prefix is not None and raw.endswith(b"\n"):
                 # (A damaged line is never the latest of its id: the run that read the journal
                 # skipped it and asked that row again, appending a newer record.)
-                try:
-                    row_id = scanstring(raw.decode(), len(prefix))[0]
-                except ValueError:  # UnicodeDecodeError included
-                    row_id = None
+                row_id = _leading_string(raw, len(prefix))
             elif not raw.startswith(_META_PREFIXES):  # another layout: parse it whole
                 rec = _record(raw)
                 if isinstance(rec, dict) and rec.get("t") == "r":

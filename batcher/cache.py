@@ -171,11 +171,80 @@ def _plain(value: Any) -> bool:
 
 
 def cache_key(body: Mapping[str, Any]) -> CacheKey:
-    canonical = canonical_request(body)
+    return _key_of(canonical_request(body))
+
+
+def _key_of(canonical: bytes) -> CacheKey:
     return CacheKey(
         key=hashlib.sha256(canonical).hexdigest(),
         check=hashlib.blake2b(canonical, digest_size=16, person=b"batcher-check").digest(),
     )
+
+
+class KeyFrame:
+    """`cache_key` for requests that differ only in the content of some messages (a messages
+    template: the model, the params and the other messages are the job's, the same for every
+    row). The canonical bytes are cut around those contents once; a row's key then encodes
+    only its own texts (a third of the time: the key was a tenth of a store hit's CPU). Byte
+    for byte `cache_key`: checked on the body the frame is cut from, and by a property test.
+    """
+
+    __slots__ = ("_pieces", "_slots")
+
+    def __init__(self, pieces: list[bytes], slots: tuple[int, ...]) -> None:
+        self._pieces = pieces  # canonical bytes before, between and after the contents
+        self._slots = slots  # the messages whose content varies, in order
+
+    @classmethod
+    def around(cls, body: Mapping[str, Any], slots: Sequence[int]) -> KeyFrame | None:
+        """The frame of requests shaped like `body` whose messages at `slots` vary (each
+        content a string); None when one cannot be cut exactly (keys are then computed whole).
+        """
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(
+            0 <= i < len(messages) and isinstance(messages[i], dict) for i in slots
+        ):
+            return None
+        framed_messages = list(messages)
+        tokens = []
+        for n, i in enumerate(slots):
+            marker = f"\x00batcher-slot-{n}\x00"  # written \u0000...: never in real text
+            framed_messages[i] = {**messages[i], "content": marker}
+            tokens.append(_canonical_json(marker).encode())
+        try:
+            canonical = canonical_request({**body, "messages": framed_messages})
+        except (TypeError, ValueError):
+            return None
+        pieces, rest = [], canonical
+        for token in tokens:
+            if canonical.count(token) != 1:
+                return None
+            before, _, rest = rest.partition(token)
+            pieces.append(before)
+        pieces.append(rest)
+        frame = cls(pieces, tuple(slots))
+        try:
+            same = frame.key(body) == cache_key(body)
+        except (TypeError, ValueError):
+            return None
+        return frame if same else None
+
+    def key(self, body: Mapping[str, Any]) -> CacheKey:
+        """`cache_key(body)` for a body of the frame's shape (any other content than a string
+        is keyed whole, with `cache_key`'s errors)."""
+        messages = body["messages"]
+        pieces = self._pieces
+        parts = [pieces[0]]
+        for n, i in enumerate(self._slots):
+            content = messages[i]["content"]
+            if type(content) is not str:
+                return cache_key(body)
+            try:
+                parts.append(orjson.dumps(content))  # as `_canonical_json` writes a string
+            except TypeError:  # a lone surrogate: json says what is wrong
+                return cache_key(body)
+            parts.append(pieces[n + 1])
+        return _key_of(b"".join(parts))
 
 
 def request_key(body: Mapping[str, Any]) -> str:

@@ -287,13 +287,14 @@ def _tokens(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-def read_state(path: Path, *, repair: bool = False) -> JournalState:
+def read_state(path: Path, *, repair: bool = False, rows: bool = True) -> JournalState:
     """Read a journal. A torn last line is dropped (and cut off the file when `repair`);
-    damaged lines elsewhere are skipped (with a warning when `repair`: the run reads it)."""
+    damaged lines elsewhere are skipped (with a warning when `repair`: the run reads it).
+    `rows=False`: the totals only, not which rows are answered (a --restart empties it)."""
     state = JournalState()
     if not path.exists():
         return state
-    ids: list[str] = []
+    ids: list[str] | None = [] if rows else None
     oks: list[bool] = []
     keys = array("q")
     torn_at: int | None = None
@@ -395,14 +396,19 @@ def _money(value: Any) -> float:
 
 
 def _apply(
-    state: JournalState, rec: dict[str, Any], ids: list[str], oks: list[bool], keys: array[int]
+    state: JournalState,
+    rec: dict[str, Any],
+    ids: list[str] | None,
+    oks: list[bool],
+    keys: array[int],
 ) -> None:
     kind = rec.get("t")
     if kind == "r":
-        ids.append(rec["id"])
-        oks.append(rec.get("status") == STATUS_OK)
-        key = rec.get("key")
-        keys.append(key_hash(key if isinstance(key, str) else None))
+        if ids is not None:
+            ids.append(rec["id"])
+            oks.append(rec.get("status") == STATUS_OK)
+            key = rec.get("key")
+            keys.append(key_hash(key if isinstance(key, str) else None))
         state.spent_usd += _money(rec.get("cost_usd"))
         state.records += 1
         state.prompt_tokens += _tokens(rec.get("prompt_tokens"))
@@ -699,7 +705,7 @@ def open_journal(
     old: JournalState | None = None
     if path.exists():
         try:  # (a journal about to be emptied needs no repair)
-            old = read_state(path, repair=not restart)
+            old = read_state(path, repair=not restart, rows=not restart)
         except JournalError:
             if not restart:
                 raise

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from batcher.cache import CacheKey, cache_key
+from batcher.cache import CacheKey, KeyFrame, cache_key
 from batcher.errors import InputDataError
 from batcher.journal import BAD_ROW_KEY
 from batcher.models import CONTEXT_WINDOWS
@@ -112,6 +112,25 @@ class Preparer:
         # estimate raises at the first bad row under on_bad_row: fail; run's scan already has.
         self.fail_on_bad_row = fail_on_bad_row and job.on_bad_row == "fail"
         self._keep = bool(job.keep_columns)
+        # A messages template: keys are cut around the filled-in contents (KeyFrame), once
+        # the first row has built. None: not (yet) cut; `_slots` None: not a template job.
+        self._frame: KeyFrame | None = None
+        self._slots: list[int] | None = None
+        if builder.templates is not None and not builder.batch_format:
+            self._slots = [i for i, (_, t) in enumerate(builder.templates) if t.columns]
+
+    def _key(self, body: dict[str, Any]) -> CacheKey | None:
+        frame = self._frame
+        if frame is None and self._slots is not None:
+            frame = self._frame = KeyFrame.around(body, self._slots)
+            if frame is None:
+                self._slots = None  # cannot be cut exactly: whole keys from now on
+        if frame is None:
+            return _key(body)
+        try:
+            return frame.key(body)
+        except (TypeError, ValueError):
+            return None
 
     def build(self, rows: list[Row]) -> Built:
         built = Built()
@@ -131,7 +150,7 @@ class Preparer:
                 group = built.by_model[body["model"]] = ([], [], [])
             group[0].append(row)
             group[1].append(body)
-            group[2].append(_key(body))
+            group[2].append(self._key(body))
         return built
 
     def _reject_bad(self, built: Built, row: Row, message: str) -> None:
