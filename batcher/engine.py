@@ -86,6 +86,9 @@ from batcher.writer import write_batch_output_ordered, write_output_ordered
 log = logging.getLogger("batcher")
 
 READ_BATCH = 512
+# An input up to this size is read once and kept as rows for the send and the output (~5x
+# its size in memory); a larger one is read afresh each time, so memory stays flat.
+HOLD_INPUT_BYTES = 8 << 20
 PROBE_FAILURES_FATAL = 3  # the first N requests all failing means the setup is wrong
 
 
@@ -143,6 +146,7 @@ class Engine:
         if self.builder.templates is None:
             needed.add("messages")
         self.reader.select(needed)
+        self.reader.hold(HOLD_INPUT_BYTES)
         self._queue: asyncio.Queue[Request | None] = asyncio.Queue(maxsize=job.concurrency * 2)
         self._journal: Journal | None = None
         self._client: ChatClient | None = None

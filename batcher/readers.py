@@ -1,8 +1,9 @@
 """Input files -> rows, streamed: JSONL line by line, Parquet by record batches.
 
 Three shapes are read: plain JSONL (one object per line), Parquet, and OpenAI Batch-API input
-(JSONL lines `{"custom_id", "method", "url", "body"}`). Nothing here holds the whole file. An
-empty input (no lines, a header-only Parquet file) simply yields no rows; the engine says so.
+(JSONL lines `{"custom_id", "method", "url", "body"}`). Nothing here holds the whole file,
+except a small one on request (`hold`: the run reads its input three times). An empty input
+(no lines, a header-only Parquet file) simply yields no rows; the engine says so.
 
 Ids are strings or integers (or the row's position, without an id column). Floats are refused:
 1.0 reads back as "1.0" in one tool and "1" in another, and the answer could not be matched.
@@ -93,6 +94,8 @@ class InputReader:
             raise InputDataError(f"{self.path}: input file not found")
         self.format: Format = detect_format(job)
         self._columns: list[str] | None = None  # Parquet: read only these (None = all)
+        self._hold_bytes = 0  # inputs up to this size are kept as rows after one reading
+        self._held: list[Row] | None = None
         if self.format == "parquet":
             try:
                 self._pq = pq.ParquetFile(self.path)
@@ -115,21 +118,43 @@ class InputReader:
         """Parquet: read only these columns (wide inputs: embeddings, images, ...)."""
         if self.format == "parquet":
             self._columns = [c for c in self._pq.schema_arrow.names if c in columns]
+        self._held = None  # read with other columns
+
+    def hold(self, max_bytes: int) -> None:
+        """Keep the rows in memory after the first complete reading when the input file is at
+        most `max_bytes` (the engine reads it to scan, to send and to order the output: the
+        two later readings were a sixth of a run answered from the store). Rows are values:
+        nobody changes one after reading it."""
+        self._hold_bytes = max_bytes
 
     def arrow_schema(self) -> pa.Schema:
         """The Parquet input's schema (kept columns keep their types in the output)."""
         return self._pq.schema_arrow
 
     def iter_batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
+        held = self._held
+        if held is not None:
+            for start in range(0, len(held), batch_size):
+                yield held[start : start + batch_size]
+            return
+        keeping: list[Row] | None = None
+        if self._hold_bytes and self.path.stat().st_size <= self._hold_bytes:
+            keeping = []
         rows = self._iter_parquet(batch_size) if self.format == "parquet" else self._iter_jsonl()
         batch: list[Row] = []
         for row in rows:
             batch.append(row)
             if len(batch) >= batch_size:
+                if keeping is not None:
+                    keeping.extend(batch)
                 yield batch
                 batch = []
         if batch:
+            if keeping is not None:
+                keeping.extend(batch)
             yield batch
+        if keeping is not None:  # read to the end: complete
+            self._held = keeping
 
     def _bad(self, line: int, position: int, msg: str, row_id: str | None = None) -> Row:
         """A bad row: fail the job, or record it as an error row (on_bad_row: skip).

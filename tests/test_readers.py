@@ -1,0 +1,89 @@
+"""A small input held after one complete reading reads exactly as the file does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batcher.readers import InputReader, Row
+from batcher.spec import Job
+
+
+def job(tmp_path: Path, name: str, **kw: object) -> Job:
+    return Job.model_validate(
+        {
+            "input": tmp_path / name,
+            "output": tmp_path / "out.parquet",
+            "model": "gpt-4o-mini",
+            "id_column": "id",
+            "on_bad_row": "skip",
+            "messages": [{"role": "user", "content": "{text}"}],
+            **kw,
+        }
+    )
+
+
+def write_lines(path: Path, texts: list[str]) -> None:
+    path.write_text(
+        "".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+
+
+def rows(reader: InputReader, size: int) -> list[Row]:
+    return [r for batch in reader.iter_batches(size) for r in batch]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_held_rows_are_the_rows_read_and_the_file_is_not_read_again(
+    tmp_path: Path, fmt: str
+) -> None:
+    texts = [f"text {i}" for i in range(10)]
+    if fmt == "jsonl":
+        write_lines(tmp_path / "in.jsonl", texts)
+    else:
+        pq.write_table(
+            pa.table({"id": [f"r{i}" for i in range(10)], "text": texts}), tmp_path / "in.parquet"
+        )
+    reader = InputReader(job(tmp_path, f"in.{fmt}"))
+    reader.select({"id", "text"})
+    reader.hold(1 << 20)
+    first = rows(reader, 3)
+    (tmp_path / f"in.{fmt}").unlink()  # held: the later readings do not touch the file
+    assert rows(reader, 4) == first == rows(reader, 100)
+    assert [len(b) for b in reader.iter_batches(4)] == [4, 4, 2]
+
+
+def test_a_larger_input_is_read_afresh_each_time(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", ["a", "b"])
+    reader = InputReader(job(tmp_path, "in.jsonl"))
+    reader.hold((tmp_path / "in.jsonl").stat().st_size - 1)
+    assert [r.data["text"] for r in rows(reader, 10)] == ["a", "b"]
+    write_lines(tmp_path / "in.jsonl", ["c", "d"])
+    assert [r.data["text"] for r in rows(reader, 10)] == ["c", "d"]
+
+
+def test_a_reading_stopped_early_holds_nothing(tmp_path: Path) -> None:
+    write_lines(tmp_path / "in.jsonl", ["a", "b", "c"])
+    reader = InputReader(job(tmp_path, "in.jsonl"))
+    reader.hold(1 << 20)
+    batches = reader.iter_batches(1)
+    assert next(batches)[0].data["text"] == "a"
+    batches.close()
+    write_lines(tmp_path / "in.jsonl", ["x", "y", "z"])
+    assert [r.data["text"] for r in rows(reader, 10)] == ["x", "y", "z"]
+
+
+def test_bad_rows_are_held_as_they_were_read_and_select_reads_again(tmp_path: Path) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": "r0", "text": "a"}\nnot json\n')
+    reader = InputReader(job(tmp_path, "in.jsonl"))
+    reader.hold(1 << 20)
+    first = rows(reader, 10)
+    assert first[1].error is not None and "not valid JSON" in first[1].error
+    assert rows(reader, 10) == first
+    (tmp_path / "in.jsonl").write_text('{"id": "r0", "text": "b"}\n')
+    reader.select({"id", "text"})  # other columns: the held rows no longer apply
+    assert [r.data["text"] for r in rows(reader, 10)] == ["b"]
