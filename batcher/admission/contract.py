@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen (one per request, see Signal); a value: never changed
 class Admission:
     """One admitted request: what `acquire` returns and a failed attempt hands back."""
 

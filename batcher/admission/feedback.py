@@ -49,7 +49,9 @@ def _parse_int(value: str | None) -> int | None:
     return max(0, math.floor(number)) if math.isfinite(number) else None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: every answer builds one, and a frozen dataclass builds itself through
+# object.__setattr__ per field (1.8 us for these 13). A value all the same: never changed.
+@dataclass(slots=True)
 class Signal:
     """One answer, as the schedule reads it."""
 
@@ -143,6 +145,10 @@ def read_feedback(
             failed_cost=cost,
             sent_at=sent_at,
             bound=sent_at > 0 and seq > 0,
+        )
+    if left_req is None and left_tok is None:  # no remaining-* headers: nothing near
+        return Signal(
+            last_cost=last_cost, failed_seq=seq, failed_at=at, failed_cost=cost, sent_at=sent_at
         )
     near = {"requests": False, "tokens": False}
     pause = 0.0
