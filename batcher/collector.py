@@ -14,7 +14,8 @@ response store, those full collections took 145 of 1,180 ms of CPU; on 20,000 se
 
 Both are undone when the last concurrent run ends, so an embedding process (a notebook, the
 Python API) gets its own collector back as it was; cycles among objects that existed before
-the run and died during it are collected then.
+the run and died during it are collected then. A process that froze objects itself (a server
+before it forks) keeps them frozen: then the run only raises the threshold.
 """
 
 from __future__ import annotations
@@ -29,17 +30,20 @@ YOUNG_THRESHOLD = 10_000
 _lock = threading.Lock()
 _runs = 0
 _saved: tuple[int, int, int] = gc.get_threshold()
+_freezing = False  # this module froze the objects (and unfreezes them)
 
 
 @contextmanager
 def run_collector() -> Iterator[None]:
     """Wrap one run (nested or concurrent runs share the setting; the last one restores it)."""
-    global _runs, _saved
+    global _runs, _saved, _freezing
     with _lock:
         _runs += 1
         if _runs == 1:
             _saved = gc.get_threshold()
-            gc.freeze()
+            _freezing = not gc.get_freeze_count()  # the process froze its own: leave them be
+            if _freezing:
+                gc.freeze()
             if _saved[0]:  # 0: the process turned automatic collection off; keep it off
                 gc.set_threshold(max(_saved[0], YOUNG_THRESHOLD), *_saved[1:])
     try:
@@ -48,5 +52,6 @@ def run_collector() -> Iterator[None]:
         with _lock:
             _runs -= 1
             if _runs == 0:
-                gc.unfreeze()
+                if _freezing:
+                    gc.unfreeze()
                 gc.set_threshold(*_saved)

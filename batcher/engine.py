@@ -86,9 +86,9 @@ from batcher.writer import write_batch_output_ordered, write_output_ordered
 log = logging.getLogger("batcher")
 
 READ_BATCH = 512
-# An input up to this size is read once and kept as rows for the send and the output (~5x
-# its size in memory); a larger one is read afresh each time, so memory stays flat.
-HOLD_INPUT_BYTES = 8 << 20
+# An input whose rows take up to this much memory is read once and kept for the send and the
+# output (`InputReader.hold`); a larger one is read afresh each time, so memory stays flat.
+HOLD_INPUT_BYTES = 32 << 20
 PROBE_FAILURES_FATAL = 3  # the first N requests all failing means the setup is wrong
 
 
@@ -247,7 +247,9 @@ class Engine:
         )
         try:
             while not self._halt.stopping and ahead is not None:
-                step = await ahead
+                # shielded: a stop cancels this task, not the batch being prepared, so that
+                # `finally` below can wait for its thread (it reads the input, the store)
+                step = await asyncio.shield(ahead)
                 ahead = None
                 if step is None:
                     break
@@ -256,7 +258,7 @@ class Engine:
         finally:
             if ahead is not None:  # a stop: that batch is dropped (nothing of it went out)
                 with contextlib.suppress(Exception):
-                    await ahead  # its thread reads the input: let it end first
+                    await ahead  # its thread uses the input and the store: let it end first
         for _ in self._halt.workers:
             await self._queue.put(None)
 
@@ -590,11 +592,13 @@ class Engine:
 
     async def _run_locked(self, api_key: str) -> RunOutcome:
         job, opts = self.job, self.options
+        # Before the scan: the rows it reads may be held and sent without another reading, and
+        # a change after this point must fail the final check (`_write_output`).
+        self._input_digest = await asyncio.to_thread(input_digest, job.input)
         total = await asyncio.to_thread(self.scan)
         if total == 0:
             log.warning("%s has no rows: nothing to send", job.input)
         self._clean_leftovers()
-        self._input_digest = await asyncio.to_thread(input_digest, job.input)
         fingerprint = request_fingerprint(job, self._input_digest)
         journal, state = await asyncio.to_thread(
             open_journal,

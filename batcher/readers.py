@@ -29,6 +29,9 @@ from batcher.spec import OUTPUT_COLUMNS, Job
 from batcher.storage import fetch_input
 
 Format = Literal["jsonl", "parquet", "batch"]
+# What a held row takes in memory beyond its text: the Row, its dict, the str headers of its
+# values (~320 bytes measured for a two-column row of short text).
+HELD_ROW_BYTES = 320
 BATCH_URL = "/v1/chat/completions"
 
 
@@ -94,8 +97,9 @@ class InputReader:
             raise InputDataError(f"{self.path}: input file not found")
         self.format: Format = detect_format(job)
         self._columns: list[str] | None = None  # Parquet: read only these (None = all)
-        self._hold_bytes = 0  # inputs up to this size are kept as rows after one reading
+        self._hold_bytes = 0  # rows taking up to this much memory are kept after one reading
         self._held: list[Row] | None = None
+        self._read_bytes = 0  # text bytes read so far in this reading (JSONL lines, Arrow data)
         if self.format == "parquet":
             try:
                 self._pq = pq.ParquetFile(self.path)
@@ -121,11 +125,21 @@ class InputReader:
         self._held = None  # read with other columns
 
     def hold(self, max_bytes: int) -> None:
-        """Keep the rows in memory after the first complete reading when the input file is at
-        most `max_bytes` (the engine reads it to scan, to send and to order the output: the
-        two later readings were a sixth of a run answered from the store). Rows are values:
-        nobody changes one after reading it."""
+        """Keep the rows in memory after the first complete reading when they take at most
+        `max_bytes` (the engine reads the input to scan, to send and to order the output: the
+        two later readings were a sixth of a run answered from the store). The memory is
+        estimated as they are read: their text (JSONL lines, Arrow's decoded data) plus
+        HELD_ROW_BYTES a row; past the budget, nothing is kept and each reading reads afresh.
+        Rows are values: nobody changes one after reading it."""
         self._hold_bytes = max_bytes
+
+    def _may_hold(self) -> bool:
+        """Whether this reading may be kept: a file that cannot fit is not even tried."""
+        if not self._hold_bytes:
+            return False
+        if self.format == "parquet":  # compressed on disk: its size says little, its rows do
+            return self._pq.metadata.num_rows * HELD_ROW_BYTES <= self._hold_bytes
+        return self.path.stat().st_size <= self._hold_bytes
 
     def arrow_schema(self) -> pa.Schema:
         """The Parquet input's schema (kept columns keep their types in the output)."""
@@ -137,24 +151,29 @@ class InputReader:
             for start in range(0, len(held), batch_size):
                 yield held[start : start + batch_size]
             return
-        keeping: list[Row] | None = None
-        if self._hold_bytes and self.path.stat().st_size <= self._hold_bytes:
-            keeping = []
+        keeping: list[Row] | None = [] if self._may_hold() else None
+        self._read_bytes = 0
         rows = self._iter_parquet(batch_size) if self.format == "parquet" else self._iter_jsonl()
         batch: list[Row] = []
         for row in rows:
             batch.append(row)
             if len(batch) >= batch_size:
-                if keeping is not None:
-                    keeping.extend(batch)
+                keeping = self._keep(keeping, batch)
                 yield batch
                 batch = []
         if batch:
-            if keeping is not None:
-                keeping.extend(batch)
+            keeping = self._keep(keeping, batch)
             yield batch
         if keeping is not None:  # read to the end: complete
             self._held = keeping
+
+    def _keep(self, keeping: list[Row] | None, batch: list[Row]) -> list[Row] | None:
+        if keeping is None:
+            return None
+        keeping.extend(batch)
+        if self._read_bytes + HELD_ROW_BYTES * len(keeping) > self._hold_bytes:
+            return None  # too big to hold after all: read afresh each time
+        return keeping
 
     def _bad(self, line: int, position: int, msg: str, row_id: str | None = None) -> Row:
         """A bad row: fail the job, or record it as an error row (on_bad_row: skip).
@@ -206,6 +225,7 @@ class InputReader:
         position = 0
         with self.path.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
+                self._read_bytes += len(raw)
                 if not raw.strip():
                     continue
                 pos = position
@@ -232,6 +252,7 @@ class InputReader:
     def _iter_parquet(self, batch_size: int) -> Iterator[Row]:
         position = 0
         for record_batch in self._pq.iter_batches(batch_size=batch_size, columns=self._columns):
+            self._read_bytes += record_batch.nbytes
             for obj in record_batch.to_pylist():
                 pos = position
                 position += 1

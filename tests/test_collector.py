@@ -54,3 +54,10 @@ def test_an_error_in_the_run_restores_the_collector() -> None:
         raise RuntimeError("boom")
     assert gc.get_threshold() == (700, 10, 10)
     assert gc.get_freeze_count() == 0
+
+
+def test_objects_the_process_froze_itself_stay_frozen() -> None:
+    gc.freeze()
+    with run_collector():
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+    assert gc.get_freeze_count() > 0  # not unfrozen: a pre-fork server keeps what it froze

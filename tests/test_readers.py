@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batcher.readers import InputReader, Row
+from batcher.readers import HELD_ROW_BYTES, InputReader, Row
 from batcher.spec import Job
 
 
@@ -52,8 +52,10 @@ def test_held_rows_are_the_rows_read_and_the_file_is_not_read_again(
     reader.select({"id", "text"})
     reader.hold(1 << 20)
     first = rows(reader, 3)
-    (tmp_path / f"in.{fmt}").unlink()  # held: the later readings do not touch the file
+    if fmt == "jsonl":
+        (tmp_path / "in.jsonl").unlink()  # held: the later readings do not touch the file
     assert rows(reader, 4) == first == rows(reader, 100)
+    assert all(a is b for a, b in zip(first, rows(reader, 5), strict=True))  # the same rows
     assert [len(b) for b in reader.iter_batches(4)] == [4, 4, 2]
 
 
@@ -87,3 +89,25 @@ def test_bad_rows_are_held_as_they_were_read_and_select_reads_again(tmp_path: Pa
     (tmp_path / "in.jsonl").write_text('{"id": "r0", "text": "b"}\n')
     reader.select({"id", "text"})  # other columns: the held rows no longer apply
     assert [r.data["text"] for r in rows(reader, 10)] == ["b"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_rows_that_take_more_memory_than_the_budget_are_not_held(tmp_path: Path, fmt: str) -> None:
+    """The budget is the rows' memory (text + HELD_ROW_BYTES a row), not the file's size: short
+    rows take ~16x their JSONL size, compressed Parquet far more."""
+    n = 100
+    if fmt == "jsonl":
+        write_lines(tmp_path / "in.jsonl", ["x"] * n)
+    else:
+        pq.write_table(
+            pa.table({"id": [f"r{i}" for i in range(n)], "text": ["x"] * n}),
+            tmp_path / "in.parquet",
+        )
+    budget = max((tmp_path / f"in.{fmt}").stat().st_size, HELD_ROW_BYTES * n - 1)
+    reader = InputReader(job(tmp_path, f"in.{fmt}"))
+    reader.select({"id", "text"})
+    reader.hold(budget)  # the file fits; its rows do not
+    first = rows(reader, 7)
+    again = rows(reader, 7)
+    assert again == first and len(first) == n
+    assert all(a is not b for a, b in zip(first, again, strict=True))  # read afresh, not held
