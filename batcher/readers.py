@@ -168,12 +168,19 @@ class InputReader:
             self._held = keeping
 
     def _keep(self, keeping: list[Row] | None, batch: list[Row]) -> list[Row] | None:
+        """`keeping` with `batch` added, or None once the whole input is projected to take more
+        than the budget (from the rows read so far: decided at the first batch, before a big
+        input has piled up rows that would then be freed, not returned to the system)."""
         if keeping is None:
             return None
         keeping.extend(batch)
-        if self._read_bytes + HELD_ROW_BYTES * len(keeping) > self._hold_bytes:
-            return None  # too big to hold after all: read afresh each time
-        return keeping
+        text_per_row = self._read_bytes / len(keeping)
+        if self.format == "parquet":
+            total_rows = float(self._pq.metadata.num_rows)
+        else:
+            total_rows = self.path.stat().st_size / max(text_per_row, 1.0)
+        projected = max(total_rows, len(keeping)) * (text_per_row + HELD_ROW_BYTES)
+        return None if projected > self._hold_bytes else keeping
 
     def _bad(self, line: int, position: int, msg: str, row_id: str | None = None) -> Row:
         """A bad row: fail the job, or record it as an error row (on_bad_row: skip).
