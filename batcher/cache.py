@@ -374,7 +374,7 @@ class ResponseStore:
             conn = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            _prepare(conn)
+            _prepare_patiently(conn, busy_timeout_s)
             if new:
                 path.chmod(0o600)  # SQLite gives its -wal and -shm files the same mode
         except (sqlite3.Error, OSError, _NotOurs) as exc:
@@ -604,6 +604,26 @@ class ResponseStore:
 
 class _NotOurs(Exception):
     """The file is a database batcher must not use (a newer schema, someone else's tables)."""
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _BUSY_CODES  # extended codes: SQLITE_BUSY_*
+
+
+def _prepare_patiently(conn: sqlite3.Connection, timeout_s: float) -> None:
+    """`_prepare`, retried while another process holds the file: two processes creating one
+    new store at once got SQLITE_BUSY from `PRAGMA journal_mode=WAL` at once, without SQLite
+    waiting its busy timeout (the mode switch needs an exclusive lock the other one held)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _prepare(conn)
+            return
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _prepare(conn: sqlite3.Connection) -> None:
