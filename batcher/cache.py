@@ -565,7 +565,7 @@ class ResponseStore:
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+                if _busy(exc):  # (extended codes too: SQLITE_BUSY_SNAPSHOT, ...)
                     if not self._warned_busy:
                         self._warned_busy = True
                         log.warning(
