@@ -94,11 +94,13 @@ class Prepared:
     default_max_tokens: dict[str, int] = field(default_factory=dict)
 
 
-def _key(body: dict[str, Any]) -> CacheKey | None:
+def _key(
+    body: dict[str, Any], key_of: Callable[[dict[str, Any]], CacheKey] = cache_key
+) -> CacheKey | None:
     """The request's identity; None for a body JSON cannot write (it is neither cached nor
     deduplicated: the server will refuse it anyway)."""
     try:
-        return cache_key(body)
+        return key_of(body)
     except (TypeError, ValueError):
         return None
 
@@ -125,12 +127,7 @@ class Preparer:
             frame = self._frame = KeyFrame.around(body, self._slots)
             if frame is None:
                 self._slots = None  # cannot be cut exactly: whole keys from now on
-        if frame is None:
-            return _key(body)
-        try:
-            return frame.key(body)
-        except (TypeError, ValueError):
-            return None
+        return _key(body, cache_key if frame is None else frame.key)
 
     def build(self, rows: list[Row]) -> Built:
         built = Built()

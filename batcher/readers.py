@@ -133,14 +133,6 @@ class InputReader:
         Rows are values: nobody changes one after reading it."""
         self._hold_bytes = max_bytes
 
-    def _may_hold(self) -> bool:
-        """Whether this reading may be kept: a file that cannot fit is not even tried."""
-        if not self._hold_bytes:
-            return False
-        if self.format == "parquet":  # compressed on disk: its size says little, its rows do
-            return self._pq.metadata.num_rows * HELD_ROW_BYTES <= self._hold_bytes
-        return self.path.stat().st_size <= self._hold_bytes
-
     def arrow_schema(self) -> pa.Schema:
         """The Parquet input's schema (kept columns keep their types in the output)."""
         return self._pq.schema_arrow
@@ -151,7 +143,7 @@ class InputReader:
             for start in range(0, len(held), batch_size):
                 yield held[start : start + batch_size]
             return
-        keeping: list[Row] | None = [] if self._may_hold() else None
+        keeping: list[Row] | None = [] if self._hold_bytes else None
         self._read_bytes = 0
         rows = self._iter_parquet(batch_size) if self.format == "parquet" else self._iter_jsonl()
         batch: list[Row] = []

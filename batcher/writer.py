@@ -73,18 +73,6 @@ def _chunks(records: Iterable[dict[str, Any]], size: int = CHUNK_ROWS) -> Iterat
         yield chunk
 
 
-def _flatten(rec: dict[str, Any], keep_names: list[str], text_cols: set[str]) -> dict[str, Any]:
-    out = {name: rec.get(name) for name in RESULT_FIELDS}
-    keep = rec.get("keep")
-    keep = keep if isinstance(keep, dict) else {}
-    for name in keep_names:
-        value = keep.get(name)
-        out[name] = as_text(value) if name in text_cols else value
-    if "parsed" in rec:
-        out["parsed"] = rec["parsed"]
-    return out
-
-
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 
 
@@ -99,23 +87,23 @@ def _to_table(
     flattened rows, which a run answered from the store spent a tenth of its CPU on), so a
     well-formed journal pays nothing for this.
     """
+    columns = _columns(records, keep_names, text_cols, schema)
     try:
         return pa.Table.from_arrays(
-            [
-                pa.array(values, type=schema.field(name).type)
-                for name, values in _columns(records, keep_names, text_cols, schema).items()
-            ],
+            [pa.array(values, type=schema.field(name).type) for name, values in columns.items()],
             schema=schema,
         )
     except _ARROW_ERRORS:
-        rows = [_flatten(r, keep_names, text_cols) for r in records]
+        by_row = zip(*columns.values(), strict=True)
+        rows = [dict(zip(columns, values, strict=True)) for values in by_row]
         return pa.Table.from_pylist([_writable(r, schema) for r in rows], schema=schema)
 
 
 def _columns(
     records: list[dict[str, Any]], keep_names: list[str], text_cols: set[str], schema: pa.Schema
 ) -> dict[str, list[Any]]:
-    """The values of each of the schema's columns, in its order (as `_flatten` per row)."""
+    """The values of each of the schema's columns, in its order: the result's fields, the kept
+    columns (from each record's `keep`; text columns as text), `parsed`."""
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
     for name in RESULT_FIELDS:
         columns[name] = [r.get(name) for r in records]

@@ -351,6 +351,8 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
         p.aimd_strike_requests == 0
         or (st.s429 is not None and st.seq - st.s429 <= p.aimd_strike_requests)
     )
+    # The admission a 429 refused (its tokens were not charged).
+    refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
     if sig.failed_seq and not sig.is_429:
         st.sus, st.susat, st.suscost = sig.failed_seq, sig.failed_at, sig.failed_cost
     if st.sus and sig.has_headers:
@@ -385,7 +387,6 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
             # all. Only on a strike or a probe (a lone 429 is jitter) and from 10 admissions on
             # (a hiccup right at the start must not take the share away; the ramp's 1 s reading
             # covers the rest).
-            refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
             without = None if refused in st.refunds else refused  # (reported twice: given back)
             upper: float | None = None
             lower: float | None = None
@@ -417,7 +418,6 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
     # they read as our usage in the next headers (~a request over the share for a window:
     # 429s again) and held a window's room for nothing.
     # Reported twice, it is given back once (a set in Redis).
-    refused = Refund(sig.failed_at, sig.failed_seq, sig.failed_cost, 0)
     recent = refused.at >= now - p.longest_us
     if sig.is_429 and sig.failed_seq and recent and refused not in st.refunds:
         st.refunds.append(refused)
