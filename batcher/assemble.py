@@ -59,14 +59,13 @@ _META_PREFIXES = (b'{"t":"', b'{"t": "')
 
 
 def _leading_string(raw: bytes, start: int) -> str | None:
-    """The JSON string that begins at `start` (just past its opening quote), or None if it is
-    damaged. An id without escapes ends at the next quote: decoded alone, not the whole line."""
+    """The JSON string that begins at `start` (just past its opening quote), or None if the
+    line is damaged, as the strict JSON string parser reads it. An id without escapes in an
+    ASCII line ends at the next quote: decoded alone, not the whole line."""
     end = raw.find(b'"', start)
-    if end >= 0 and b"\\" not in raw[start:end]:
-        try:
-            text = raw[start:end].decode()
-        except UnicodeDecodeError:
-            return None
+    # Only in an ASCII line: other bytes anywhere may not be UTF-8 (a damaged line, found below)
+    if end >= 0 and raw.isascii() and b"\\" not in raw[start:end]:
+        text = raw[start:end].decode("ascii")
         if text.isprintable():  # else a control character, which JSON must escape: below
             return text
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from json.decoder import scanstring  # type: ignore[attr-defined]
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from batcher.assemble import _leading_string
@@ -35,6 +35,7 @@ def test_an_id_reads_as_json_reads_it(row_id: str, ascii_only: bool) -> None:
 
 
 @given(st.binary(max_size=40))
+@example(tail=b'"\x80')  # a short id, then a byte that is not UTF-8: the line is damaged
 def test_a_damaged_line_reads_as_the_strict_json_string_parser_reads_it(tail: bytes) -> None:
     raw = PREFIX + tail + b'","status":"ok"}\n'
     try:
