@@ -1,5 +1,5 @@
 """`python -m batcher` == the `batcher` command."""
 
-from batcher.cli import main
+from batcher.cli import entry
 
-main()
+entry()

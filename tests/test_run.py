@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -432,3 +434,30 @@ def test_keep_columns_all_refuses_an_input_column_named_like_a_result(
     res = run_batcher("run", job)
     assert res.returncode == 2 and "'model'" in res.stderr, res.stderr
     assert srv.stats()["requests"] == 0
+
+
+def test_the_command_does_not_load_pandas(tmp_path: Path, mock_server) -> None:
+    """pyarrow imports pandas (installed with the test extras) on its first conversion, only to
+    look for DataFrames: ~0.25 s and ~30 MB per command. The command's process keeps it out and
+    still reads, journals and writes everything."""
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(30))
+    job = write_job(tmp_path, srv.url, keep_columns=["text"])
+    probe = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('pandas loaded:', 'pandas' in sys.modules))\n"
+        "from batcher.cli import entry\n"
+        "sys.argv[0] = 'batcher'\n"
+        "entry()\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe, "run", str(job)],
+        env=env_with_key(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "pandas loaded: False" in res.stdout
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert len(rows) == 30 and {r["status"] for r in rows} == {"ok"}
