@@ -21,10 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 import pyarrow as pa
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _MAX_MESSAGE = 200  # jsonschema quotes whole instances; keep error cells readable
@@ -157,9 +154,13 @@ class StructuredOutput:
     """The job's response schema: parses answers and gives their Arrow type."""
 
     def __init__(self, name: str, schema: Mapping[str, Any], strict: bool | None) -> None:
+        # Imported here: ~20 ms at every start, and only a job with a schema needs it.
+        import jsonschema
+        from jsonschema.exceptions import best_match
+
         where = "params.response_format.json_schema.schema"
         try:
-            Draft202012Validator.check_schema(schema)
+            jsonschema.Draft202012Validator.check_schema(schema)
         except jsonschema.SchemaError as exc:
             at = _pointer(exc.path)
             raise ValueError(
@@ -175,7 +176,8 @@ class StructuredOutput:
         self.schema = schema
         self.strict = strict
         self._shape = shape
-        self._validator = Draft202012Validator(schema)
+        self._validator = jsonschema.Draft202012Validator(schema)
+        self._best_match = best_match
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> StructuredOutput | None:
@@ -214,7 +216,7 @@ class StructuredOutput:
             value = json.loads(content)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"answer is not valid JSON: {_short(str(exc))}") from None
-        error = best_match(self._validator.iter_errors(value))
+        error = self._best_match(self._validator.iter_errors(value))
         if error is not None:
             raise ValueError(
                 "answer does not match the response_format schema: "
