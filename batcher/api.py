@@ -30,6 +30,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,42 @@ def state_dir() -> Path:
     """Where the API keeps the inputs and journals of jobs that name no output."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "batcher" / "runs"
+
+
+# A run's state in `state_dir()` (a frame's copy, its journal, its output) is kept this long
+# after its last use. Within it, calling again resumes; after it, the response store still
+# answers the rows it holds, so nothing is paid twice, and a notebook that labels a new frame
+# every day does not keep a copy of each one forever.
+RUNS_KEPT_S = 30 * 24 * 3600.0
+
+
+def prune_runs(folder: Path, older_than_s: float = RUNS_KEPT_S, *, now: float | None = None) -> int:
+    """Remove every file of the runs in `folder` unused for `older_than_s` (a run's files share
+    the name before the first dot; the newest of them dates the run). Returns how many runs
+    went. Best effort: a file another process removes or holds is left to it."""
+    now = time.time() if now is None else now
+    runs: dict[str, list[tuple[str, float]]] = {}
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        runs.setdefault(entry.name.split(".", 1)[0], []).append((entry.path, mtime))
+    removed = 0
+    for files in runs.values():
+        if now - max(mtime for _, mtime in files) < older_than_s:
+            continue
+        for path, _ in files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        removed += 1
+    return removed
 
 
 # ---- data in ----------------------------------------------------------------------------------
@@ -201,6 +238,7 @@ def _stage_data(
     """`data` as the job's input: a path as it is; a table or frame copied once to the state
     directory under a name of the job's shape and the data's digest (the same frame again:
     the same file, so the run resumes). Returns (its kind, the table, a pandas index)."""
+    prune_runs(state_dir())
     if isinstance(data, (str, os.PathLike)):
         raw["input"] = str(data)
     if data is None or isinstance(data, (str, os.PathLike)):
@@ -212,7 +250,9 @@ def _stage_data(
     folder = state_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.input.parquet"
-    if not path.exists():
+    try:
+        os.utime(path)  # in use again: kept another RUNS_KEPT_S
+    except FileNotFoundError:
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp)
         os.replace(tmp, path)

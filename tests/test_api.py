@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +211,46 @@ def test_errors_name_the_frame_not_its_internal_copy(mock_server) -> None:
         batcher.run(_job(srv.url, keep_columns=["prodcut"]), data=df, progress="quiet")
     assert "the DataFrame passed as data" in str(info.value)
     assert ".input.parquet" not in str(info.value)
+
+
+def test_state_of_frames_unused_for_30_days_is_removed(mock_server) -> None:
+    """A notebook that labels a new frame every day must not keep a copy of each forever: a
+    run's state goes after RUNS_KEPT_S unused; a frame in use again is kept, and its rows
+    still come from the response store once its state is gone."""
+    from batcher.api import RUNS_KEPT_S, state_dir
+
+    srv = mock_server(**FAST)
+    old = pd.DataFrame({"text": _texts(6)})
+    batcher.run(_job(srv.url), data=old, progress="quiet")
+    folder = state_dir()
+    old_files = sorted(p.name for p in folder.iterdir())
+    assert any(n.endswith(".input.parquet") for n in old_files)
+    assert any(n.endswith(".journal") for n in old_files)
+    past = time.time() - RUNS_KEPT_S - 3600
+    for p in folder.iterdir():
+        os.utime(p, (past, past))
+    (folder / "stray.txt").write_text("a file of no run, not yet old")
+
+    new = pd.DataFrame({"text": _texts(4)[::-1]})
+    batcher.run(_job(srv.url), data=new, progress="quiet")
+    names = {p.name for p in folder.iterdir()}
+    assert not names & set(old_files)  # every file of the old run went
+    assert "stray.txt" in names and any(n.endswith(".input.parquet") for n in names)
+
+    sent = srv.stats()["requests"]
+    again = batcher.run(_job(srv.url), data=old, progress="quiet")
+    assert srv.stats()["requests"] == sent  # answered from the response store
+    assert set(again["status"]) == {"ok"}
+
+
+def test_a_frame_in_use_keeps_its_state(tmp_path: Path) -> None:
+    from batcher.api import prune_runs
+
+    now = 1_000_000_000.0
+    for name, age in (("a.input.parquet", 40), ("a.parquet.journal", 1), ("b.parquet", 40)):
+        path = tmp_path / name
+        path.write_text("x")
+        os.utime(path, (now - age * 86400, now - age * 86400))
+    assert prune_runs(tmp_path, 30 * 86400, now=now) == 1  # b alone: a's journal is recent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.input.parquet", "a.parquet.journal"]
+    assert prune_runs(tmp_path / "missing", now=now) == 0
