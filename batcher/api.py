@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import json
 import os
@@ -66,18 +67,21 @@ def state_dir() -> Path:
 
 
 # A run's state in `state_dir()` (a frame's copy, its journal, its output) is kept this long
-# after its last use. Within it, calling again resumes; after it, the response store still
-# answers the rows it holds, so nothing is paid twice, and a notebook that labels a new frame
-# every day does not keep a copy of each one forever.
+# after its last use. Within it, calling again resumes; after it, a run starts afresh (with the
+# response store on, as by default, the rows it answered come from the store and are not paid
+# again; the spending its journal kept for `max_cost_usd` goes with it), and a notebook that
+# labels a new frame every day does not keep a copy of each one forever.
 RUNS_KEPT_S = 30 * 24 * 3600.0
 
 
 def prune_runs(folder: Path, older_than_s: float = RUNS_KEPT_S, *, now: float | None = None) -> int:
     """Remove every file of the runs in `folder` unused for `older_than_s` (a run's files share
     the name before the first dot; the newest of them dates the run). Returns how many runs
-    went. Best effort: a file another process removes or holds is left to it."""
+    went. Best effort: a run whose journal a process holds is left alone, and so is a file
+    another process removes first."""
     now = time.time() if now is None else now
-    runs: dict[str, list[tuple[str, float]]] = {}
+    runs: dict[str, list[str]] = {}
+    newest: dict[str, float] = {}
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -89,16 +93,52 @@ def prune_runs(folder: Path, older_than_s: float = RUNS_KEPT_S, *, now: float | 
             mtime = entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        runs.setdefault(entry.name.split(".", 1)[0], []).append((entry.path, mtime))
-    removed = 0
-    for files in runs.values():
-        if now - max(mtime for _, mtime in files) < older_than_s:
-            continue
-        for path, _ in files:
+        # ".X.parquet.tmp-123" (an atomic write's temporary) belongs to run X too
+        run = entry.name.lstrip(".").split(".", 1)[0]
+        runs.setdefault(run, []).append(entry.path)
+        newest[run] = max(newest.get(run, mtime), mtime)
+    cutoff = now - older_than_s
+    return sum(_remove_run(files, cutoff) for run, files in runs.items() if newest[run] < cutoff)
+
+
+def _remove_run(files: list[str], cutoff: float) -> bool:
+    """Remove one run's files, unless a process holds its journal (the job lock) or a file was
+    used since `cutoff`: checked again under the lock, a run may have begun meanwhile."""
+    held: list[int] = []
+    try:
+        for path in files:
+            if not path.endswith(".journal"):
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            held.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a run holds it
+                return False
+        removed = False
+        for path in files:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_mtime >= cutoff:
+                    return False
+        for path in sorted(files, key=lambda p: p.endswith(".journal")):  # the journal last
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        removed += 1
-    return removed
+                removed = True
+        return removed
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _runs_folder() -> Path:
+    """`state_dir()`, created, with its runs unused for RUNS_KEPT_S removed first."""
+    folder = state_dir()
+    prune_runs(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 # ---- data in ----------------------------------------------------------------------------------
@@ -197,8 +237,6 @@ async def arun(
     kind, table, index = await asyncio.to_thread(_stage_data, raw, shape, data)
     if "input" not in raw:
         raise JobSpecError(f"{source}: give the rows: data=... or input: in the job")
-    if "output" not in raw:
-        raw["output"] = str(state_dir() / f"{_digest(shape)}-{_digest(raw['input'])}.parquet")
     spec = job_from_mapping(raw, base, source=source)
     # Messages name the rows by the file the run reads: for a frame, our copy of it.
     copy = _DataName(spec.input, kind, index) if table is not None else None
@@ -238,17 +276,18 @@ def _stage_data(
     """`data` as the job's input: a path as it is; a table or frame copied once to the state
     directory under a name of the job's shape and the data's digest (the same frame again:
     the same file, so the run resumes). Returns (its kind, the table, a pandas index)."""
-    prune_runs(state_dir())
     if isinstance(data, (str, os.PathLike)):
         raw["input"] = str(data)
     if data is None or isinstance(data, (str, os.PathLike)):
+        if "input" in raw and "output" not in raw:
+            name = f"{_digest(shape)}-{_digest(raw['input'])}.parquet"
+            raw["output"] = str(_runs_folder() / name)
         return "path", None, None
     table, kind = _as_table(data)
     index = data.index if kind == "pandas" else None  # given back with the answer
     _check_columns(table.column_names, raw.get("id_column"))
     name = f"{_digest(shape)}-{_table_digest(table)}"
-    folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _runs_folder()
     path = folder / f"{name}.input.parquet"
     try:
         os.utime(path)  # in use again: kept another RUNS_KEPT_S
@@ -256,6 +295,8 @@ def _stage_data(
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
+    except OSError:  # a read-only cache: the copy is used as it is
+        pass
     raw["input"] = str(path)
     raw.setdefault("output", str(folder / f"{name}.parquet"))
     return kind, table, index

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.abc
 import itertools
 import json
 import logging
@@ -89,13 +88,12 @@ def main() -> None:
     """
 
 
-class _NoPandas(importlib.abc.MetaPathFinder):
-    """Keeps pandas out of a `batcher` command's process.
+class _NoPandas:
+    """Keeps pandas out of a `batcher` command's process (a `sys.meta_path` finder).
 
     pyarrow imports pandas, when it is installed, the first time it converts Python objects,
-    only to ask whether they are pandas objects (and its C++ side asks again on every
-    conversion until the import succeeds). A command never holds one, and the import cost
-    ~0.25 s of CPU and ~30 MB at every start. DataFrames go through the Python API."""
+    only to ask whether they are pandas objects. A command never holds one, and the import
+    cost ~0.25 s of CPU and 30-40 MB at every start. DataFrames go through the Python API."""
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
         if name == "pandas" or name.startswith("pandas."):

@@ -5,12 +5,12 @@
 No server, no network, no wall clock: `batcher.admission.schedule.reserve` is called with a
 simulated `now`, as the local backend's queue head calls it (it sleeps until its slot; a waiter
 the look-ahead picks goes at its own slot while the head asks again), for an endless queue of
-requests costing what `bench_foreign.py` sends (prompts of ~110-190 tokens + `max_tokens: 200`:
-310-390 tokens at admission), at Langdock's limits (500 RPM / 60,000 TPM) with the share the
-headers reveal held exactly at `--share` (0.6: others use 40 %). Admitted tokens per minute
-after the first minute, over the share of the TPM, is the most the schedule can reach on that
-server with a perfect estimate: what `bench_foreign.py --variants langdock` measures, minus
-every real-world noise. Runs in about a second.
+requests costing what `bench_foreign.py` sends (its rows and template, counted as the engine
+counts them: ~320-400 tokens at admission), at Langdock's limits (500 RPM / 60,000 TPM), with
+the share the headers reveal held exactly at `--share` (0.6: others use 40 %). Admitted tokens
+per minute after the first minute, over the share of the TPM, is the most the schedule can
+reach on that server with a perfect estimate: what `bench_foreign.py --variants langdock`
+measures, minus every real-world noise. Runs in a few seconds.
 
 Variants show where the rest goes: the share margin (`share_margin_factor`), the pacing's
 headroom, and the look-ahead; "10 s slack" is the mean room left in the 10 s window after an
@@ -23,16 +23,40 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+from pathlib import Path
 from typing import Any
 
-from common import table
+from bench_shared import MAX_TOKENS
+from bench_shared import WORDS as WORD_RANGE
+from common import MODEL, WORDS, job_dict, table
 
 from batcher.admission import schedule
 from batcher.admission.policy import Policy, us
+from batcher.tokens import admission_cost
 
 RPM, TPM = 500, 60_000
-COSTS = (310, 390)  # bench_foreign.py: prompts of ~110-190 tokens + max_tokens 200
-QUEUE = 32  # its concurrency: that many requests wait for admission
+QUEUE = 32  # bench_foreign.py's concurrency: that many requests wait for admission
+
+
+def request_costs(count: int, seed: int) -> list[int]:
+    """What bench_foreign.py's requests cost at admission: its rows (common.write_rows with
+    its word range), its job's template and max_tokens, counted as the engine counts them."""
+    messages = job_dict(Path("."), "http://unused")["messages"]
+    rng = random.Random(seed)
+    costs = []
+    for _ in range(count):
+        text = " ".join(rng.choices(WORDS, k=rng.randint(*WORD_RANGE)))
+        body = {
+            "model": MODEL,
+            "max_tokens": MAX_TOKENS,
+            "messages": [
+                {"role": m["role"], "content": m["content"].replace("{text}", text)}
+                for m in messages
+            ],
+        }
+        costs.append(admission_cost(body, MODEL, MAX_TOKENS))
+    return costs
+
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -43,12 +67,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def simulate(policy: Policy, share: float, seconds: float, seed: int) -> tuple[float, float]:
+def simulate(
+    policy: Policy, share: float, seconds: float, seed: int, costs: list[int]
+) -> tuple[float, float]:
     """(admitted tokens per minute after the first minute / the share of the TPM, the mean room
     left in the 10 s token window after an admission)."""
     rnd = random.Random(seed)
     st = schedule.State()
-    queue = [rnd.randint(*COSTS) for _ in range(QUEUE)]
+    queue = [rnd.choice(costs) for _ in range(QUEUE)]
     now, admitted, slack = 0, [], []
     budget = policy.tpm * 10 / 60 * schedule._cap(policy, share)
     length = schedule._wlen(policy, 10.0)
@@ -62,7 +88,7 @@ def simulate(policy: Policy, share: float, seconds: float, seed: int) -> tuple[f
         if reply.at >= us(60):
             win = schedule._window(st, reply.at - length)
             slack.append(budget - win.total)
-        queue.append(rnd.randint(*COSTS))
+        queue.append(rnd.choice(costs))
     start, end = us(60), us(seconds)
     tokens = sum(c for at, c in admitted if start <= at < end)
     per_minute = tokens / ((end - start) / 60e6)
@@ -75,10 +101,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=300.0, help="simulated seconds")
     parser.add_argument("--seeds", type=int, default=3, help="request streams per variant")
     args = parser.parse_args()
+    costs = request_costs(2_000, seed=7)
     rows = []
     for name, knobs in VARIANTS.items():
         policy = Policy(RPM, TPM, **knobs)
-        runs = [simulate(policy, args.share, args.seconds, s) for s in range(1, args.seeds + 1)]
+        runs = [
+            simulate(policy, args.share, args.seconds, s, costs) for s in range(1, args.seeds + 1)
+        ]
         uses = [u for u, _ in runs]
         rows.append(
             [
@@ -90,7 +119,8 @@ def main() -> int:
         )
     print(
         f"\nthe schedule alone at {RPM} RPM / {TPM:,} TPM, share {args.share:g} held exactly, "
-        f"requests of {COSTS[0]}-{COSTS[1]} tokens, {args.seconds:g} simulated s, "
+        f"bench_foreign's requests ({min(costs)}-{max(costs)} tokens, mean "
+        f"{statistics.fmean(costs):.0f}), {args.seconds:g} simulated s, "
         f"{args.seeds} streams\n"
     )
     print(table(["variant", "share used", "range", "10 s slack (tokens)"], rows))

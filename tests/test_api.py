@@ -244,13 +244,31 @@ def test_state_of_frames_unused_for_30_days_is_removed(mock_server) -> None:
 
 
 def test_a_frame_in_use_keeps_its_state(tmp_path: Path) -> None:
+    import fcntl
+
     from batcher.api import prune_runs
 
-    now = 1_000_000_000.0
-    for name, age in (("a.input.parquet", 40), ("a.parquet.journal", 1), ("b.parquet", 40)):
+    now = time.time()
+    files = {
+        "a.input.parquet": 40,  # a's journal is recent: a is in use
+        "a.parquet.journal": 1,
+        "b.parquet": 40,
+        ".b.parquet.tmp-123": 40,  # an atomic write's leftover belongs to b
+        "c.parquet": 40,  # c's journal is locked by a running process
+        "c.parquet.journal": 40,
+    }
+    for name, days in files.items():
         path = tmp_path / name
         path.write_text("x")
-        os.utime(path, (now - age * 86400, now - age * 86400))
-    assert prune_runs(tmp_path, 30 * 86400, now=now) == 1  # b alone: a's journal is recent
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.input.parquet", "a.parquet.journal"]
-    assert prune_runs(tmp_path / "missing", now=now) == 0
+        os.utime(path, (now - days * 86400, now - days * 86400))
+    with open(tmp_path / "c.parquet.journal", "rb+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert prune_runs(tmp_path, 30 * 86400) == 1  # b alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.input.parquet",
+        "a.parquet.journal",
+        "c.parquet",
+        "c.parquet.journal",
+    ]
+    assert prune_runs(tmp_path, 30 * 86400) == 1  # c, once its run let go
+    assert prune_runs(tmp_path / "missing") == 0
