@@ -161,8 +161,9 @@ class InputReader:
 
     def _keep(self, keeping: list[Row] | None, batch: list[Row]) -> list[Row] | None:
         """`keeping` with `batch` added, or None once the whole input is projected to take more
-        than the budget (from the rows read so far: decided at the first batch, before a big
-        input has piled up rows that would then be freed, not returned to the system)."""
+        than the budget (from the rows read so far, at every batch from the first: a big input
+        is given up before it has piled up rows that would then be freed, not returned to the
+        system)."""
         if keeping is None:
             return None
         keeping.extend(batch)
