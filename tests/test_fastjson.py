@@ -102,3 +102,33 @@ def test_dumps_is_compact_utf8_and_takes_a_default_for_datetimes() -> None:
     # What orjson cannot write goes through json, same layout
     assert fastjson.dumps({1: 2**70}) == b'{"1":1180591620717411303424}'
     assert fastjson.loads(fastjson.dumps({"s": "\ud800"})) == {"s": "\ud800"}
+
+
+def test_a_long_run_of_digits_in_a_float_is_read_by_orjson_alike() -> None:
+    """A journal's costs (0.000014849999999999998) have 19+ digit runs: they are floats, read
+    alike by both; an integer run next to them still goes to json and stays exact."""
+    for text in (
+        '{"cost_usd": 0.000014849999999999998}',
+        '{"x": 12345678901234567890.5, "y": 1234567890123456789012e-3}',
+        '{"x": -0.12345678901234567890123456789}',
+    ):
+        assert _same(fastjson.loads(text), json.loads(text))
+    assert fastjson.loads('{"c": 0.000014849999999999998, "id": 12345678901234567890123}') == {
+        "c": 0.000014849999999999998,
+        "id": 12345678901234567890123,
+    }
+    assert fastjson.loads("[-12345678901234567890123]") == [-12345678901234567890123]
+
+
+@given(st.integers(-(10**40), 10**40), st.integers(0, 10**40), st.integers(-300, 300))
+@settings(max_examples=300, deadline=None)
+def test_numbers_with_long_digit_runs_read_as_json_reads_them(
+    whole: int, fraction: int, exponent: int
+) -> None:
+    for text in (
+        f"[{whole}]",
+        f"[{whole}.{fraction}]",
+        f"[{whole}.{fraction:040d}e{exponent}]",
+        f'{{"a": {whole}, "b": 0.{fraction:040d}}}',
+    ):
+        assert _same(fastjson.loads(text), json.loads(text)), text
