@@ -180,12 +180,17 @@ def is_locked(output: Path) -> bool:
 
 def _same_file(fd: int, path: Path) -> bool:
     """Is the open file still the file at `path` (not deleted, not replaced)?"""
+    own = os.fstat(fd)
+    return _is_at((own.st_dev, own.st_ino), path)
+
+
+def _is_at(identity: tuple[int, int], path: Path) -> bool:
+    """Is the file of `identity` (device, inode) the one at `path`?"""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return False
-    own = os.fstat(fd)
-    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+    return (st.st_dev, st.st_ino) == identity
 
 
 MAX_NAMED_LINES = 20  # bad lines named in messages; the count covers the rest
@@ -518,6 +523,8 @@ class Journal:
     def __init__(self, path: Path, fh: IO[bytes], *, fsync: bool = True) -> None:
         self.path = path
         self._fh = fh  # opened "a+b": appends, and readable to rescue its contents
+        own = os.fstat(fh.fileno())
+        self._identity = (own.st_dev, own.st_ino)  # an open file's never changes
         self._fsync = fsync  # off only to measure what durability costs (benchmarks)
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
@@ -583,7 +590,7 @@ class Journal:
         if self._failed is not None:
             self._keep(data)
             raise self._failed
-        if not _same_file(self._fh.fileno(), self.path):
+        if not _is_at(self._identity, self.path):
             self._failed = self._rescue(data)
             raise self._failed
         self._fh.write(data)
