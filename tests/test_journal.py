@@ -14,6 +14,7 @@ import pytest
 
 from batcher.errors import JobLocked, JournalError, StorageError
 from batcher.journal import (
+    GROUP_COMMIT_S,
     JobLock,
     SkippedLines,
     is_locked,
@@ -41,6 +42,41 @@ async def test_group_commit_and_reopen(tmp_path: Path) -> None:
     state = read_state(journal_path(out))
     assert state.fingerprint == "fp1" and state.runs == 1 and len(state.ids) == 50
     assert state.ok_count == 50 and state.prompt_tokens == 150
+
+
+async def test_group_commits_are_at_least_the_commit_gap_apart(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """64 writers appending without pause get one commit (one fsync, one trip to a thread) per
+    GROUP_COMMIT_S at most, not one per answer that arrived while the last fsync ran; every
+    line is on disk when its append returns."""
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+    commits = 0
+    write = journal._write_sync
+
+    def counted(data: bytes) -> None:
+        nonlocal commits
+        commits += 1
+        write(data)
+
+    monkeypatch.setattr(journal, "_write_sync", counted)
+    loop = asyncio.get_running_loop()
+
+    returned = 0
+
+    async def writer(w: int) -> None:
+        nonlocal returned
+        for i in range(20):
+            await journal.append(Result(f"{w}-{i}", "ok", content="c"))
+            returned += 1
+            assert journal.appended >= returned  # written (and fsynced) before it returned
+
+    start = loop.time()
+    await asyncio.gather(*(writer(w) for w in range(64)))
+    elapsed = loop.time() - start
+    journal.close()
+    assert len(list(read_results(journal_path(tmp_path / "o.parquet")))) == 64 * 20
+    assert commits <= elapsed / GROUP_COMMIT_S + 1, (commits, elapsed)
 
 
 async def test_torn_tail_is_dropped_and_cut(tmp_path: Path, caplog) -> None:
