@@ -44,9 +44,7 @@ async def test_group_commit_and_reopen(tmp_path: Path) -> None:
     assert state.ok_count == 50 and state.prompt_tokens == 150
 
 
-async def test_group_commits_are_at_least_the_commit_gap_apart(
-    tmp_path: Path, monkeypatch
-) -> None:
+async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, monkeypatch) -> None:
     """64 writers appending without pause get one commit (one fsync, one trip to a thread) per
     GROUP_COMMIT_S at most, not one per answer that arrived while the last fsync ran; every
     line is on disk when its append returns."""
