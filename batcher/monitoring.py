@@ -19,13 +19,16 @@ import logging
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from batcher.errors import BatcherError
 from batcher.history import DEFAULT_INTERVAL_S, HistoryRecorder, history_path, spend_usd
-from batcher.metrics import MetricsServer, write_textfile
 from batcher.outcome import RunOutcome
 from batcher.spec import Job
 from batcher.stats import RunStats
+
+if TYPE_CHECKING:  # prometheus_client is imported only by a job that asks for metrics
+    from batcher.metrics import MetricsServer
 
 log = logging.getLogger("batcher")
 
@@ -67,6 +70,8 @@ class RunMonitoring:
         )
         self.metrics: MetricsServer | None = None
         if job.metrics.prometheus_port is not None:
+            from batcher.metrics import MetricsServer
+
             self.metrics = MetricsServer(
                 stats,
                 port=job.metrics.prometheus_port,
@@ -115,6 +120,8 @@ class RunMonitoring:
             self.metrics.stop()
         spend = spend_usd(self.stats, self.job.prices)
         if self.job.metrics.textfile is not None:
+            from batcher.metrics import write_textfile
+
             try:
                 write_textfile(
                     _job_path(self.job, self.job.metrics.textfile),
