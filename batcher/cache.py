@@ -274,6 +274,7 @@ class CachedAnswer:
     completion_tokens: int | None
     created: float  # unix seconds it was stored
     hits: int  # earlier hits, this one not counted
+    entry: int = 0  # the entry's id: `note_hits` counts the entries served
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +349,9 @@ class ResponseStore:
         self.mismatches = 0  # entries whose check hash or answer did not verify (served as misses)
         self._warned_busy = False
         self._hits: dict[int, int] = {}  # entry id -> hits not yet written
+        # `note_hits` runs on the event loop: it must not wait for the connection's lock while
+        # a thread writes answers, so the counts have their own.
+        self._hits_lock = threading.Lock()
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -412,13 +416,16 @@ class ResponseStore:
 
     # -- reading and writing --------------------------------------------------------------------
 
-    def get_many(self, keys: Iterable[CacheKey]) -> dict[str, CachedAnswer]:
+    def get_many(
+        self, keys: Iterable[CacheKey], *, count_hits: bool = True
+    ) -> dict[str, CachedAnswer]:
         """The stored answers among `keys`, by `CacheKey.key`; a miss is simply absent.
 
         An entry whose check hash differs from the request's, or whose answer does not
         decompress to a JSON object, is a miss (warned once per store). Hits are counted in
         memory and written every _HIT_FLUSH hits, by stats(), prune() and close(); they only
-        feed the statistics and LRU pruning."""
+        feed the statistics and LRU pruning. `count_hits=False`: the caller counts the answers
+        it uses with `note_hits` (a run may find an answer and not serve it)."""
         wanted = {bytes.fromhex(k.key): k for k in keys}
         if not wanted:
             return {}
@@ -432,18 +439,25 @@ class ResponseStore:
                 marks = ",".join("?" * len(chunk))
                 sql = f"SELECT {_COLUMNS} FROM entries WHERE key IN ({marks})"
                 rows.extend(conn.execute(sql, chunk).fetchall())
-            pending = self._hits
             for rowid, key, check, codec, answer, model, ptok, ctok, created, hits in rows:
                 want = wanted[key]
                 body = _decode(codec, answer) if check == want.check else None
                 if body is None:
                     self._mismatch(want.key)
                     continue
-                found[want.key] = CachedAnswer(body, model, ptok, ctok, created, hits)
-                pending[rowid] = pending.get(rowid, 0) + 1
-            if len(pending) >= _HIT_FLUSH:
+                found[want.key] = CachedAnswer(body, model, ptok, ctok, created, hits, rowid)
+            if count_hits:
+                self.note_hits(a.entry for a in found.values())
+            if len(self._hits) >= _HIT_FLUSH:
                 self._flush_hits(conn)
         return found
+
+    def note_hits(self, entries: Iterable[int]) -> None:
+        """Count a hit for each entry id (of `CachedAnswer.entry`), written at the next flush."""
+        with self._hits_lock:
+            pending = self._hits
+            for entry in entries:
+                pending[entry] = pending.get(entry, 0) + 1
 
     def put_many(self, entries: Iterable[CacheEntry]) -> int:
         """Store answers in one short transaction (a later answer for a key replaces the earlier
@@ -535,10 +549,12 @@ class ResponseStore:
         """Write the counted hits in one transaction, by entry id (the table's own order), stamped
         with the time of the flush (close enough for LRU: at most one run late). If another
         process holds the write lock they stay pending for the next flush."""
-        if not self._hits:
+        with self._hits_lock:
+            taken, self._hits = self._hits, {}
+        if not taken:
             return
         now = self._clock()
-        rows = [(n, now, rowid) for rowid, n in sorted(self._hits.items())]
+        rows = [(n, now, rowid) for rowid, n in sorted(taken.items())]
         try:
             with _write(conn):
                 conn.executemany(
@@ -549,10 +565,11 @@ class ResponseStore:
         except sqlite3.OperationalError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
                 raise
-            if len(self._hits) > 10 * _HIT_FLUSH:
-                self._hits.clear()  # bounded memory: statistics are not worth more
+            if len(taken) <= 10 * _HIT_FLUSH:  # else dropped: statistics are not worth more
+                with self._hits_lock:  # pending for the next flush
+                    for entry, n in taken.items():
+                        self._hits[entry] = self._hits.get(entry, 0) + n
             return
-        self._hits.clear()
 
     @contextmanager
     def _guard(self, doing: str) -> Iterator[sqlite3.Connection | None]:

@@ -226,17 +226,22 @@ class Engine:
 
     # ---- producing requests ----
 
-    def _prepare(self, it: Iterator[list[Row]]) -> tuple[Prepared, list[Result], int] | None:
+    def _prepare(
+        self, it: Iterator[list[Row]]
+    ) -> tuple[Prepared, list[Result], list[int], int] | None:
         """Runs in a worker thread: next input batch -> (requests and error rows, answers
-        served from the store, rows the journal already answers)."""
+        served from the store and their store entries, rows the journal already answers)."""
         batch = next(it, None)
         if batch is None:
             return None
         in_shard = self._in_shard
         built = self.preparer.build([r for r in batch if in_shard(r.id)])
         skipped = built.drop(self._done_row) if len(self._done) else 0
-        served = [] if self.reuse is None else self.preparer.serve(built, self.reuse)
-        return self.preparer.count(built), served, skipped
+        served: list[Result] = []
+        entries: list[int] = []
+        if self.reuse is not None:
+            served, entries = self.preparer.serve(built, self.reuse)
+        return self.preparer.count(built), served, entries, skipped
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
@@ -262,9 +267,12 @@ class Engine:
         for _ in self._halt.workers:
             await self._queue.put(None)
 
-    async def _use(self, prepared: Prepared, served: list[Result], skipped: int) -> None:
-        """One prepared batch: its error rows and store answers journaled, its requests
-        queued for the workers (or joined to an identical one in flight)."""
+    async def _use(
+        self, prepared: Prepared, served: list[Result], entries: list[int], skipped: int
+    ) -> None:
+        """One prepared batch: its error rows and store answers journaled (and counted as the
+        store's hits), its requests queued for the workers (or joined to an identical one in
+        flight)."""
         self.stats.done_before += skipped
         if prepared.default_max_tokens and self.budget.cap_usd is not None:
             raise JobSpecError(
@@ -286,6 +294,8 @@ class Engine:
                 self.stats.limits[req.model] = (limit.rpm, limit.tpm)
         if prepared.errors or served:
             await self._finish_many([*prepared.errors, *served])
+        if self.reuse is not None:
+            self.reuse.used(entries)
         for req in prepared.requests:
             claim = True if self.reuse is None else self.reuse.claim(req)
             if isinstance(claim, Result):  # an identical request was just answered

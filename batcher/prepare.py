@@ -157,14 +157,16 @@ class Preparer:
         )
         built.rejections.append(Rejection(row.id, "bad_row"))
 
-    def serve(self, built: Built, reuse: Reuse) -> list[Result]:
+    def serve(self, built: Built, reuse: Reuse) -> tuple[list[Result], list[int]]:
         """Rows the response store answers leave `built` before `count`: an answer that costs
         no quota needs no token count (a rerun answered from the store spent a tenth of its
-        CPU counting). Only rows with a stored answer get a (zero-cost) Request."""
+        CPU counting). Only rows with a stored answer get a (zero-cost) Request. Returns their
+        results and the store entries they came from (`Reuse.used` once journaled)."""
         found = reuse.lookup(k for g in built.by_model.values() for k in g[2] if k is not None)
         if not found:
-            return []
+            return [], []
         served: list[Result] = []
+        entries: list[int] = []
         for model, (rows, bodies, keys) in built.by_model.items():
             for row, body, key in zip(rows, bodies, keys, strict=True):
                 hit = found.get(key.key) if key is not None else None
@@ -174,10 +176,11 @@ class Preparer:
                 result = reuse.serve(Request(row.id, body, model, 0, keep, key), hit)
                 if result is not None:
                     served.append(result)
+                    entries.append(hit.entry)
         if served:
             answered = {r.id for r in served}
             built.drop(lambda row_id, key: key is not None and row_id in answered)
-        return served
+        return served, entries
 
     def count(self, built: Built, *, num_threads: int = 1) -> Prepared:
         out = Prepared(errors=built.errors, rejections=built.rejections)

@@ -86,7 +86,7 @@ class Reuse:
         says which of them a request may have."""
         if not (self.read or self.own_only):
             return {}
-        return self.store.get_many(keys)
+        return self.store.get_many(keys, count_hits=False)  # `used` counts those served
 
     def serve(self, req: Request, hit: CachedAnswer) -> Result | None:
         """`req`'s row answered by `hit`, or None when it must be asked."""
@@ -107,6 +107,13 @@ class Reuse:
         return result if result.ok else None
 
     # ---- on the event loop ----
+
+    def used(self, entries: list[int]) -> None:
+        """The store entries (`CachedAnswer.entry`) whose answers rows were given (journaled):
+        their hits, for the statistics and LRU pruning. Found and not served (`--no-cache`,
+        an answer that no longer validates) or dropped by a stop, an answer is no hit."""
+        if entries:
+            self.store.note_hits(entries)
 
     def claim(self, req: Request) -> Result | bool | None:
         """Before queueing `req`: a Result to journal now (an identical request was just

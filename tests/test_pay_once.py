@@ -117,9 +117,17 @@ def test_a_second_job_asking_the_same_sends_nothing(tmp_path: Path, mock_server)
     assert res.returncode == 0, res.stderr
     assert sent(srv, before) == 0
     check(other / "elsewhere/labels.parquet", rows(300))
-    # --no-cache asks afresh
+    assert store_hits() == 300
+    # --no-cache asks afresh: the store's answers it found and did not use are no hits
     res = run_batcher("run", other / "job.yaml", "--restart", "--no-cache")
     assert res.returncode == 0 and sent(srv, before) == 300
+    assert store_hits() == 300
+
+
+def store_hits() -> int:
+    res = run_batcher("cache", "stats", "--json")
+    assert res.returncode == 0, res.stderr
+    return int(json.loads(res.stdout)["hits"])
 
 
 def test_the_budget_stops_at_the_cap_and_a_higher_cap_finishes_without_paying_twice(
