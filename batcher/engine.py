@@ -296,12 +296,21 @@ class Engine:
             await self._finish_many([*prepared.errors, *served])
         if self.reuse is not None:
             self.reuse.used(entries)
+        # Rows an identical request just answered are journaled together (a commit per row
+        # waited out the journal's commit gap row after row), and before the queue makes the
+        # producer wait.
+        shared: list[Result] = []
         for req in prepared.requests:
             claim = True if self.reuse is None else self.reuse.claim(req)
             if isinstance(claim, Result):  # an identical request was just answered
-                await self._finish(claim)
+                shared.append(claim)
             elif claim:
+                if shared and self._queue.full():
+                    await self._finish_many(shared)
+                    shared = []
                 await self._queue.put(req)
+        if shared:
+            await self._finish_many(shared)
         if self.reuse is not None:
             await self._flush_store(self.reuse.take_pending())
 
@@ -328,10 +337,8 @@ class Engine:
                 return
             shared = [] if self.reuse is None else self.reuse.answered(req, result, answer)
             self._halt.busy.add(me)  # from here until durable, a stop waits for this row
-            try:
-                await self._finish(result)
-                for other in shared:
-                    await self._finish(other)
+            try:  # one commit for the row and the rows that waited for its answer
+                await self._finish_many([result, *shared])
             except BatcherError as exc:  # the journal cannot take it (disk full, replaced)
                 self._halt.stop(StopReason.FATAL, exc)
                 return
@@ -535,13 +542,8 @@ class Engine:
                 ),
             )
 
-    async def _finish(self, result: Result) -> None:
-        assert self._journal is not None
-        await self._journal.append(result)
-        self._count(result)
-
     async def _finish_many(self, results: list[Result]) -> None:
-        """Rows answered without a request, in one journal wait (not a task per row)."""
+        """Finished rows, in one journal wait (one group commit), then counted."""
         assert self._journal is not None
         await self._journal.append_many(results)
         for result in results:

@@ -574,10 +574,14 @@ class Journal:
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        cancelled = False
         while self._pending:
             gap = self._last_commit + GROUP_COMMIT_S - loop.time()
-            if gap > 0:
-                await asyncio.sleep(gap)  # what arrives meanwhile joins this commit
+            if gap > 0 and not cancelled:
+                try:
+                    await asyncio.sleep(gap)  # what arrives meanwhile joins this commit
+                except asyncio.CancelledError:
+                    cancelled = True  # (a cancelled drain) the lines are paid for: write them
             self._last_commit = loop.time()
             lines, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
@@ -600,6 +604,8 @@ class Journal:
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _write_sync(self, data: bytes) -> None:
         if self._failed is not None:
@@ -692,9 +698,15 @@ class Journal:
             raise storage_error(self.path, exc, "write the journal") from None
 
     async def drain(self) -> None:
-        """Wait until every appended result is on disk (or has failed)."""
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        """Wait until every appended result is on disk (or has failed). Cancelled, it leaves
+        the flusher writing."""
+        flusher = self._flusher
+        if flusher is not None:
+            try:
+                await asyncio.shield(flusher)
+            except asyncio.CancelledError:
+                if not flusher.cancelled():
+                    raise  # drain itself was cancelled
 
     def close(self) -> None:
         # After a failed write (disk full) the buffer still holds those bytes and closing

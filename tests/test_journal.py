@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from batcher import journal as journal_module
 from batcher.errors import JobLocked, JournalError, StorageError
 from batcher.journal import (
     GROUP_COMMIT_S,
@@ -75,6 +76,27 @@ async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, m
     journal.close()
     assert len(list(read_results(journal_path(tmp_path / "o.parquet")))) == 64 * 20
     assert commits <= elapsed / GROUP_COMMIT_S + 1, (commits, elapsed)
+
+
+async def test_a_flusher_cancelled_in_its_commit_gap_still_writes(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A cancelled drain cancels the flusher; if it waits out the commit gap, the lines it
+    holds (answers paid for) are written first and their appends return."""
+    monkeypatch.setattr(journal_module, "GROUP_COMMIT_S", 3600.0)  # surely in the gap
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+    await journal.append(Result("a", "ok", content="c"))
+    second = asyncio.ensure_future(journal.append(Result("b", "ok", content="c")))
+    await asyncio.sleep(0)  # the append starts the flusher ...
+    await asyncio.sleep(0)  # ... which begins to wait out the gap
+    flusher = journal._flusher
+    assert flusher is not None and not flusher.done()
+    flusher.cancel()
+    await asyncio.wait_for(second, timeout=60)
+    with pytest.raises(asyncio.CancelledError):
+        await flusher
+    journal.close()
+    assert [r["id"] for r in read_results(journal_path(tmp_path / "o.parquet"))] == ["a", "b"]
 
 
 async def test_torn_tail_is_dropped_and_cut(tmp_path: Path, caplog) -> None:

@@ -19,6 +19,7 @@ import pytest
 from helpers import env_with_key, read_output, run_batcher, write_job, write_jsonl
 
 from batcher import engine, reuse
+from batcher import journal as journal_module
 from batcher.history import history_path, read_history
 
 FAST: dict[str, Any] = {"rpm": None, "tpm": None}
@@ -92,6 +93,29 @@ def test_duplicates_in_a_job_are_sent_once_at_temperature_0(tmp_path: Path, mock
     for row, answer in zip(data, out, strict=True):  # duplicates share one answer
         assert by_text.setdefault(row["text"], answer["content"]) == answer["content"]
     assert sum(r["source"] in ("dedupe", "cache") for r in out) == 300
+
+
+def test_duplicates_are_journaled_in_few_commits(tmp_path: Path, mock_server, monkeypatch) -> None:
+    """400 rows, 4 distinct requests: the rows that wait for an identical request's answer go
+    to the journal with it, in one commit, not a commit (and a commit gap) each."""
+    srv = mock_server(**FAST)
+    data = [{"id": f"r{i}", "text": f"review {i % 4}"} for i in range(400)]
+    write_jsonl(tmp_path / "input.jsonl", data)
+    job(tmp_path, srv.url)
+    commits = 0
+    write = journal_module.Journal._write_sync
+
+    def counted(self: journal_module.Journal, data: bytes) -> None:
+        nonlocal commits
+        commits += data.count(b'{"t":"r"') > 0
+        write(self, data)
+
+    monkeypatch.setattr(journal_module.Journal, "_write_sync", counted)
+    res = run_batcher("run", tmp_path / "job.yaml")
+    assert res.returncode == 0, res.stderr
+    assert srv.stats()["requests"] == 4
+    check(tmp_path / "out/result.parquet", data)
+    assert commits <= 12, commits
 
 
 def test_dedupe_false_gives_each_row_its_own_request(tmp_path: Path, mock_server) -> None:
