@@ -581,12 +581,17 @@ class Journal:
                 try:
                     await asyncio.sleep(gap)  # what arrives meanwhile joins this commit
                 except asyncio.CancelledError:
-                    cancelled = True  # (a cancelled drain) the lines are paid for: write them
+                    cancelled = True  # (at shutdown) the lines are paid for: write them first
             self._last_commit = loop.time()
             lines, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
+            write = asyncio.ensure_future(asyncio.to_thread(self._write_sync, b"".join(lines)))
             try:
-                await asyncio.to_thread(self._write_sync, b"".join(lines))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    cancelled = True  # the thread writes them anyway: see them through
+                    await write
             except Exception as exc:  # anything: waiters must never hang on a dead flusher
                 if isinstance(exc, StorageError):
                     self._failed = exc

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -97,6 +98,35 @@ async def test_a_flusher_cancelled_in_its_commit_gap_still_writes(
         await flusher
     journal.close()
     assert [r["id"] for r in read_results(journal_path(tmp_path / "o.parquet"))] == ["a", "b"]
+
+
+async def test_a_flusher_cancelled_while_it_writes_sees_the_write_through(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Cancelled while its thread writes, the flusher still tells the appends waiting for that
+    write that their lines are on disk, instead of leaving them waiting for ever."""
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+    entered, release = threading.Event(), threading.Event()
+    write = journal._write_sync
+
+    def held(data: bytes) -> None:
+        entered.set()
+        release.wait(60)
+        write(data)
+
+    monkeypatch.setattr(journal, "_write_sync", held)
+    pending = asyncio.ensure_future(journal.append(Result("a", "ok", content="c")))
+    assert await asyncio.to_thread(entered.wait, 60)
+    flusher = journal._flusher
+    assert flusher is not None
+    flusher.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.wait_for(pending, timeout=60)
+    with pytest.raises(asyncio.CancelledError):
+        await flusher
+    journal.close()
+    assert [r["id"] for r in read_results(journal_path(tmp_path / "o.parquet"))] == ["a"]
 
 
 async def test_torn_tail_is_dropped_and_cut(tmp_path: Path, caplog) -> None:
