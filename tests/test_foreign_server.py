@@ -128,8 +128,8 @@ def test_every_429_shape_ends_with_all_rows_ok(
         **headers,
     )
     # 8 rows, three refusals: each shape's 429 is read, paced and retried to the end. (Five in
-    # a row made the limiter pace at a twentieth of the limits for 30 s: 22 s a shape, for the
-    # share bound that tests/test_limiter.py checks on a fake clock.)
+    # a row made the limiter pace at a twentieth of the limits for 30 s: 22 s a shape without
+    # headers, for the share bound that tests/test_limiter.py checks on a fake clock.)
     run = run_job(tmp_path, srv, 8, limits=limits(1200, 1_000_000))
     assert_all_ok(run, 8)
     assert run.stats.rate_limited >= 3  # the shape was really exercised
