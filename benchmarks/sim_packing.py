@@ -12,10 +12,10 @@ per minute after the first minute, over the share of the TPM, is the most the sc
 reach on that server with a perfect estimate: what `bench_foreign.py --variants langdock`
 measures, minus every real-world noise. Runs in a few seconds.
 
-Variants show where the rest goes: the share margin (`share_margin_factor`), the pacing's
-headroom, and the look-ahead; "10 s slack" is the mean room left in the 10 s window after an
-admission (the packing loss: the next request is larger than the room; negative: over the
-server's budget, which it would refuse).
+Variants show where the rest goes: the packing and the look-ahead's depth, the share margin
+(`share_margin_factor`), the pacing's headroom; "10 s slack" is the mean room left in the 10 s
+window after an admission (the packing loss: the next request is larger than the room;
+negative: over the server's budget, which it would refuse).
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def request_costs(count: int, seed: int) -> list[int]:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "no packing (fills only)": {"lookahead_passes": 0},
+    "look-ahead 8": {"lookahead": 8},
     "no look-ahead": {"lookahead": 0},
     "no share margin": {"share_margin_factor": 0.0},
     "headroom 1.0": {"headroom": 1.0},
@@ -75,15 +77,17 @@ def simulate(
     rnd = random.Random(seed)
     st = schedule.State()
     queue = [rnd.choice(costs) for _ in range(QUEUE)]
-    now, admitted, slack = 0, [], []
+    now, admitted, slack, passed = 0, [], [], 0
     budget = policy.tpm * 10 / 60 * schedule._cap(policy, share)
     length = schedule._wlen(policy, 10.0)
     while now < us(seconds):
         st.sh0, st.sht = share, now  # the headers' reading, fresh at every admission
-        reply = schedule.reserve(policy, st, queue[0], now, queue[1 : 1 + policy.lookahead])
+        look = queue[1 : 1 + policy.lookahead]
+        reply = schedule.reserve(policy, st, queue[0], now, look, passed)
         cost = queue.pop(reply.waiter)
+        passed += 1
         if not reply.waiter:
-            now = max(now, reply.at)  # the head sleeps until its slot
+            now, passed = max(now, reply.at), 0  # the head sleeps until its slot
         admitted.append((reply.at, cost))
         if reply.at >= us(60):
             win = schedule._window(st, reply.at - length)

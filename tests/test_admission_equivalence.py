@@ -11,6 +11,7 @@ backend sends them. Needs BATCHER_TEST_REDIS_URL; skipped without it.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import uuid
@@ -153,10 +154,15 @@ async def test_random_traces_give_equal_slots_and_states(limiter: RedisLimiter, 
                 schedule.feedback(policy, st, sig, now)
             limiter._queued[MODEL] = ridealong
             ridealong = []
-            # The costs queued behind it: a smaller one may take the head's room.
-            waiting = [rng.randint(0, max(1, cost)) for _ in range(rng.choice([0, 1, 4, 12]))]
-            want = schedule.reserve(policy, st, cost, now, waiting)
-            got = await limiter.reserve(MODEL, cost, now_us=now, waiting=waiting)
+            # The costs queued behind it: a smaller one may take the head's room, a larger
+            # one may pack it better; `passed` at the bound stops the packing.
+            waiting = [
+                rng.randint(0, max(1, cost * rng.choice([1, 2])))
+                for _ in range(rng.choice([0, 1, 4, 12, 20]))
+            ]
+            passed = rng.choice([0, 0, 3, policy.lookahead_passes])
+            want = schedule.reserve(policy, st, cost, now, waiting, passed)
+            got = await limiter.reserve(MODEL, cost, now_us=now, waiting=waiting, passed=passed)
             admissions.append(
                 (want.seq, want.at, waiting[want.waiter - 1] if want.waiter else cost)
             )
@@ -209,6 +215,39 @@ async def test_lookahead_hands_the_same_slots(limiter: RedisLimiter) -> None:
         (us(310), 300),
         (us(310), 100),
     ]
+
+
+async def test_packing_hands_the_same_slots(limiter: RedisLimiter) -> None:
+    """A queue at Langdock's limits with the share below 1, as the backends drive it (the head
+    asks again after each hand-over, counting them): equal replies and states, and the packing
+    (a waiter that delays the head) really chose, up to the pass bound."""
+    policy = Policy(500, 60_000)
+    limiter.policy = lambda model: policy
+    st = State()
+    rng = random.Random(5)
+    queue = [rng.randint(300, 420) for _ in range(40)]
+    now, passed, packs, most = 10**15, 0, 0, 0
+    st.sh0, st.sht = 0.6, now  # the share headers revealed, on both sides
+    assert limiter._redis is not None
+    await limiter._redis.hset(keys(limiter.workspace, MODEL)[0], mapping={"sh0": 0.6, "sht": now})
+    for _ in range(150):
+        look = queue[1 : 1 + policy.lookahead]
+        alone = schedule.reserve(policy, copy.deepcopy(st), queue[0], now).at
+        want = schedule.reserve(policy, st, queue[0], now, look, passed)
+        got = await limiter.reserve(MODEL, queue[0], now_us=now, waiting=look, passed=passed)
+        assert got == want
+        assert comparable(await redis_state(limiter)) == comparable(st)
+        if want.waiter:
+            passed += 1
+            most = max(most, passed)
+            if schedule.reserve(policy, copy.deepcopy(st), queue[0], now).at > alone:
+                packs += 1
+        else:
+            now, passed = max(now, want.at), 0
+        queue.pop(want.waiter)
+        queue.append(rng.randint(300, 420))
+    assert packs > 10
+    assert most <= policy.lookahead_passes + policy.lookahead
 
 
 async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:

@@ -197,34 +197,40 @@ def test_a_head_held_by_pacing_alone_lets_nobody_pass() -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_lookahead_keeps_every_window_and_never_delays_the_head(seed: int) -> None:
+def test_lookahead_keeps_every_window_and_passes_the_head_a_bounded_number_of_times(
+    seed: int,
+) -> None:
     rng = random.Random(seed)
     p = Policy(*LANGDOCK)
     st = State()
     queue = [rng.randint(250, 650) for _ in range(400)]
-    now, sends, passed = 0, list[tuple[float, int]](), 0
+    now, sends, fills, packs, passes = 0, list[tuple[float, int]](), 0, 0, 0
     while queue:
         head = queue[0]
         alone = sch.reserve(p, copy.deepcopy(st), head, now).at
-        got = sch.reserve(p, st, head, now, queue[1 : 1 + p.lookahead])
+        got = sch.reserve(p, st, head, now, queue[1 : 1 + p.lookahead], passes)
         cost = queue.pop(got.waiter)
         sends.append((got.at / 1e6, cost))
         if got.waiter:
-            passed += 1
-            assert cost < head and got.at < alone
-            assert sch.reserve(p, copy.deepcopy(st), head, now).at <= alone
+            passes += 1
+            assert got.at <= alone  # never later than the head would have gone
+            if sch.reserve(p, copy.deepcopy(st), head, now).at <= alone:
+                fills += 1  # in the room the head leaves: the head goes at its slot still
+            else:
+                packs += 1  # the head waits for a better-filled window, a bounded number of times
+                assert passes <= p.lookahead_passes
         else:
             assert got.at == alone
-            now = got.at  # the next head asks when this one goes
+            now, passes = got.at, 0  # the next head asks when this one goes
     for length in (60.0, 10.0, 1.0):
         assert worst_window(sends, length, tokens=False) <= LANGDOCK[0] * length / 60
     for length in (60.0, 10.0):
         assert worst_window(sends, length, tokens=True) <= LANGDOCK[1] * length / 60
-    assert passed > 20
-    # FIFO reached ~0.966 of the TPM here, look-ahead ~0.98.
+    assert fills > 5 and packs > 20
+    # FIFO reached ~0.966 of the TPM here, the fills alone ~0.98.
     minutes = (sends[-1][0] - 60.0) / 60
     late = sum(c for t, c in sends if t > 60.0)
-    assert late / minutes / LANGDOCK[1] > 0.975
+    assert late / minutes / LANGDOCK[1] > 0.98
 
 
 # -- header parsing -----------------------------------------------------------------------------

@@ -96,12 +96,15 @@ class LocalLimiter:
                 front = True  # a 429 paused the model meanwhile: back in line, near the head
                 continue
             try:
+                passed = 0  # slots this head handed over (packing passes it a bounded number)
                 while True:
                     behind = lane.behind(policy.lookahead)
                     now = us(self._now())
-                    slot = schedule.reserve(policy, st, cost, now, [w.cost for w in behind])
+                    costs = [w.cost for w in behind]
+                    slot = schedule.reserve(policy, st, cost, now, costs, passed)
                     if slot.waiter:
                         lane.hand(behind[slot.waiter - 1], slot)
+                        passed += 1
                         continue
                     if await self._sleep_until(st, slot.at):
                         return self._admitted(model, cost, slot, began)

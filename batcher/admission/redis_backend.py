@@ -230,15 +230,18 @@ class RedisLimiter:
                 await self.drain_feedback(model)
                 if self._failure is not None:
                     raise self._failure
+                passed = 0  # slots this head handed over (packing passes it a bounded number)
                 while self._fallback is None:
                     behind = lane.behind(policy.lookahead)
+                    costs = [w.cost for w in behind]
                     try:
-                        res = await self.reserve(model, cost, waiting=[w.cost for w in behind])
+                        res = await self.reserve(model, cost, waiting=costs, passed=passed)
                     except _LOST as exc:
                         self._lost(exc)
                         break
                     if res.waiter:
                         lane.hand(behind[res.waiter - 1], res)
+                        passed += 1
                         continue
                     if await self._sleep_until(model, res):
                         return self._admitted(model, cost, res, began)
@@ -273,17 +276,21 @@ class RedisLimiter:
         *,
         now_us: int | None = None,
         waiting: Sequence[int] = (),
+        passed: int = 0,
     ) -> Reply:
         """Take the next slot of the shared schedule, without waiting for it: one round trip.
 
         `waiting`: the costs queued behind this call (look-ahead; the reply's `waiter` says
-        whose slot it is). Carries the model's queued non-urgent feedback. `now_us` replaces
-        the Redis clock (tests only). Raises redis-py's errors as they are.
+        whose slot it is), `passed`: the slots this call handed over already. Carries the
+        model's queued non-urgent feedback. `now_us` replaces the Redis clock (tests only).
+        Raises redis-py's errors as they are.
         """
         queued = self._queued.pop(model, [])
         request: dict[str, Any] = {"cost": cost, "feedback": [s.encode() for s in queued]}
         if waiting:
             request["waiting"] = list(waiting)
+        if passed:
+            request["passed"] = passed
         if now_us is not None:
             request["now"] = now_us
         try:

@@ -1,7 +1,7 @@
 -- RESERVE: apply the answers reported since the last round trip (R.feedback), then take the
 -- earliest slot the pacing, the pause and every window allow for R.cost tokens, or give it to
--- one of the costs waiting behind it (R.waiting) that fits before it without moving it
--- (schedule.reserve).
+-- one of the costs waiting behind it (R.waiting) that fits before it without moving it, or
+-- that packs the token room at its slot best (schedule.reserve, schedule._pack).
 for _, sig in ipairs(R.feedback or {}) do apply_feedback(sig) end
 expire_log()
 local m = multiplier()
@@ -73,6 +73,46 @@ if at > now then
           k_cum, k_seq
         redis.call('ZREM', LOG, member)
       end
+    end
+  end
+end
+-- schedule._pack: which of the head (0) and the waiting should take the head's slot so that
+-- two going first fill the token room at it best; 0 unless the room is short
+local function pack(waiting, n)
+  local room = math.huge
+  for _, w in ipairs(P.token_windows_s) do
+    local _, _, total, _, _, tref = window(at - wlen(w))
+    room = math.min(room, P.tpm * w / 60 * c - (total - tref))
+  end
+  if cost > room then return 0 end
+  local fits = {{0, cost}}
+  local largest = nil
+  for i = 1, n do
+    if waiting[i] <= room then
+      fits[#fits + 1] = {i, waiting[i]}
+      if largest == nil or waiting[i] > largest then largest = waiting[i] end
+    end
+  end
+  if largest == nil or cost + largest <= room then return 0 end
+  local best, pick = -1, 0
+  for _, a in ipairs(fits) do
+    local second = 0
+    for _, b in ipairs(fits) do
+      if b[1] ~= a[1] and b[2] > second and a[2] + b[2] <= room then second = b[2] end
+    end
+    if a[2] + second > best then best, pick = a[2] + second, a[1] end
+  end
+  return pick
+end
+
+if not given and at > now and (R.passed or 0) < P.lookahead_passes then
+  local waiting = R.waiting or {}
+  local i = pack(waiting, math.min(#waiting, P.lookahead))
+  if i > 0 then
+    local fat, frtat, fttat = slot(waiting[i])
+    if fat <= at then
+      commit(waiting[i], fat, frtat, fttat)
+      given, waiter = fat, i
     end
   end
 end
