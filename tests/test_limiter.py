@@ -487,8 +487,8 @@ def test_a_429_bound_above_the_share_or_without_its_admission_says_nothing() -> 
     assert not read_feedback(sched.p, 429, {}, last_cost=300).bound
     sched.feedback(429, {}, t)
     assert sched.share(t) == 1.0
-    # Our usage fills the whole window (a 429 of jitter at its edge): no news.
-    full = Sched(*LANGDOCK)
+    # Our usage fills the whole window (a lone 429 of jitter at its edge): no news.
+    full = Sched(*LANGDOCK, aimd_strike_requests=200)
     t, seq = 0.0, 0
     while t < 30.0:
         t = full.reserve(300, t)
@@ -496,6 +496,33 @@ def test_a_429_bound_above_the_share_or_without_its_admission_says_nothing() -> 
     sig = read_feedback(full.p, 429, {}, last_cost=300, failed=(seq, us(t), 300), sent_at=us(t))
     sch.feedback(full.p, full.st, sig, us(t))
     assert full.share(t) == 1.0
+
+
+def test_a_second_429_at_the_edge_of_the_share_lowers_it_to_the_middle_of_the_bracket() -> None:
+    """The share believed (0.63, read high while ramping up) is a little above the truth: the
+    window our pacing fills is refused again and again. The second 429 within the strike
+    count is not jitter: the share drops between our usage without the refused request and
+    with it, not by a whole request (the lower end)."""
+    sched = Sched(5_000, 60_000, aimd_strike_requests=200)
+    sched.st.sh0, sched.st.sht = 0.63, 0  # held for share_hold_s
+    t = 0.0
+    while t < 25.0:
+        t = sched.reserve(100, t)
+    sched.feedback(429, {"retry-after": "0"}, t)  # lone, naming no admission: jitter
+    assert sched.share(t) == 0.63
+    t = sched.reserve(100, t)
+    last = sched.st.log[-1]
+    refused = sch.Refund(last.at, last.seq, 100, 0)
+    upper = sch._estimates(sched.p, sched.st, 0, sched.p.tpm, True, us(t), last.at, None)
+    lower = sch._estimates(sched.p, sched.st, 0, sched.p.tpm, True, us(t), last.at, refused)
+    assert upper is not None and lower is not None
+    assert upper >= 0.63 - 2 * (1 - sched.p.headroom)  # at the edge: a lone one is jitter
+    sig = read_feedback(
+        sched.p, 429, {}, last_cost=100, failed=(last.seq, last.at, 100), sent_at=last.at
+    )
+    sch.feedback(sched.p, sched.st, sig, us(t))
+    assert sched.share(t) == pytest.approx((lower + upper) / 2)
+    assert lower < sched.share(t) < 0.63 and sched.st.shdown == 1
 
 
 @pytest.mark.parametrize(

@@ -446,12 +446,16 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
                     lower = lo
             # Our own pacing fills a window up to the headroom: a reading whose upper end is
             # that close to the share is a 429 of jitter at a full window's edge, not others'.
-            if (
-                upper is not None
-                and lower is not None
-                and upper < share - p.share_margin_factor * (1 - p.headroom)
-            ):
-                revealed = lower
+            # Unless it is a strike: the server refused what we believe fits twice within
+            # `aimd_strike_requests` admissions. The share is then a little high (read from a
+            # ramp-up window: 0.628 for a true 0.6 drew a 429 every 10 s at Langdock's limits,
+            # each taken for jitter), less than a request: the middle of the bracket, as the
+            # lower end would throttle by a whole request (0.877 of the quota, not 0.905).
+            if upper is not None and lower is not None:
+                if upper < share - p.share_margin_factor * (1 - p.headroom):
+                    revealed = lower
+                elif strike and lower < share:
+                    revealed = (lower + upper) / 2
         if revealed is not None:
             revealed = max(p.aimd_min, min(1.0, revealed))
             tau = us(p.share_smoothing_s if revealed >= share else p.share_smoothing_down_s)

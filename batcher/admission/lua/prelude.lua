@@ -192,8 +192,12 @@ local function apply_feedback(sig)
         if hi and (not upper or hi > upper) then upper = hi end
         if lo and (not lower or lo > lower) then lower = lo end
       end
-      if upper and lower and upper < share - P.share_margin_factor * (1 - P.headroom) then
-        revealed = lower
+      if upper and lower then
+        if upper < share - P.share_margin_factor * (1 - P.headroom) then
+          revealed = lower
+        elseif strike and lower < share then
+          revealed = (lower + upper) / 2
+        end
       end
     end
     if revealed then
