@@ -54,7 +54,7 @@ class Policy:
     # this many requests may go first: a smaller one that fits the room the head leaves
     # (never delaying the head), or the one that best packs the room at the head's slot. At
     # Langdock's limits a 10 s window holds ~17-20 requests and strict FIFO left 3-4 % of it
-    # unused (sim_packing.py: 0.955 of the share, 0.970 with packing over 16). 0: strict FIFO.
+    # unused (sim_packing.py: 0.956 of the share with fills only, 0.967 packing 16). 0: FIFO.
     lookahead: int = 16
     # Packing may pass the head over this many times (then it takes its own slot): a request
     # that fits no pair well still goes within a few slots.
