@@ -226,7 +226,7 @@ async def test_packing_hands_the_same_slots(limiter: RedisLimiter) -> None:
     st = State()
     rng = random.Random(5)
     queue = [rng.randint(300, 420) for _ in range(40)]
-    now, passed, packs, most = 10**15, 0, 0, 0
+    now, passed, packs, most, head_packs = 10**15, 0, 0, 0, 0
     st.sh0, st.sht = 0.6, now  # the share headers revealed, on both sides
     assert limiter._redis is not None
     await limiter._redis.hset(keys(limiter.workspace, MODEL)[0], mapping={"sh0": 0.6, "sht": now})
@@ -239,15 +239,60 @@ async def test_packing_hands_the_same_slots(limiter: RedisLimiter) -> None:
         assert comparable(await redis_state(limiter)) == comparable(st)
         if want.waiter:
             passed += 1
-            most = max(most, passed)
             if schedule.reserve(policy, copy.deepcopy(st), queue[0], now).at > alone:
                 packs += 1
+                head_packs += 1
+                most = max(most, head_packs)
         else:
-            now, passed = max(now, want.at), 0
+            now, passed, head_packs = max(now, want.at), 0, 0
         queue.pop(want.waiter)
         queue.append(rng.randint(300, 420))
     assert packs > 10
-    assert most <= policy.lookahead_passes + policy.lookahead
+    assert most <= policy.lookahead_passes  # a head delayed by packing at most this often
+
+
+@pytest.mark.parametrize(
+    ("rpm", "cost", "share", "seconds", "lowered"),
+    [
+        (5_000, 100, 0.63, 25.0, True),  # full windows at 0.63: lowered to the bracket's middle
+        (500, 400, 0.5, 0.0, False),  # the ramp's wide bracket: its middle above 0.5, held
+    ],
+)
+async def test_a_strike_at_the_share_s_edge_sets_the_same_share(
+    limiter: RedisLimiter, rpm: int, cost: int, share: float, seconds: float, lowered: bool
+) -> None:
+    """Without headers, a second 429 while our windows are full up to the believed share:
+    the share goes to the middle of the bracket, never above where it was; equal on both sides
+    (the share was read `seconds` before, so the smoothing takes the new value in full)."""
+    policy = Policy(rpm, 60_000, aimd_strike_requests=200)
+    limiter.policy = lambda model: policy
+    st = State()
+    now = 10**15
+    st.sh0, st.sht = share, now
+    assert limiter._redis is not None
+    pace = keys(limiter.workspace, MODEL)[0]
+    await limiter._redis.hset(pace, mapping={"sh0": repr(share), "sht": now})
+    lone = read_feedback(policy, 429, {"retry-after": "0"}, last_cost=cost)
+    want = schedule.feedback(policy, st, lone, now)
+    assert await limiter.send_feedback(MODEL, lone, now_us=now) == want
+    begin = now
+    for _ in range(400):
+        want = schedule.reserve(policy, st, cost, now)
+        assert await limiter.reserve(MODEL, cost, now_us=now) == want
+        now = want.at
+        if len(st.log) >= 11 and now - begin >= us(seconds):
+            break
+    last = st.log[-1]
+    sig = read_feedback(
+        policy, 429, {}, last_cost=cost, failed=(last.seq, last.at, cost), sent_at=last.at
+    )
+    want = schedule.feedback(policy, st, sig, now + 200_000)
+    assert await limiter.send_feedback(MODEL, sig, now_us=now + 200_000) == want
+    assert comparable(await redis_state(limiter)) == comparable(st)
+    if lowered:
+        assert st.shdown == 1 and want.share < share - 0.005
+    else:
+        assert st.shdown == 0 and want.share == share
 
 
 async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:

@@ -624,6 +624,37 @@ async def test_remaining_headers_on_every_answer_set_the_share_not_aimd(
     assert lim.snapshot()[MODEL].multiplier == pytest.approx(0.6, abs=0.02)
 
 
+async def test_packing_passes_a_head_over_a_bounded_number_of_times(
+    limiter_backend: Callable[..., Any],
+) -> None:
+    """A 1 s window of 1,000 tokens, full; a 500 waits for it to empty, a 600 and eight 450s
+    queue behind: two 450s fill a window better than the 600 with anything, so the packing
+    hands them the 600's slots, at most `lookahead_passes` (2) times: the head counts them in
+    both backends (uncounted, the 600 went last). Real time (Redis's clock): ~1 s between
+    decisions, and only the order is checked."""
+    lim = await limiter_backend(
+        fixed(60_000, 60_000),
+        headroom=1.0,
+        window_margin=0.0,
+        token_windows_s=(60.0, 1.0),
+        lookahead_passes=2,
+    )
+    await lim.acquire(MODEL, 1)
+    await asyncio.sleep(1.0)  # a second of pacing credit
+    await lim.acquire(MODEL, 999)
+    order: list[int] = []
+
+    async def one(i: int, cost: int) -> None:
+        await lim.acquire(MODEL, cost)
+        order.append(i)
+
+    blocker = asyncio.ensure_future(lim.acquire(MODEL, 500))
+    await asyncio.sleep(0.05)  # the 500 is the head, asleep until its slot
+    costs = [600] + [450] * 8
+    await asyncio.wait_for(asyncio.gather(blocker, *(one(i, c) for i, c in enumerate(costs))), 20)
+    assert 1 <= order.index(0) <= 3  # passed over (a fill, a pack), then its own slot
+
+
 async def test_the_head_hands_a_window_s_room_to_a_smaller_waiter(
     limiter_backend: Callable[..., Any],
 ) -> None:

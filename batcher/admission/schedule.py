@@ -455,7 +455,7 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
                 if upper < share - p.share_margin_factor * (1 - p.headroom):
                     revealed = lower
                 elif strike and lower < share:
-                    revealed = (lower + upper) / 2
+                    revealed = min(share, (lower + upper) / 2)  # a 429 never raises it
         if revealed is not None:
             revealed = max(p.aimd_min, min(1.0, revealed))
             tau = us(p.share_smoothing_s if revealed >= share else p.share_smoothing_down_s)

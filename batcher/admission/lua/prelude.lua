@@ -196,7 +196,7 @@ local function apply_feedback(sig)
         if upper < share - P.share_margin_factor * (1 - P.headroom) then
           revealed = lower
         elseif strike and lower < share then
-          revealed = (lower + upper) / 2
+          revealed = math.min(share, (lower + upper) / 2)
         end
       end
     end
