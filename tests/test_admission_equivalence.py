@@ -295,6 +295,39 @@ async def test_a_strike_at_the_share_s_edge_sets_the_same_share(
         assert st.shdown == 0 and want.share == share
 
 
+@pytest.mark.parametrize("tokens", [True, False])
+async def test_a_given_back_entry_frees_nothing_on_both_sides(
+    limiter: RedisLimiter, tokens: bool
+) -> None:
+    """test_limiter's case: the next slot waits for the first counted entry to leave, not
+    for a given-back one (tokens: a 5xx's 400 of 1,000; requests: one of 2 a window)."""
+    exact: dict[str, Any] = {
+        "adaptive": False,
+        "headroom": 1.0,
+        "window_margin": 0.0,
+        "tolerance_s": 60.0,
+    }
+    if tokens:
+        policy = Policy(6_000, 6_000, token_windows_s=(10.0,), request_windows_s=(60.0,), **exact)
+        costs, later = [400, 600], 500
+    else:
+        policy = Policy(12, 10**6, token_windows_s=(60.0,), request_windows_s=(10.0,), **exact)
+        costs, later = [1, 1, 1], 1
+    limiter.policy = lambda model: policy
+    st = State()
+    assert limiter._redis is not None
+    refunds_key = keys(limiter.workspace, MODEL)[2]
+    steps = [(0.0, 1), (100.0, costs[0])] + [(101.0, c) for c in costs[1:]] + [(102.0, later)]
+    for i, (t, cost) in enumerate(steps):
+        want = schedule.reserve(policy, st, cost, us(t))
+        assert await limiter.reserve(MODEL, cost, now_us=us(t)) == want
+        if i == 1:  # given back (a 5xx the server did not charge), on both sides
+            st.refunds.append(Refund(want.at, want.seq, cost))
+            await limiter._redis.zadd(refunds_key, {f"{want.seq}:{cost}:1": want.at})
+        assert comparable(await redis_state(limiter)) == comparable(st)
+    assert want.at == us(111)
+
+
 async def test_traces_cover_every_branch(limiter: RedisLimiter) -> None:
     """Windows hold slots back, pauses and AIMD happen, headers lower the share, a 5xx is
     given back: the comparison above is not only about idle paths."""

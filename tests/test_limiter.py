@@ -156,6 +156,14 @@ def test_request_bigger_than_the_short_window_goes_alone() -> None:
 # -- look-ahead ---------------------------------------------------------------------------------
 
 
+EXACT: dict[str, Any] = {
+    "adaptive": False,
+    "headroom": 1.0,
+    "window_margin": 0.0,
+    "tolerance_s": 60.0,
+}
+
+
 def window_bound(**knobs: Any) -> tuple[Policy, State]:
     """A 10 s window of 1,000 tokens that binds (a minute of pacing credit), 800 of it used at
     t=100 and 101: a head of 300 must wait until t=110."""
@@ -461,6 +469,33 @@ def test_a_lone_429_while_probing_above_a_revealed_share_bounds_it_at_once() -> 
     refuse(t)  # no strike (the last 429 was 60 admissions ago), but a probe's answer
     assert sched.share(t) < probe - 0.1  # our usage over the window that refused
     assert sched.st.shdown == 2
+
+
+@pytest.mark.parametrize("tokens", [True, False])
+def test_a_given_back_entry_leaving_a_window_frees_nothing(tokens: bool) -> None:
+    """A 10 s window holds a given-back entry at t=100 (a 5xx not charged) and others after
+    it; the next request waits for the first *counted* entry to leave (t=111), not for the
+    given-back one (t=110), whose leaving frees nothing it was counted for. Tokens: 1,000 a
+    window, a given-back 400 and a 600; the 500 at 110 would make 1,100. Requests: 2 a window,
+    a given-back one and two more; a fourth at 110 would make 3."""
+    if tokens:
+        knobs: dict[str, Any] = {"token_windows_s": (10.0,), "request_windows_s": (60.0,)}
+        p = Policy(6_000, 6_000, **knobs, **EXACT)
+        costs, later = [(100.0, 400), (101.0, 600)], 500
+    else:
+        knobs = {"token_windows_s": (60.0,), "request_windows_s": (10.0,)}
+        p = Policy(12, 10**6, **knobs, **EXACT)  # 2 requests in 10 s
+        costs, later = [(100.0, 1), (101.0, 1), (101.0, 1)], 1
+    st = State()
+    sch.reserve(p, st, 1, 0)
+    first = sch.reserve(p, st, costs[0][1], us(costs[0][0]))
+    st.refunds.append(sch.Refund(first.at, first.seq, costs[0][1]))
+    for t, cost in costs[1:]:
+        assert sch.reserve(p, st, cost, us(t)).at == us(t)  # the given-back one not counted
+    got = sch.reserve(p, st, later, us(102))
+    assert got.at == us(111)  # 110 before
+    win = sch._window(st, got.at - us(10))
+    assert win.total - win.t_refunded <= 1_000 and win.n - win.n_refunded <= 2
 
 
 def test_a_429_gives_back_the_tokens_of_its_admission_not_its_request() -> None:

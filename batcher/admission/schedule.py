@@ -225,14 +225,23 @@ def _slot(p: Policy, st: State, cost: int, now: int) -> _Slot:
         return _Slot(at, rtat, ttat)
     for w in p.request_windows_s:
         length = _wlen(p, w)
-        win = _window(st, base - length)
+        since = base - length
+        win = _window(st, since)
         excess = win.n - win.n_refunded + 1 - p.rpm * w / 60 * cap
         if win.n > 0 and excess > 0:
-            k = min(win.n, math.ceil(excess))
-            at = max(at, log[win.first + k - 1].at + length)
+            need = math.ceil(excess)
+            i = win.first + min(win.n, need) - 1
+            if win.n_refunded:  # given-back entries leave freeing nothing: step past them
+                while (
+                    i < win.first + win.n - 1
+                    and i - win.first + 1 - _refunded_through(st, since, log[i].seq)[0] < need
+                ):
+                    i += 1
+            at = max(at, log[i].at + length)
     for w in p.token_windows_s:
         length = _wlen(p, w)
-        win = _window(st, base - length)
+        since = base - length
+        win = _window(st, since)
         excess = win.total - win.t_refunded + cost - p.tpm * w / 60 * cap
         if win.total > 0 and excess > 0:
             lo, hi = win.first, win.first + win.n - 1
@@ -242,8 +251,25 @@ def _slot(p: Policy, st: State, cost: int, now: int) -> _Slot:
                     hi = mid
                 else:
                     lo = mid + 1
+            if win.t_refunded:  # ... counting what given-back entries free: nothing
+                while (
+                    lo < win.first + win.n - 1
+                    and log[lo].cum - win.before - _refunded_through(st, since, log[lo].seq)[1]
+                    < excess
+                ):
+                    lo += 1
             at = max(at, log[lo].at + length)
     return _Slot(at, rtat, ttat)
+
+
+def _refunded_through(st: State, since: int, seq: int) -> tuple[int, int]:
+    """Requests and tokens given back among the entries after `since` up to number `seq`."""
+    n = t = 0
+    for r in st.refunds:
+        if r.at > since and r.seq <= seq:
+            n += r.req
+            t += r.cost
+    return n, t
 
 
 def _commit(p: Policy, st: State, cost: int, slot: _Slot, m: float) -> None:

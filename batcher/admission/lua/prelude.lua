@@ -99,6 +99,17 @@ local function window(since)
   return first, card - first, cum1 - cum0 + cost0, cum0 - cost0, nref, tref
 end
 
+-- schedule._refunded_through: requests and tokens given back among the entries after `since`
+-- up to the one numbered `seq`
+local function refunded_through(since, seq)
+  local n, t = 0, 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', REF, '(' .. fmt(since), '+inf')) do
+    local s, cost, req = string.match(m, '^(%d+):(%d+):(%d+)$')
+    if tonumber(s) <= seq then n, t = n + tonumber(req), t + tonumber(cost) end
+  end
+  return n, t
+end
+
 local function reply(at, seq, decreased, waiter)
   local d = '0'
   if decreased then d = '1' end

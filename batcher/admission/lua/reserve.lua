@@ -19,7 +19,16 @@ local function slot(cost)
     local first, n, _, _, nref = window(base - len)
     local excess = n - nref + 1 - P.rpm * w / 60 * c
     if n > 0 and excess > 0 then
-      at = math.max(at, entry(first + math.min(n, math.ceil(excess)) - 1) + len)
+      local need = math.ceil(excess)
+      local i = first + math.min(n, need) - 1
+      if nref > 0 then
+        while i < first + n - 1 do
+          local _, _, seq = entry(i)
+          if i - first + 1 - refunded_through(base - len, seq) >= need then break end
+          i = i + 1
+        end
+      end
+      at = math.max(at, entry(i) + len)
     end
   end
   for _, w in ipairs(P.token_windows_s) do
@@ -32,6 +41,14 @@ local function slot(cost)
         local mid = math.floor((lo + hi) / 2)
         local _, cum = entry(mid)
         if cum - before >= excess then hi = mid else lo = mid + 1 end
+      end
+      if tref > 0 then
+        while lo < first + n - 1 do
+          local _, cum, seq = entry(lo)
+          local _, rt = refunded_through(base - len, seq)
+          if cum - before - rt >= excess then break end
+          lo = lo + 1
+        end
       end
       at = math.max(at, entry(lo) + len)
     end
