@@ -727,16 +727,23 @@ async def test_waiters_are_admitted_fifo() -> None:
         assert order == list(range(len(costs)))
 
 
+def credited(rpm: int) -> LocalLimiter:
+    """Model "m" at `rpm` and 6,000 TPM (10 s windows of 1,000 tokens), exact windows, and a
+    minute of pacing credit: only the windows hold requests back."""
+    limiter = LocalLimiter(
+        lambda model: (rpm, 6_000), headroom=1.0, window_margin=0.0, tolerance_s=60.0
+    )
+    limiter.state("m").ttat = limiter.state("m").rtat = 0
+    return limiter
+
+
 async def test_the_head_hands_a_window_s_room_to_a_smaller_waiter() -> None:
     """A 10 s window of 1,000 tokens. While a 450 waits for room, 300, 250 and 150 queue
     behind it. At t=10 the 300 must wait until t=11, and the 150 fits the room it leaves at
     t=10; the 250 does not (it would delay the 300)."""
     with virtual_time():
         loop = asyncio.get_running_loop()
-        limiter = LocalLimiter(
-            lambda model: (600, 6_000), headroom=1.0, window_margin=0.0, tolerance_s=60.0
-        )
-        limiter.state("m").ttat = limiter.state("m").rtat = 0  # a minute of pacing credit
+        limiter = credited(600)
         await limiter.acquire("m", 400)
         await asyncio.sleep(1.0)
         await limiter.acquire("m", 400)
@@ -758,10 +765,7 @@ async def test_packing_passes_a_head_over_a_bounded_number_of_times() -> None:
     waited for all forty)."""
     with virtual_time():
         loop = asyncio.get_running_loop()
-        limiter = LocalLimiter(
-            lambda model: (60_000, 6_000), headroom=1.0, window_margin=0.0, tolerance_s=60.0
-        )
-        limiter.state("m").ttat = limiter.state("m").rtat = 0  # a minute of pacing credit
+        limiter = credited(60_000)
         await limiter.acquire("m", 1_000)
         blocker = loop.create_task(limiter.acquire("m", 500))  # the head until t=10
         await asyncio.sleep(0)
