@@ -79,15 +79,16 @@ LimiterSnapshot = Mapping[str, ModelSnapshot]
 class Limiter(Protocol):
     """What the engine needs of a limiter; LocalLimiter and RedisLimiter both provide it.
 
-    `acquire` waits for the model's next slot (FIFO per model, except that a smaller request
-    may take room the head of the line leaves in a window without delaying it) and returns
-    the `Admission`; it raises ValueError at once for a cost that can never fit. Every answer
-    goes to `feedback`: 429s and near-limit headers pause and slow the model,
+    `acquire` waits for the model's next slot (FIFO per model, except that the schedule's
+    look-ahead may let a request behind the head go first: a smaller one into room the head
+    leaves, or one that packs a window better, passing the head a bounded number of times)
+    and returns the `Admission`; it raises ValueError at once for a cost that can never fit.
+    Every answer goes to `feedback`: 429s and near-limit headers pause and slow the model,
     x-ratelimit-remaining-* headers set the share. `admission` (default: the one this task's
-    last acquire returned) anchors the headers to when the request was sent; a 5xx, or
-    status 0 for no answer at all (dropped connection, timeout), is given back if the headers
-    of that answer or the next show the server did not charge it; a 429's tokens are given
-    back at once.
+    last acquire returned) anchors the headers to when the request was sent; a 5xx, or status
+    0 for no answer at all (dropped connection, timeout), is given back if the headers of that
+    answer or the next show the server did not charge it; a 429's tokens are given back at
+    once.
     """
 
     backend: str

@@ -1,10 +1,11 @@
 """One model's queue of acquire() calls in one process: FIFO, with the look-ahead hand-over.
 
 The first call is the head: it alone takes slots from the schedule (local or Redis), passing the
-costs of the calls behind it. When the schedule gives the slot to one of those (a smaller
-request that fits before the head's slot without moving it, `Reply.waiter`), the head hands the
-reply over and that call leaves the queue; the head asks again. No algorithm here: which
-waiter goes is the schedule's decision, in both backends alike.
+costs of the calls behind it and how many slots it has handed over. When the schedule gives the
+slot to one of those (a smaller request that fits before the head's slot without moving it, or
+one that packs the window better, `Reply.waiter`), the head hands the reply over and that call
+leaves the queue; the head asks again. No algorithm here: which waiter goes is the schedule's
+decision, in both backends alike.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ class Policy:
     # unused (sim_packing.py: 0.956 of the share with fills only, 0.967 packing 16). 0: FIFO.
     lookahead: int = 16
     # Packing may pass the head over this many times (then it takes its own slot): a request
-    # that fits no pair well still goes within a few slots.
+    # that fits no pair well still goes after at most this many others.
     lookahead_passes: int = 16
     request_windows_s: tuple[float, ...] = DEFAULT_REQUEST_WINDOWS_S
     token_windows_s: tuple[float, ...] = DEFAULT_TOKEN_WINDOWS_S
