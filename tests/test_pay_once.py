@@ -115,7 +115,7 @@ def test_duplicates_are_journaled_in_few_commits(tmp_path: Path, mock_server, mo
     assert res.returncode == 0, res.stderr
     assert srv.stats()["requests"] == 4
     check(tmp_path / "out/result.parquet", data)
-    assert commits <= 12, commits
+    assert 1 <= commits <= 12, commits  # (at least one: the count sees the result lines)
 
 
 def test_dedupe_false_gives_each_row_its_own_request(tmp_path: Path, mock_server) -> None:

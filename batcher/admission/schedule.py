@@ -145,6 +145,11 @@ def _cap(p: Policy, share: float) -> float:
     return share - p.share_margin_factor * (1 - p.headroom) * (1 - share)
 
 
+def _window_cap(p: Policy, st: State, now: int) -> float:
+    """The fraction of each window's budget we fill now (1 when not adaptive)."""
+    return _cap(p, _share(p, st, now)) if p.adaptive else 1.0
+
+
 def _wlen(p: Policy, w: float) -> int:
     return us(w * (1 + p.window_margin))
 
@@ -208,7 +213,7 @@ class _Slot(NamedTuple):
 
 def _slot(p: Policy, st: State, cost: int, now: int) -> _Slot:
     """The earliest slot pacing, pause and every window allow `cost`, after the latest one."""
-    cap = _cap(p, _share(p, st, now)) if p.adaptive else 1.0
+    cap = _window_cap(p, st, now)
     tol = us(p.tolerance_s)
     rtat = now + tol if st.rtat is None else st.rtat
     ttat = now + tol if st.ttat is None else st.ttat
@@ -293,7 +298,7 @@ def _pack(p: Policy, st: State, cost: int, at: int, now: int, look: Sequence[int
     fits, where two smaller ones fill it. Only token room counts (what differs between
     costs); the choice is committed at its own exact slot, never later than the head's.
     """
-    cap = _cap(p, _share(p, st, now)) if p.adaptive else 1.0
+    cap = _window_cap(p, st, now)
     room = math.inf
     for w in p.token_windows_s:
         win = _window(st, at - _wlen(p, w))
