@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from batcher.engine import Engine, RunOptions
 from batcher.errors import BatcherError, ExitCode, InputDataError, JobSpecError
 from batcher.outcome import RunOutcome, StopReason
+from batcher.paths import cache_home
 from batcher.progress import MODES, ProgressMode
 from batcher.schema import RESULT_FIELDS, RESULT_SCHEMA, coerce_result_fields
 from batcher.spec import Job, job_from_mapping, load_job
@@ -62,8 +63,7 @@ class RunInterrupted(BatcherError):
 
 def state_dir() -> Path:
     """Where the API keeps the inputs and journals of jobs that name no output."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "batcher" / "runs"
+    return cache_home() / "runs"
 
 
 # A run's state in `state_dir()` (a frame's copy, its journal, its output) is kept this long

@@ -57,6 +57,7 @@ import orjson
 
 from batcher import fastjson
 from batcher.errors import StorageError
+from batcher.paths import cache_home
 
 log = logging.getLogger("batcher")
 
@@ -295,9 +296,7 @@ def default_store_path(mock: bool = False) -> Path:
     """$XDG_CACHE_HOME/batcher/responses.sqlite3 (~/.cache when unset or relative, as the XDG
     spec says). The bundled server's answers go to responses-mock.sqlite3 beside it, so a demo
     can never feed a real run."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "batcher" / (MOCK_STORE_NAME if mock else STORE_NAME)
+    return cache_home() / (MOCK_STORE_NAME if mock else STORE_NAME)
 
 
 def mock_variant(path: Path) -> Path:

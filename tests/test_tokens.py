@@ -11,6 +11,7 @@ import pickle
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -229,6 +230,41 @@ def test_building_an_encoding_never_touches_the_network(
     enc = tokens._build_encoding.__wrapped__("cl100k_base")  # uncached: really builds
     assert enc.encode_ordinary("hello world") == [15339, 1917]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_parsed_vocabulary_is_kept_for_the_next_start_and_checked(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first start parses the bundled file and saves the ranks under the cache home; the
+    next loads them without parsing; a damaged copy is parsed again and replaced."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    parsed = []
+    real_parse = tokens.ranks_from_gz
+    monkeypatch.setattr(tokens, "ranks_from_gz", lambda *a: parsed.append(1) or real_parse(*a))
+    first = tokens._bundled_loader(blob, CL100K_SHA256)
+    (copy,) = (tmp_path / "batcher" / "vocab").iterdir()
+    assert len(parsed) == 1 and copy.name.startswith(f"cl100k_base-{CL100K_SHA256[:16]}-")
+    assert tokens._bundled_loader(blob, CL100K_SHA256) == first and len(parsed) == 1
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit: its checksum no longer matches
+    copy.write_bytes(bytes(data))
+    assert tokens._bundled_loader(blob, CL100K_SHA256) == first and len(parsed) == 2
+    copy.write_bytes(copy.read_bytes()[:1000])  # cut short (a crash mid-write elsewhere)
+    assert tokens._bundled_loader(blob, CL100K_SHA256) == first and len(parsed) == 3
+    assert tokens._bundled_loader(blob, CL100K_SHA256) == first and len(parsed) == 3
+    assert [p.name for p in copy.parent.iterdir()] == [copy.name]  # no temporary left
+    assert first[b"hello"] == 15339 and len(first) == 100256
+
+
+def test_an_unwritable_cache_home_only_costs_time(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    home = tmp_path / "not-a-directory"
+    home.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    assert tokens._bundled_loader(blob, CL100K_SHA256)[b"hello"] == 15339
 
 
 def test_an_encoding_keeps_no_python_copy_of_its_ranks() -> None:
