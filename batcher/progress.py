@@ -21,15 +21,15 @@ import contextlib
 import json
 import sys
 from types import TracebackType
-from typing import Any, Literal, TextIO
-
-from rich.console import Console
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from batcher.logs import format_text, iso_ts, route_to_console
 from batcher.stats import RunStats
+
+if TYPE_CHECKING:  # rich is imported when a live display is drawn: ~50 ms a quiet run skips
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
 
 ProgressMode = Literal["auto", "live", "plain", "json", "quiet"]
 SummaryFormat = Literal["text", "json"]
@@ -125,6 +125,9 @@ def json_line(stats: RunStats, event: str = "progress") -> str:
 
 def live_renderable(stats: RunStats) -> Table:
     """The live display: a bar, then rows, rates against limits, and trouble."""
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
     done, total, pct = _rows(stats)
     cur_rpm, cur_tpm = stats.current_rates()
     rpm, tpm, eff_rpm, eff_tpm = _limit_totals(stats)
@@ -168,6 +171,15 @@ def live_renderable(stats: RunStats) -> Table:
     return grid
 
 
+def _in_notebook() -> bool:
+    """rich's own test, asked only when IPython is loaded (else it cannot be a notebook)."""
+    if "IPython" not in sys.modules:
+        return False
+    from rich.console import Console
+
+    return Console().is_jupyter
+
+
 class Progress:
     """Shows `stats` while the run goes on; `async with Progress(...)` or start()/stop()."""
 
@@ -188,9 +200,11 @@ class Progress:
         self.stats = stats
         self.stream: TextIO = stream if stream is not None else sys.stderr
         if mode == "auto":
-            if console is None and stream is None and Console().is_jupyter:
+            if console is None and stream is None and _in_notebook():
                 # A notebook (batcher.run in Jupyter): rich draws the live display as the
                 # cell's own output, a progress bar that updates in place.
+                from rich.console import Console
+
                 console, mode = Console(), "live"
             else:
                 is_tty = console.is_terminal if console is not None else _isatty(self.stream)
@@ -220,6 +234,9 @@ class Progress:
         if self._task is not None or self.mode == "quiet":
             return
         if self.mode == "live":
+            from rich.console import Console
+            from rich.live import Live
+
             if self.console is None:
                 # Asked for live explicitly: draw even if the stream does not look like a tty.
                 self.console = Console(file=self.stream, force_terminal=True)
