@@ -352,7 +352,10 @@ class Engine:
             async with self._probe_lock:
                 if not self._opened.is_set():
                     return await self._repair(req, *await self._probe(req))
-        return await self._repair(req, *await self._send(req))
+        sent = await self._send(req)
+        if self.structured is None:  # nothing to repair (one coroutine less per row)
+            return sent
+        return await self._repair(req, *sent)
 
     async def _repair(
         self, req: Request, result: Result, answer: Answer | None

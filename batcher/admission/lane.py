@@ -21,8 +21,9 @@ from batcher.admission.schedule import Reply
 @dataclass(eq=False, slots=True)
 class Waiter:
     cost: int
-    # None: it is the head now; a Reply: the slot the head handed to it.
-    turn: asyncio.Future[Reply | None]
+    # None: it is the head now; a Reply: the slot the head handed to it. A call that found
+    # the line empty is the head at once and has no future (most calls below the limits).
+    turn: asyncio.Future[Reply | None] | None
 
 
 class Lane:
@@ -35,15 +36,17 @@ class Lane:
         """Wait in line: None when this call is the head (it must call `leave()` when done),
         or the reply of a slot the head handed to it. `front`: right behind the head (a
         handed slot a pause voided goes back where it was, not to the end)."""
-        waiter = Waiter(cost, asyncio.get_running_loop().create_future())
-        if front and self._queue:
+        if not self._queue:
+            self._queue.append(Waiter(cost, None))
+            return None
+        turn: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+        waiter = Waiter(cost, turn)
+        if front:
             self._queue.insert(1, waiter)
         else:
             self._queue.append(waiter)
-        if self._queue[0] is waiter:
-            waiter.turn.set_result(None)
         try:
-            return await waiter.turn
+            return await turn
         except asyncio.CancelledError:
             if waiter in self._queue:
                 head = self._queue[0] is waiter
@@ -56,14 +59,15 @@ class Lane:
         """Up to `count` calls waiting behind the head, in order."""
         if count <= 0 or len(self._queue) < 2:
             return []
-        return [w for w in islice(self._queue, 1, count + 1) if not w.turn.done()]
+        line = islice(self._queue, 1, count + 1)
+        return [w for w in line if w.turn is not None and not w.turn.done()]
 
     def hand(self, waiter: Waiter, reply: Reply) -> None:
         """Give `reply`'s slot to `waiter` (from `behind`); a call cancelled meanwhile loses it
         (the slot stays taken, as a cancelled head's does)."""
         if waiter in self._queue:
             self._queue.remove(waiter)
-        if not waiter.turn.done():
+        if waiter.turn is not None and not waiter.turn.done():
             waiter.turn.set_result(reply)
 
     def leave(self) -> None:
@@ -73,7 +77,10 @@ class Lane:
         self._next()
 
     def _next(self) -> None:
-        while self._queue and self._queue[0].turn.done():  # cancelled, not yet removed
-            self._queue.popleft()
-        if self._queue:
-            self._queue[0].turn.set_result(None)
+        while self._queue:
+            turn = self._queue[0].turn
+            if turn is None or turn.done():  # cancelled, not yet removed
+                self._queue.popleft()
+                continue
+            turn.set_result(None)
+            return

@@ -85,42 +85,41 @@ class LocalLimiter:
         policy = self.policy(model)
         check_cost(model, cost, policy.tpm)
         st = self.state(model)
-        began = self._now()
-        lane = self._lanes.setdefault(model, Lane())
+        # The clock, looked up once per call (each asyncio.get_running_loop() is a getpid).
+        clock = self._clock or asyncio.get_running_loop().time
+        began = clock()
+        lane = self._lanes.get(model)
+        if lane is None:
+            lane = self._lanes[model] = Lane()
         front = False
         while True:
             given = await lane.enter(cost, front=front)
             if given is not None:  # the head handed this call a slot before its own
-                if await self._sleep_until(st, given.at):
-                    return self._admitted(model, cost, given, began)
+                if await _sleep_until(clock, st, given.at):
+                    return self._admitted(model, cost, given, began, clock)
                 front = True  # a 429 paused the model meanwhile: back in line, near the head
                 continue
             try:
                 passed = 0  # slots this head handed over (packing passes it a bounded number)
                 while True:
                     behind = lane.behind(policy.lookahead)
-                    now = us(self._now())
+                    now = us(clock())
                     costs = [w.cost for w in behind]
                     slot = schedule.reserve(policy, st, cost, now, costs, passed)
                     if slot.waiter:
                         lane.hand(behind[slot.waiter - 1], slot)
                         passed += 1
                         continue
-                    if await self._sleep_until(st, slot.at):
-                        return self._admitted(model, cost, slot, began)
+                    if await _sleep_until(clock, st, slot.at):
+                        return self._admitted(model, cost, slot, began, clock)
             finally:
                 lane.leave()
 
-    async def _sleep_until(self, st: State, at: int) -> bool:
-        """Sleep until the slot; False if a pause that arrived meanwhile (a 429) voids it."""
-        now = us(self._now())
-        if at > now:
-            await asyncio.sleep((at - now) / 1_000_000)
-        return st.pause <= at
-
-    def _admitted(self, model: str, cost: int, slot: schedule.Reply, began: float) -> Admission:
+    def _admitted(
+        self, model: str, cost: int, slot: schedule.Reply, began: float, clock: Clock
+    ) -> Admission:
         self._last_cost[model] = cost
-        adm = Admission(model, cost, slot.seq, slot.at, max(0.0, self._now() - began))
+        adm = Admission(model, cost, slot.seq, slot.at, max(0.0, clock() - began))
         current_admission.set(adm)
         return adm
 
@@ -148,6 +147,17 @@ class LocalLimiter:
             )
             for model, st in sorted(self._states.items())
         }
+
+
+Clock = Callable[[], float]
+
+
+async def _sleep_until(clock: Clock, st: State, at: int) -> bool:
+    """Sleep until the slot; False if a pause that arrived meanwhile (a 429) voids it."""
+    now = us(clock())
+    if at > now:
+        await asyncio.sleep((at - now) / 1_000_000)
+    return st.pause <= at
 
 
 def model_snapshot(

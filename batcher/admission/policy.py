@@ -104,6 +104,8 @@ class Policy:
     # The smallest window budgets: a log that fits these fits every window (a shortcut).
     least_requests: float = field(default=0.0, init=False, repr=False, compare=False)
     least_tokens: float = field(default=0.0, init=False, repr=False, compare=False)
+    tolerance_us: int = field(default=0, init=False, repr=False, compare=False)
+    share_hold_us: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.rpm <= 0 or self.tpm <= 0:
@@ -144,7 +146,14 @@ class Policy:
         if not 0 < self.aimd_beta < 1 or not 0 < self.aimd_min <= 1:
             raise ValueError("aimd_beta must be in (0, 1) and aimd_min in (0, 1]")
         values = asdict(self)
-        for derived in ("_json", "longest_us", "least_requests", "least_tokens"):
+        for derived in (
+            "_json",
+            "longest_us",
+            "least_requests",
+            "least_tokens",
+            "tolerance_us",
+            "share_hold_us",
+        ):
             del values[derived]
         object.__setattr__(self, "_json", json.dumps(values, separators=(",", ":")))
         windows = (*self.request_windows_s, *self.token_windows_s)
@@ -156,6 +165,8 @@ class Policy:
         least_tokens = min(self.tpm * w / 60 for w in self.token_windows_s)
         object.__setattr__(self, "least_requests", least_requests)
         object.__setattr__(self, "least_tokens", least_tokens)
+        object.__setattr__(self, "tolerance_us", us(self.tolerance_s))
+        object.__setattr__(self, "share_hold_us", us(self.share_hold_s))
 
     def encode(self) -> str:
         """The Lua scripts' policy argument: a JSON object, field names as here."""

@@ -131,13 +131,14 @@ def _mult(p: Policy, v0: float | None, t0: int | None, now: int) -> float:
 def _share(p: Policy, st: State, now: int) -> float:
     if not p.adaptive:
         return 1.0
-    return _mult(p, st.sh0, None if st.sht is None else st.sht + us(p.share_hold_s), now)
+    return _mult(p, st.sh0, None if st.sht is None else st.sht + p.share_hold_us, now)
 
 
-def _multiplier(p: Policy, st: State, now: int) -> float:
+def _multiplier(p: Policy, st: State, now: int, share: float | None = None) -> float:
+    """The pacing's fraction of the limits; `share`: `_share(p, st, now)` if the caller has it."""
     if not p.adaptive:
         return 1.0
-    return min(_mult(p, st.m0, st.t0, now), _share(p, st, now))
+    return min(_mult(p, st.m0, st.t0, now), _share(p, st, now) if share is None else share)
 
 
 def _cap(p: Policy, share: float) -> float:
@@ -145,9 +146,11 @@ def _cap(p: Policy, share: float) -> float:
     return share - p.share_margin_factor * (1 - p.headroom) * (1 - share)
 
 
-def _window_cap(p: Policy, st: State, now: int) -> float:
+def _window_cap(p: Policy, st: State, now: int, share: float | None = None) -> float:
     """The fraction of each window's budget we fill now (1 when not adaptive)."""
-    return _cap(p, _share(p, st, now)) if p.adaptive else 1.0
+    if not p.adaptive:
+        return 1.0
+    return _cap(p, _share(p, st, now) if share is None else share)
 
 
 def _wlen(p: Policy, w: float) -> int:
@@ -187,14 +190,23 @@ def _expire(p: Policy, st: State, now: int) -> None:
 
 
 def _reply(
-    p: Policy, st: State, now: int, at: int, seq: int, decreased: bool, waiter: int = 0
+    p: Policy,
+    st: State,
+    now: int,
+    at: int,
+    seq: int,
+    decreased: bool,
+    waiter: int = 0,
+    share: float | None = None,
 ) -> Reply:
+    if share is None:
+        share = _share(p, st, now)
     return Reply(
         at,
         now,
         seq,
-        _multiplier(p, st, now),
-        _share(p, st, now),
+        _multiplier(p, st, now, share),
+        share,
         st.pause,
         st.dec429,
         st.decnear,
@@ -211,10 +223,11 @@ class _Slot(NamedTuple):
     ttat: int
 
 
-def _slot(p: Policy, st: State, cost: int, now: int) -> _Slot:
-    """The earliest slot pacing, pause and every window allow `cost`, after the latest one."""
-    cap = _window_cap(p, st, now)
-    tol = us(p.tolerance_s)
+def _slot(p: Policy, st: State, cost: int, now: int, share: float | None = None) -> _Slot:
+    """The earliest slot pacing, pause and every window allow `cost`, after the latest one.
+    `share`: `_share(p, st, now)` if the caller has it (the same value, computed once)."""
+    cap = _window_cap(p, st, now, share)
+    tol = p.tolerance_us
     rtat = now + tol if st.rtat is None else st.rtat
     ttat = now + tol if st.ttat is None else st.ttat
     at = max(now, rtat - tol, ttat - tol, st.pause, st.last)
@@ -334,8 +347,10 @@ def reserve(
     (1-based; 0: the head's own).
     """
     _expire(p, st, now)
-    m = _multiplier(p, st, now)
-    head = _slot(p, st, cost, now)
+    # Nothing below changes the share or the multiplier (only pacing, log and sequence).
+    share = _share(p, st, now)
+    m = _multiplier(p, st, now, share)
+    head = _slot(p, st, cost, now, share)
     if head.at > now and waiting:
         look = waiting[: p.lookahead]
         for i, other in enumerate(look):
@@ -358,7 +373,7 @@ def reserve(
                     _commit(p, st, look[i - 1], fill, m)
                     return _reply(p, st, now, fill.at, st.seq, False, i)
     _commit(p, st, cost, head, m)
-    return _reply(p, st, now, head.at, st.seq, False)
+    return _reply(p, st, now, head.at, st.seq, False, share=share)
 
 
 def _estimates(
