@@ -1,5 +1,5 @@
 """`python -m batcher` == the `batcher` command."""
 
-from batcher.cli import entry
+from batcher.command import entry
 
 entry()

@@ -88,31 +88,6 @@ def main() -> None:
     """
 
 
-class _NoPandas:
-    """Keeps pandas out of a `batcher` command's process (a `sys.meta_path` finder).
-
-    pyarrow imports pandas, when it is installed, the first time it converts Python objects,
-    only to ask whether they are pandas objects. A command never holds one, and the import
-    cost ~0.25 s of CPU and 30-40 MB at every start. DataFrames go through the Python API."""
-
-    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(
-                "the batcher command does not load pandas; pass DataFrames to the Python API "
-                "(batcher.run)",
-                name=name,
-            )
-        return None
-
-
-def entry() -> None:
-    """The `batcher` command: the console script and `python -m batcher` (tests that invoke
-    `main` in their own process keep pandas)."""
-    if "pandas" not in sys.modules:
-        sys.meta_path.insert(0, _NoPandas())
-    main()
-
-
 def _shard_option(func: F) -> F:
     return click.option(
         "--shard",

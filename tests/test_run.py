@@ -21,6 +21,8 @@ from helpers import (
     write_jsonl,
 )
 
+from batcher import command
+
 FAST = {"rpm": None, "tpm": None}  # server without limits: for tests about other things
 
 
@@ -436,19 +438,27 @@ def test_keep_columns_all_refuses_an_input_column_named_like_a_result(
     assert srv.stats()["requests"] == 0
 
 
-def test_the_command_does_not_load_pandas(tmp_path: Path, mock_server) -> None:
-    """pyarrow imports pandas (installed with the test extras) on its first conversion, only to
-    look for DataFrames: ~0.25 s and ~30 MB per command. The command's process keeps it out and
-    still reads, journals and writes everything. A job without images or metrics does not
-    import Pillow or prometheus_client either."""
+def test_what_the_command_keeps_out_says_where_to_go() -> None:
+    keep_out = command._KeepOut("pandas")
+    with pytest.raises(ModuleNotFoundError, match=r"does not load pandas.*Python API"):
+        keep_out.find_spec("pandas.core.frame")
+    assert keep_out.find_spec("pandasql") is None and keep_out.find_spec("json") is None
+
+
+def test_the_command_does_not_load_pandas_or_numpy(tmp_path: Path, mock_server) -> None:
+    """pyarrow imports numpy at its import and pandas (both installed with the test extras) on
+    its first conversion, only to look for DataFrames: ~0.35 s and ~50 MB per command. The
+    command's process keeps them out and still reads, journals and writes everything. A job
+    without images or metrics does not import Pillow or prometheus_client either. The HTML
+    report's matplotlib still gets numpy (pyarrow is the one kept from it)."""
     srv = mock_server(**FAST)
     write_jsonl(tmp_path / "input.jsonl", review_rows(30))
     job = write_job(tmp_path, srv.url, keep_columns=["text"])
     probe = (
         "import atexit, sys\n"
-        "atexit.register(lambda: print('loaded:', [m for m in ('pandas', 'PIL', "
+        "atexit.register(lambda: print('loaded:', [m for m in ('pandas', 'numpy', 'PIL', "
         "'prometheus_client') if m in sys.modules]))\n"
-        "from batcher.cli import entry\n"
+        "from batcher.command import entry\n"
         "sys.argv[0] = 'batcher'\n"
         "entry()\n"
     )
@@ -463,3 +473,13 @@ def test_the_command_does_not_load_pandas(tmp_path: Path, mock_server) -> None:
     assert "loaded: []" in res.stdout
     rows = read_output(tmp_path / "out/result.parquet")
     assert len(rows) == 30 and {r["status"] for r in rows} == {"ok"}
+    page = tmp_path / "report.html"
+    report = subprocess.run(
+        [sys.executable, "-m", "batcher", "report", str(job), "--html", str(page)],
+        env=env_with_key(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    assert page.stat().st_size > 10_000 and b"<svg" in page.read_bytes()
