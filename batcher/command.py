@@ -2,7 +2,7 @@
 out of itself, then the CLI.
 
 pyarrow imports two large libraries a command does not need, when they are installed: numpy
-at its own import, to accept arrays (~0.1 s of CPU and ~15 MB at every start; pyarrow works
+at its own import, to accept arrays (~0.15 s of CPU and ~10 MB at every start; pyarrow works
 without it since 17.0), and pandas the first time it converts Python objects, only to ask
 whether they are pandas objects (~0.25 s and 30-40 MB). A command never hands pyarrow an array
 or a DataFrame (those go through the Python API, `batcher.run`, which keeps both). So pyarrow
