@@ -3,12 +3,14 @@ out of itself, then the CLI.
 
 pyarrow imports two large libraries a command does not need, when they are installed: numpy
 at its own import, to accept arrays (~0.15 s of CPU and ~10 MB at every start; pyarrow works
-without it since 17.0), and pandas the first time it converts Python objects, only to ask
+without it since 18.0), and pandas the first time it converts Python objects, only to ask
 whether they are pandas objects (~0.25 s and 30-40 MB). A command never hands pyarrow an array
 or a DataFrame (those go through the Python API, `batcher.run`, which keeps both). So pyarrow
 is imported here with numpy refused, and decides for the process that there is none; numpy is
-allowed again afterwards (the HTML report's matplotlib needs it), pandas stays refused. Tests
-that call `batcher.cli.main` in their own process keep both.
+allowed again afterwards (the HTML report's matplotlib needs it), pandas stays refused. For
+the rest of the process pyarrow treats numpy as absent even once matplotlib has loaded it:
+code here must hand pyarrow Python objects, never numpy arrays or scalars (`to_pylist`, not
+`to_numpy`). Tests that call `batcher.cli.main` in their own process keep both.
 """
 
 from __future__ import annotations

