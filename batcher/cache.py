@@ -309,7 +309,13 @@ def resolve_store_path(configured: Path | None, job_dir: Path, *, mock: bool) ->
     default; with --mock always a separate `-mock` file."""
     if configured is None:
         return default_store_path(mock)
-    path = job_dir / configured.expanduser()
+    try:
+        path = job_dir / configured.expanduser()
+    except RuntimeError:  # "~" and no home directory for this process
+        raise StorageError(
+            f"cache.path {configured} starts at a home directory this process has not: "
+            "give an absolute path"
+        ) from None
     return mock_variant(path) if mock else path
 
 

@@ -47,6 +47,7 @@ from batcher.errors import (
     JobSpecError,
     RateLimited,
     RetryableAPIError,
+    StorageError,
     TruncatedAnswer,
     failure_kind,
 )
@@ -655,8 +656,14 @@ class Engine:
         if not cfg.enabled:
             store = ResponseStore.disabled("cache: enabled: false")
         else:
-            path = resolve_store_path(cfg.path, self.job.job_dir, mock=opts.mock)
-            store = ResponseStore.open(path)
+            try:
+                path = resolve_store_path(cfg.path, self.job.job_dir, mock=opts.mock)
+            except StorageError as exc:  # no home directory to resolve the path in
+                hint = " (or give the job a cache.path)" if cfg.path is None else ""
+                log.warning("the response store is off: %s%s", exc, hint)
+                store = ResponseStore.disabled(str(exc))
+            else:
+                store = ResponseStore.open(path)
         return Reuse(
             store,
             read=opts.read_cache,

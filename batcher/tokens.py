@@ -35,7 +35,7 @@ from typing import Any, TypeGuard
 import tiktoken
 from tiktoken_ext import openai_public
 
-from batcher.errors import BatcherError
+from batcher.errors import BatcherError, StorageError
 from batcher.images import REMOTE_SIZES, size_from_data_url
 from batcher.models import (
     IMAGE_FIT_PX,
@@ -128,7 +128,7 @@ def _ranks_cache_path(filename: str, expected_hash: str) -> Path | None:
     a container's user may have neither $HOME nor a passwd entry)."""
     try:
         home = cache_home()
-    except (RuntimeError, KeyError):  # Path.home(): "Could not determine home directory"
+    except StorageError:
         return None
     stem = filename.removesuffix(".tiktoken.gz")
     return home / "vocab" / f"{stem}-{expected_hash[:16]}-{_CACHE_VERSION}.marshal"

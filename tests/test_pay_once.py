@@ -257,6 +257,39 @@ def test_cache_enabled_false_stores_nothing(tmp_path: Path, mock_server, enabled
     assert srv.stats()["requests"] == 20
 
 
+def test_without_a_home_the_store_is_off_and_the_run_goes_on(
+    tmp_path: Path, mock_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container's user with neither $XDG_CACHE_HOME, $HOME nor a passwd entry: no default
+    store (said once, with what to set), every row still answered; a `~` cache.path says so."""
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", rows(10))
+    path = job(tmp_path, srv.url)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    real_expanduser = Path.expanduser
+
+    def expanduser(self: Path) -> Path:
+        if str(self).startswith("~"):
+            no_home()
+        return real_expanduser(self)
+
+    monkeypatch.setattr(Path, "home", no_home)
+    monkeypatch.setattr(Path, "expanduser", expanduser)
+    res = run_batcher("run", path)
+    assert res.returncode == 0, res.stderr
+    assert "the response store is off" in res.stderr and "set XDG_CACHE_HOME" in res.stderr
+    assert srv.stats()["requests"] == 10
+    check(tmp_path / "out/result.parquet", rows(10))
+    tilde = job(tmp_path, srv.url, cache={"path": "~/answers.sqlite3"})
+    res = run_batcher("run", tilde, "--restart")
+    assert res.returncode == 0, res.stderr
+    assert "cache.path ~/answers.sqlite3 starts at a home directory" in res.stderr
+
+
 def test_a_fixed_bad_row_is_asked_and_a_row_gone_bad_is_an_error(
     tmp_path: Path, mock_server
 ) -> None:
