@@ -9,6 +9,8 @@ import asyncio
 import bisect
 import contextlib
 import copy
+import dataclasses
+import json
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -888,6 +890,15 @@ async def test_snapshot_and_lifecycle() -> None:
 def test_a_bad_knob_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="headroom"):
         LocalLimiter(lambda model: (500, 60_000), headroom=1.5)
+
+
+def test_the_policy_encodes_its_knobs_and_none_of_what_it_derives() -> None:
+    """The Lua scripts read the knobs; the derived values (windows in µs, the shortcut's
+    budgets) are the schedule's own and must not reach them."""
+    p = Policy(500, 60_000, tolerance_s=2.5)
+    encoded = json.loads(p.encode())
+    assert set(encoded) == {f.name for f in dataclasses.fields(p) if f.init}
+    assert encoded["tolerance_s"] == 2.5 and p.tolerance_us == 2_500_000
 
 
 def test_the_mock_servers_quota_never_refuses_what_we_admit() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 # Fraction of each limit the pacing aims for. The window caps (below) hold the short-term
 # excess; 0.99 pacing under 0.995 caps reached >= 0.985 of the limit in bench_quota.
@@ -146,15 +146,9 @@ class Policy:
         if not 0 < self.aimd_beta < 1 or not 0 < self.aimd_min <= 1:
             raise ValueError("aimd_beta must be in (0, 1) and aimd_min in (0, 1]")
         values = asdict(self)
-        for derived in (
-            "_json",
-            "longest_us",
-            "least_requests",
-            "least_tokens",
-            "tolerance_us",
-            "share_hold_us",
-        ):
-            del values[derived]
+        for f in fields(self):
+            if not f.init:  # derived below, not part of the encoding
+                del values[f.name]
         object.__setattr__(self, "_json", json.dumps(values, separators=(",", ":")))
         windows = (*self.request_windows_s, *self.token_windows_s)
         object.__setattr__(
