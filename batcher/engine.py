@@ -66,7 +66,7 @@ from batcher.journal import (
 from batcher.models import MOCK_HEADER
 from batcher.monitoring import RunMonitoring
 from batcher.outcome import RunOutcome, StopReason
-from batcher.prepare import Prepared, Preparer
+from batcher.prepare import Built, Prepared, Preparer
 from batcher.progress import ProgressMode
 from batcher.readers import InputReader, Row, input_digest, open_input, resolve_keep
 from batcher.records import SOURCE_CACHE, SOURCE_DEDUPE, STATUS_ERROR, Request, Result
@@ -82,6 +82,7 @@ from batcher.stats import RunStats
 from batcher.stopping import RunStop
 from batcher.storage import publish, with_name
 from batcher.structured import StructuredOutput
+from batcher.tokens import encoding_for_model
 from batcher.writer import write_batch_output_ordered, write_output_ordered
 
 log = logging.getLogger("batcher")
@@ -229,9 +230,14 @@ class Engine:
 
     def _prepare(
         self, it: Iterator[list[Row]]
-    ) -> tuple[Prepared, list[Result], list[int], int] | None:
-        """Runs in a worker thread: next input batch -> (requests and error rows, answers
-        served from the store and their store entries, rows the journal already answers)."""
+    ) -> tuple[Built | Prepared, list[Result], list[int], int] | None:
+        """Runs in a worker thread: next input batch -> (its requests built, answers served
+        from the store and their store entries, rows the journal already answers).
+
+        The requests' tokens are counted on the loop (`_use`): tiktoken releases the GIL for
+        every text it encodes, and in a thread beside a busy loop each release handed the GIL
+        over and back, two context switches a row. Only a job that fetches remote image sizes
+        (network I/O) counts here."""
         batch = next(it, None)
         if batch is None:
             return None
@@ -242,7 +248,11 @@ class Engine:
         entries: list[int] = []
         if self.reuse is not None:
             served, entries = self.preparer.serve(built, self.reuse)
-        return self.preparer.count(built), served, entries, skipped
+        if self.job.images.fetch_sizes:
+            return self.preparer.count(built), served, entries, skipped
+        for model in built.by_model:
+            encoding_for_model(model)  # its vocabulary loads here (~0.2 s once), not on the loop
+        return built, served, entries, skipped
 
     async def _produce(self) -> None:
         it = iter(self.reader.iter_batches(READ_BATCH))
@@ -269,11 +279,12 @@ class Engine:
             await self._queue.put(None)
 
     async def _use(
-        self, prepared: Prepared, served: list[Result], entries: list[int], skipped: int
+        self, built: Built | Prepared, served: list[Result], entries: list[int], skipped: int
     ) -> None:
-        """One prepared batch: its error rows and store answers journaled (and counted as the
-        store's hits), its requests queued for the workers (or joined to an identical one in
-        flight)."""
+        """One prepared batch: its tokens counted, its error rows and store answers journaled
+        (and counted as the store's hits), its requests queued for the workers (or joined to
+        an identical one in flight)."""
+        prepared = built if isinstance(built, Prepared) else self.preparer.count(built)
         self.stats.done_before += skipped
         if prepared.default_max_tokens and self.budget.cap_usd is not None:
             raise JobSpecError(

@@ -47,17 +47,17 @@ async def test_group_commit_and_reopen(tmp_path: Path) -> None:
 
 
 async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, monkeypatch) -> None:
-    """64 writers appending without pause get one commit (one fsync, one trip to a thread) per
+    """64 writers appending without pause get one commit (one fsync) per
     GROUP_COMMIT_S at most, not one per answer that arrived while the last fsync ran; every
     line is on disk when its append returns."""
     journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
     commits = 0
     write = journal._write_sync
 
-    def counted(data: bytes) -> None:
+    def counted(data: bytes) -> float:
         nonlocal commits
         commits += 1
-        write(data)
+        return write(data)
 
     monkeypatch.setattr(journal, "_write_sync", counted)
     loop = asyncio.get_running_loop()
@@ -77,6 +77,34 @@ async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, m
     journal.close()
     assert len(list(read_results(journal_path(tmp_path / "o.parquet")))) == 64 * 20
     assert commits <= elapsed / GROUP_COMMIT_S + 1, (commits, elapsed)
+
+
+async def test_a_fast_commit_runs_the_next_on_the_loop_a_slow_one_in_a_thread(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The first commit goes to a thread; one that took less than INLINE_COMMIT_S sends the
+    next to the loop itself (a thread hop costs more than a fast fsync), one that took longer
+    sends the next back to a thread (a slow disk must not hold the loop)."""
+    monkeypatch.setattr(journal_module, "GROUP_COMMIT_S", 0.0)
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+    write = journal._write_sync
+    durations = iter([0.0, 0.0, 5.0, 0.0, 0.0])  # what each commit reports it took
+    threads: list[bool] = []  # per commit: did it run on the loop's thread
+
+    def reported(data: bytes) -> float:
+        threads.append(threading.get_ident() == loop_thread)
+        write(data)
+        return next(durations)
+
+    monkeypatch.setattr(journal, "_write_sync", reported)
+    loop_thread = threading.get_ident()
+    for i in range(5):  # one append at a time: one commit each
+        await journal.append(Result(f"r{i}", "ok", content="c"))
+    journal.close()
+    assert threads == [False, True, True, False, True]
+    assert [r["id"] for r in read_results(journal_path(tmp_path / "o.parquet"))] == [
+        f"r{i}" for i in range(5)
+    ]
 
 
 async def test_a_flusher_cancelled_in_its_commit_gap_still_writes(
@@ -109,10 +137,10 @@ async def test_a_flusher_cancelled_while_it_writes_sees_the_write_through(
     entered, release = threading.Event(), threading.Event()
     write = journal._write_sync
 
-    def held(data: bytes) -> None:
+    def held(data: bytes) -> float:
         entered.set()
         release.wait(60)
-        write(data)
+        return write(data)
 
     monkeypatch.setattr(journal, "_write_sync", held)
     pending = asyncio.ensure_future(journal.append(Result("a", "ok", content="c")))

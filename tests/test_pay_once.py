@@ -105,10 +105,10 @@ def test_duplicates_are_journaled_in_few_commits(tmp_path: Path, mock_server, mo
     commits = 0
     write = journal_module.Journal._write_sync
 
-    def counted(self: journal_module.Journal, data: bytes) -> None:
+    def counted(self: journal_module.Journal, data: bytes) -> float:
         nonlocal commits
         commits += data.count(b'{"t":"r"') > 0
-        write(self, data)
+        return write(self, data)
 
     monkeypatch.setattr(journal_module.Journal, "_write_sync", counted)
     res = run_batcher("run", tmp_path / "job.yaml")
