@@ -235,6 +235,22 @@ def test_round_trip_and_misses(store: ResponseStore) -> None:
     assert store.get_many([]) == {}
 
 
+def test_a_large_batch_is_stored_whole_and_its_last_answer_for_a_key_wins(
+    store: ResponseStore,
+) -> None:
+    """put_many writes many rows per statement: 300 entries take several statements, and a
+    key given twice in one batch keeps the later answer, as one row per statement did."""
+    batch = [entry(i) for i in range(300)]
+    batch.insert(120, CacheEntry(cache_key(body(250)), {"early": True}))
+    batch.append(CacheEntry(cache_key(body(7)), {"late": True}))
+    assert store.put_many(batch) == 302
+    got = store.get_many([cache_key(body(i)) for i in range(300)])
+    assert len(got) == 300 and store.stats().entries == 300
+    assert got[request_key(body(250))].body == answer(250)  # given later in the batch
+    assert got[request_key(body(7))].body == {"late": True}
+    assert got[request_key(body(299))].body == answer(299)
+
+
 def test_every_codec_is_read_short_answers_stored_plain_long_ones_compressed(
     store: ResponseStore,
 ) -> None:
