@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 @dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class Answer:
     body: dict[str, Any]
-    headers: dict[str, str]
+    headers: Mapping[str, str]  # case-insensitive: aiohttp's, as the server sent them
     latency_s: float
 
 
@@ -63,7 +64,7 @@ class ChatClient:
             data = fastjson.dumps(body)
             async with self._session.post(self.url, data=data, headers=_JSON_HEADERS) as resp:
                 status = resp.status
-                headers = {k.lower(): v for k, v in resp.headers.items()}
+                headers = resp.headers
                 try:
                     raw = await resp.read()
                 except (

@@ -18,6 +18,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from batcher.admission import LocalLimiter, ModelSnapshot, Policy
 from batcher.admission import schedule as sch
@@ -822,6 +823,22 @@ async def test_429_pauses_the_next_admission() -> None:
         assert snap.decreases_429 == 1 and snap.slowdown_reasons()
         await limiter.acquire("gpt-4o", 1)
         assert loop.time() == 5.0
+
+
+async def test_rate_limit_headers_are_read_in_any_case() -> None:
+    """Answers carry aiohttp's case-insensitive headers. A plain 200 is skipped at once, but
+    one with X-RateLimit-Remaining-* in the server's own spelling is read: no request left
+    after our one says others use the rest of the quota."""
+    with virtual_time():
+        limiter = per_second(600)
+        await limiter.acquire("m", 1)
+        plain = CIMultiDictProxy(CIMultiDict({"Content-Type": "application/json"}))
+        limiter.feedback("m", status=200, headers=plain)
+        assert limiter.snapshot()["m"].share_reductions == 0
+        spent = CIMultiDictProxy(CIMultiDict({"X-RateLimit-Remaining-Requests": "0"}))
+        limiter.feedback("m", status=200, headers=spent)
+        snap = limiter.snapshot()["m"]
+        assert snap.share_reductions == 1 and snap.share < 0.5
 
 
 async def test_pause_arriving_while_a_waiter_sleeps_is_honoured() -> None:

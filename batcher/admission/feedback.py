@@ -107,6 +107,17 @@ class Signal:
         }
 
 
+def uneventful(status: int, headers: Mapping[str, str]) -> bool:
+    """A 200 without x-ratelimit-remaining-* headers: nothing for the schedule (`read_feedback`
+    would say so at ~1 us more an answer: every answer of a server that sends none).
+    `headers`: case-insensitive (aiohttp's), or with lower-case names."""
+    return (
+        status == 200
+        and "x-ratelimit-remaining-requests" not in headers
+        and "x-ratelimit-remaining-tokens" not in headers
+    )
+
+
 def read_feedback(
     policy: Policy,
     status: int,

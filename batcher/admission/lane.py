@@ -32,12 +32,19 @@ class Lane:
     def __init__(self) -> None:
         self._queue: deque[Waiter] = deque()
 
+    def take(self, cost: int) -> bool:
+        """The head at once if the line is empty (True: the caller must `leave()` when done),
+        without a future or an await; False: wait in line with `enter`."""
+        if self._queue:
+            return False
+        self._queue.append(Waiter(cost, None))
+        return True
+
     async def enter(self, cost: int, *, front: bool = False) -> Reply | None:
         """Wait in line: None when this call is the head (it must call `leave()` when done),
         or the reply of a slot the head handed to it. `front`: right behind the head (a
         handed slot a pause voided goes back where it was, not to the end)."""
-        if not self._queue:
-            self._queue.append(Waiter(cost, None))
+        if self.take(cost):
             return None
         turn: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
         waiter = Waiter(cost, turn)

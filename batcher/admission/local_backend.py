@@ -15,7 +15,7 @@ from typing import Any
 
 from batcher.admission import schedule
 from batcher.admission.contract import Admission, ModelSnapshot, current_admission
-from batcher.admission.feedback import read_answer
+from batcher.admission.feedback import read_answer, uneventful
 from batcher.admission.lane import Lane
 from batcher.admission.policy import Policy, us
 from batcher.admission.schedule import State, check_cost
@@ -91,17 +91,47 @@ class LocalLimiter:
         lane = self._lanes.get(model)
         if lane is None:
             lane = self._lanes[model] = Lane()
+        if lane.take(cost):
+            # The line was empty: this call is the head at once. Nobody waits behind it, so
+            # the schedule commits its own slot, and below the limits that slot is now: no
+            # await at all (most calls of a job whose limits are above what it sends).
+            try:
+                now = us(clock())
+                slot = schedule.reserve(policy, st, cost, now)
+            except BaseException:
+                lane.leave()
+                raise
+            if slot.at <= now:
+                lane.leave()
+                return self._admitted(model, cost, slot, began, clock)
+            return await self._lead(model, cost, policy, st, lane, clock, began, slot)
         front = False
         while True:
             given = await lane.enter(cost, front=front)
-            if given is not None:  # the head handed this call a slot before its own
-                if await _sleep_until(clock, st, given.at):
-                    return self._admitted(model, cost, given, began, clock)
-                front = True  # a 429 paused the model meanwhile: back in line, near the head
-                continue
-            try:
-                passed = 0  # slots this head handed over (packing passes it a bounded number)
-                while True:
+            if given is None:  # the head now
+                return await self._lead(model, cost, policy, st, lane, clock, began, None)
+            # the head handed this call a slot before its own
+            if await _sleep_until(clock, st, given.at):
+                return self._admitted(model, cost, given, began, clock)
+            front = True  # a 429 paused the model meanwhile: back in line, near the head
+
+    async def _lead(
+        self,
+        model: str,
+        cost: int,
+        policy: Policy,
+        st: State,
+        lane: Lane,
+        clock: Clock,
+        began: float,
+        slot: schedule.Reply | None,
+    ) -> Admission:
+        """As the head of the line: take slots (`slot`: one already taken) until one holds,
+        handing to the calls behind those the schedule gives them; then leave the line."""
+        try:
+            passed = 0  # slots this head handed over (packing passes it a bounded number)
+            while True:
+                if slot is None:
                     behind = lane.behind(policy.lookahead)
                     now = us(clock())
                     costs = [w.cost for w in behind]
@@ -109,11 +139,13 @@ class LocalLimiter:
                     if slot.waiter:
                         lane.hand(behind[slot.waiter - 1], slot)
                         passed += 1
+                        slot = None
                         continue
-                    if await _sleep_until(clock, st, slot.at):
-                        return self._admitted(model, cost, slot, began, clock)
-            finally:
-                lane.leave()
+                if await _sleep_until(clock, st, slot.at):
+                    return self._admitted(model, cost, slot, began, clock)
+                slot = None  # a 429 paused the model meanwhile: take another
+        finally:
+            lane.leave()
 
     def _admitted(
         self, model: str, cost: int, slot: schedule.Reply, began: float, clock: Clock
@@ -132,6 +164,8 @@ class LocalLimiter:
         admission: Admission | None = None,
     ) -> None:
         """Report an answer: 429s pause, remaining-* headers or AIMD set the pace."""
+        if uneventful(status, headers):
+            return
         policy = self.policy(model)
         signal = read_answer(
             policy, model, status, headers, self._last_cost.get(model, 0), admission

@@ -44,7 +44,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batcher.admission.contract import Admission, ModelSnapshot, current_admission
-from batcher.admission.feedback import Signal, read_answer
+from batcher.admission.feedback import Signal, read_answer, uneventful
 from batcher.admission.lane import Lane
 from batcher.admission.local_backend import LocalLimiter, model_snapshot, policy_source
 from batcher.admission.schedule import Reply, check_cost
@@ -354,6 +354,8 @@ class RedisLimiter:
         """Report an answer; a 429 or near-limit headers slow every process of the workspace."""
         if self._fallback is not None:
             self._fallback.feedback(model, status=status, headers=headers)
+            return
+        if uneventful(status, headers):
             return
         policy = self.policy(model)
         signal = read_answer(

@@ -198,14 +198,16 @@ def _reply(
     decreased: bool,
     waiter: int = 0,
     share: float | None = None,
+    m: float | None = None,
 ) -> Reply:
+    """`share`, `m`: `_share` and `_multiplier` at `now`, if the caller has them."""
     if share is None:
         share = _share(p, st, now)
     return Reply(
         at,
         now,
         seq,
-        _multiplier(p, st, now, share),
+        _multiplier(p, st, now, share) if m is None else m,
         share,
         st.pause,
         st.dec429,
@@ -373,7 +375,7 @@ def reserve(
                     _commit(p, st, look[i - 1], fill, m)
                     return _reply(p, st, now, fill.at, st.seq, False, i)
     _commit(p, st, cost, head, m)
-    return _reply(p, st, now, head.at, st.seq, False, share=share)
+    return _reply(p, st, now, head.at, st.seq, False, share=share, m=m)
 
 
 def _estimates(
