@@ -63,6 +63,28 @@ def result_from_answer(
     (called once); `source` other than SOURCE_API is a reused answer (no latency of its own).
     The request's key goes with the result, for reruns."""
     body: Any = answer.body
+    usual = _usual(body) if structured is None else None
+    if usual is not None:  # the shape nearly every answer has, read without the checks' calls
+        text, finish, model, prompt, completion, total = usual
+        return Result(  # positional (Result's field order): a third faster than by keyword
+            req.row_id,
+            STATUS_OK,
+            text,
+            finish,
+            prompt,
+            completion,
+            total,
+            attempts,
+            round(answer.latency_s, 4) if source == SOURCE_API else None,
+            None,  # error
+            model,
+            req.keep,
+            None,  # parsed
+            None,  # tool_calls
+            source,
+            None if cost is None else cost(prompt, completion),
+            None if req.key is None else req.key.key,
+        )
     usage = _usage_or_none(body)
 
     def result(status: str, error: str | None, **answered: Any) -> Result:
@@ -116,6 +138,48 @@ def result_from_answer(
         model=model,
         parsed=parsed,
         tool_calls=tool_calls,
+    )
+
+
+def _usual(
+    body: Any,
+) -> tuple[str, str | None, str | None, int, int, int] | None:
+    """(content, finish_reason, model, prompt, completion and total tokens) of an answer in the
+    usual shape: one text content, no tool call, no refusal, every usage count; None for any
+    other (the full reading then decides, and says what is wrong). What it returns is what the
+    full reading gives for that answer."""
+    if type(body) is not dict:
+        return None
+    choices = body.get("choices")
+    if type(choices) is not list or not choices or type(choices[0]) is not dict:
+        return None
+    choice = choices[0]
+    message = choice.get("message")
+    if type(message) is not dict or "tool_calls" in message or "function_call" in message:
+        return None
+    content, refusal = message.get("content"), message.get("refusal")
+    finish, model, usage = choice.get("finish_reason"), body.get("model"), body.get("usage")
+    if (
+        type(content) is not str
+        or not content
+        or refusal is not None
+        or not (finish is None or type(finish) is str)
+        or not (model is None or type(model) is str)
+        or type(usage) is not dict
+    ):
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    total = usage.get("total_tokens")
+    if not (is_count(prompt) and is_count(completion) and is_count(total)):
+        return None
+    return (
+        _clean(content),
+        None if finish is None else _clean(finish),
+        None if model is None else _clean(model),
+        prompt,
+        completion,
+        total,
     )
 
 

@@ -286,3 +286,65 @@ STRUCTURED = StructuredOutput.from_params(
         }
     }
 )
+
+
+_USUAL = {
+    "model": "gpt-4o-2024-08-06",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+}
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**64),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.sampled_from(["", "stop", "x\ud800y", "ünï"]),
+    st.lists(st.none(), max_size=2),
+    st.dictionaries(st.sampled_from(["text", "type"]), st.text(max_size=3), max_size=2),
+)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    path=st.sampled_from(
+        [
+            ("model",),
+            ("choices",),
+            ("usage",),
+            ("choices", 0),
+            ("choices", 0, "message"),
+            ("choices", 0, "finish_reason"),
+            ("choices", 0, "message", "content"),
+            ("choices", 0, "message", "refusal"),
+            ("choices", 0, "message", "tool_calls"),
+            ("choices", 0, "message", "function_call"),
+            ("usage", "prompt_tokens"),
+            ("usage", "completion_tokens"),
+            ("usage", "total_tokens"),
+        ]
+    ),
+    value=_FIELD_VALUES,
+    drop=st.booleans(),
+)
+def test_the_usual_answer_s_quick_reading_agrees_with_the_full_one(
+    path: tuple[Any, ...], value: Any, drop: bool
+) -> None:
+    """Answers in the usual shape are read without the full checks; any answer, one field
+    changed or dropped, gives the same Result either way (the full reading alone decides the
+    rest)."""
+    from batcher import answers
+
+    body = json.loads(json.dumps(_USUAL))
+    parent: Any = body
+    for step in path[:-1]:
+        parent = parent[step]
+    if drop and isinstance(parent, dict):
+        parent.pop(path[-1], None)
+    else:
+        parent[path[-1]] = value
+    quick = result_from_answer(REQ, Answer(body, {}, 0.5), 1, None, cost=lambda p, c: 0.25)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(answers, "_usual", lambda body: None)
+        full = result_from_answer(REQ, Answer(body, {}, 0.5), 1, None, cost=lambda p, c: 0.25)
+    assert quick == full
