@@ -64,7 +64,7 @@ def _json_default(value: Any) -> Any:
 def _result_line(result: Result) -> bytes:
     """One result record, compact: `{"t":"r","id":...}` (RESULT_PREFIXES: journals of earlier
     versions wrote `{"t": "r", "id": ...}`; both are read)."""
-    return fastjson.dumps({"t": "r", **result.to_record()}, _json_default) + b"\n"
+    return fastjson.dumps(result.to_record({"t": "r"}), _json_default) + b"\n"
 
 
 def journal_path(output: Path) -> Path:

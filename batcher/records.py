@@ -76,9 +76,11 @@ class Result:
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
-    def to_record(self) -> dict[str, Any]:
-        """Flat dict for the journal and the Parquet output."""
-        rec: dict[str, Any] = dict(zip(RESULT_FIELDS, _result_values(self), strict=True))
+    def to_record(self, head: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Flat dict for the journal and the Parquet output; `head`: entries to put first (the
+        journal's record type), filled in place."""
+        rec: dict[str, Any] = {} if head is None else head
+        rec.update(zip(RESULT_FIELDS, _result_values(self), strict=True))
         if self.tool_calls is None:
             del rec["tool_calls"]  # most answers have none: keep the journal's lines short
         if self.keep:
