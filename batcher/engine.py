@@ -3,11 +3,13 @@
     reader ──► prepare (body + cost) ──► queue ──► workers ──► limiter.acquire ──► client
        (thread, batches)                (bounded)     │                              │
                                                       ◄──── retry policy (tenacity) ◄┘
-                                                      └──► journal.append (fsync) ──► stats
+                                                      └──► journal.add (fsync) ──► stats
     end: journal ──► Parquet (atomic)
 
-A worker holds its concurrency slot until its result is durable, so at any moment at most
-`concurrency` requests are "sent but not persisted": the most a crash can make us pay twice.
+A worker hands its result to the journal's next group commit and takes the next row; past
+`concurrency` rows waiting for their commit (a slow disk) it waits for it. So at any moment
+at most `concurrency` requests are in flight and `concurrency` answers wait for the disk: the
+most a crash can make us pay twice (answers in the response store are not paid again).
 
 The engine returns a `RunOutcome` (data: why it stopped, counts, the error) and never prints
 a summary: the CLI and the Python API render it. Every stop (a signal, a rejected key, a full
@@ -22,7 +24,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,8 +331,6 @@ class Engine:
     # ---- sending ----
 
     async def _worker(self) -> None:
-        me = asyncio.current_task()
-        assert me is not None
         while not self._halt.stopping:
             req = await self._queue.get()
             if req is None or self._halt.stopping:
@@ -348,14 +348,11 @@ class Engine:
                 self._halt.stop(reason, exc)  # no other worker sends another request
                 return
             shared = [] if self.reuse is None else self.reuse.answered(req, result, answer)
-            self._halt.busy.add(me)  # from here until durable, a stop waits for this row
             try:  # one commit for the row and the rows that waited for its answer
                 await self._finish_many([result, *shared])
             except BatcherError as exc:  # the journal cannot take it (disk full, replaced)
                 self._halt.stop(StopReason.FATAL, exc)
                 return
-            finally:
-                self._halt.busy.discard(me)
 
     async def _process(self, req: Request) -> tuple[Result, Answer | None]:
         """Until the server has answered once (any 2xx), requests go one at a time, so a wrong
@@ -558,9 +555,16 @@ class Engine:
             )
 
     async def _finish_many(self, results: list[Result]) -> None:
-        """Finished rows, in one journal wait (one group commit), then counted."""
+        """Finished rows to the journal's next group commit, counted once on disk. The caller
+        goes on at once (waiting out every commit cost ~2.5 ms and an fsync a row: 13 % of
+        the throughput at 4,000 rows a second), unless more than `concurrency` rows wait for
+        their commit (a slow disk); a stop's drain writes what is handed over."""
         assert self._journal is not None
-        await self._journal.append_many(results)
+        wait = self._journal.add(results, self._count_many, backlog=self.job.concurrency)
+        if wait is not None:
+            await wait
+
+    def _count_many(self, results: Sequence[Result]) -> None:
         for result in results:
             self._count(result)
 
@@ -637,6 +641,8 @@ class Engine:
             mock=opts.mock,
         )
         self._journal = journal
+        # A commit that fails (disk full) stops the run at once: its rows' workers went on.
+        journal.on_failure = lambda exc: self._halt.stop(StopReason.FATAL, exc)
         self.reuse = await asyncio.to_thread(self._open_reuse)
         try:
             if state.ok_count:

@@ -13,8 +13,10 @@ them with spaces like the others, and both are read.
 
 Results are written in group commits, at most one every GROUP_COMMIT_S: every `append()` waits
 until its line is written and fsynced; lines that arrive meanwhile go out together in the next
-commit. A crash can only tear the last line, which `open_journal` drops with a warning. A
-damaged line anywhere else (or a result without an id) is skipped with a warning naming it:
+commit. `add()` (the engine's workers) hands results over without waiting and is told when
+they are on disk. A crash can only tear the last line, which `open_journal` drops with a
+warning. A damaged line anywhere else (or a result without an id) is skipped with a warning
+naming it:
 every good record is kept, and the rows of skipped lines are simply sent again. The last record
 for an id wins (`--retry-errors` appends a new result after an error); `latest_mask` is the one
 place that rule is applied.
@@ -544,6 +546,10 @@ class Journal:
         self._fsync = fsync  # off only to measure what durability costs (benchmarks)
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
+        # `add`: what to call once each handed-over group of results is on disk
+        self._written: list[tuple[Callable[[Sequence[Result]], None], Sequence[Result]]] = []
+        # Called once when a commit fails: nobody may be waiting to hear it (`add`)
+        self.on_failure: Callable[[StorageError], None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._last_commit = -math.inf  # loop time the last group commit began
         self._inline = False  # the last commit was fast: the next runs on the loop
@@ -572,6 +578,32 @@ class Journal:
         self._pending.extend(lines)
         await self._commit()
 
+    def add(
+        self,
+        results: Sequence[Result],
+        written: Callable[[Sequence[Result]], None],
+        *,
+        backlog: int,
+    ) -> asyncio.Future[None] | None:
+        """Hand `results` to the next group commit without waiting for it: `written(results)`
+        is called once they are on disk (never, if the commit fails). Raises StorageError if
+        the journal can no longer take them. When more than `backlog` lines wait for their
+        commit (a slow disk), returns a future done when these are written: the caller waits
+        on it, so what is answered and not yet on disk stays bounded. Else None."""
+        lines = [_result_line(r) for r in results]
+        if self._failed is not None:
+            self._keep(b"".join(lines))
+            raise self._failed
+        self._pending.extend(lines)
+        self._written.append((written, results))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop())
+        if len(self._pending) <= backlog:
+            return None
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
     async def _commit(self) -> None:
         """Wait for the group commit that writes what is pending now."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -593,6 +625,7 @@ class Journal:
             self._last_commit = loop.time()
             lines, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
+            written, self._written = self._written, []
             try:
                 if self._inline:
                     took = self._write_sync(b"".join(lines))
@@ -617,12 +650,16 @@ class Journal:
                 for w in waiters + self._waiters:
                     if not w.done():
                         w.set_exception(self._failed)
-                self._pending, self._waiters = [], []
+                self._pending, self._waiters, self._written = [], [], []
+                if self.on_failure is not None:
+                    self.on_failure(self._failed)
                 return
             self.appended += len(lines)
             for w in waiters:
                 if not w.done():
                     w.set_result(None)
+            for call, results in written:
+                call(results)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -720,8 +757,8 @@ class Journal:
             raise storage_error(self.path, exc, "write the journal") from None
 
     async def drain(self) -> None:
-        """Wait until every appended result is on disk (or has failed). Cancelled, it leaves
-        the flusher writing."""
+        """Wait until every appended result is on disk; StorageError if one could not be
+        written. Cancelled, it leaves the flusher writing."""
         flusher = self._flusher
         if flusher is not None:
             try:
@@ -729,6 +766,8 @@ class Journal:
             except asyncio.CancelledError:
                 if not flusher.cancelled():
                     raise  # drain itself was cancelled
+        if self._failed is not None:
+            raise self._failed
 
     def close(self) -> None:
         # After a failed write (disk full) the buffer still holds those bytes and closing

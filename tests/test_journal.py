@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -77,6 +78,57 @@ async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, m
     journal.close()
     assert len(list(read_results(journal_path(tmp_path / "o.parquet")))) == 64 * 20
     assert commits <= elapsed / GROUP_COMMIT_S + 1, (commits, elapsed)
+
+
+async def test_add_hands_results_over_without_waiting_and_says_when_they_are_written(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """`add` returns at once while the backlog is short, and a future to wait on past it; the
+    callback gets each group once its commit is on disk, in order."""
+    monkeypatch.setattr(journal_module, "GROUP_COMMIT_S", 0.0)
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+    written: list[str] = []
+
+    def on_disk(results: Sequence[Result]) -> None:
+        assert journal.appended >= len(written) + len(results)  # counted after the write
+        written.extend(r.id for r in results)
+
+    first = journal.add([Result("a", "ok"), Result("b", "ok")], on_disk, backlog=2)
+    assert first is None and written == []  # handed over, not yet written
+    over = journal.add([Result("c", "ok")], on_disk, backlog=2)
+    assert over is not None  # three lines wait: past the backlog, wait for this commit
+    await asyncio.wait_for(over, timeout=60)
+    assert written == ["a", "b", "c"]
+    await journal.drain()
+    journal.close()
+    assert [r["id"] for r in read_results(journal_path(tmp_path / "o.parquet"))] == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
+async def test_a_failed_commit_is_told_at_once_and_nothing_of_it_is_counted(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Nobody waits on an `add`: a commit that fails calls `on_failure` once, its rows are
+    never reported written, the next `add` and the drain raise the same StorageError."""
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+
+    def full(data: bytes) -> float:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal, "_write_sync", full)
+    failures: list[StorageError] = []
+    journal.on_failure = failures.append
+    written: list[Result] = []
+    assert journal.add([Result("a", "ok")], written.extend, backlog=10) is None
+    with pytest.raises(StorageError, match="free disk space"):
+        await journal.drain()
+    assert len(failures) == 1 and written == []
+    with pytest.raises(StorageError):
+        journal.add([Result("b", "ok")], written.extend, backlog=10)
+    journal.close()
 
 
 async def test_a_fast_commit_runs_the_next_on_the_loop_a_slow_one_in_a_thread(

@@ -200,9 +200,9 @@ def test_sigkill_then_resume(tmp_path: Path, mock_server, running, kill_at: int)
     assert res.returncode == 0, res.stderr
     check_complete(output, ROWS, ok=ROWS)
     # Exactly the rows not on disk were sent again; of those, only the ones in flight at the
-    # kill had been answered before.
+    # kill, or answered and waiting for their group commit, had been answered before.
     assert requests_since(srv, before) == ROWS - on_disk
-    assert srv.stats()["duplicates"] <= BASE["concurrency"]
+    assert srv.stats()["duplicates"] <= 2 * BASE["concurrency"]
     if on_disk:
         assert f"holds answers for {on_disk} rows" in res.stderr
 
@@ -496,7 +496,7 @@ def test_torn_journal_tail_recovers(tmp_path: Path, mock_server, running) -> Non
     assert requests_since(srv, before) == ROWS - on_disk
     for line in journal_lines(output):  # the torn bytes were cut, not built upon
         assert line.endswith(b"\n") and json.loads(line)
-    assert srv.stats()["duplicates"] <= BASE["concurrency"]
+    assert srv.stats()["duplicates"] <= 2 * BASE["concurrency"]  # in flight, or not yet committed
 
 
 # ---- 7. status reads the journal and sends nothing -------------------------------------------
@@ -607,8 +607,9 @@ def test_disk_full_loses_nothing_and_resumes_once_space_is_freed(
     res = run_batcher("run", job)
     assert res.returncode == 0, res.stderr
     check_complete(output, ROWS, ok=ROWS)
-    # Rows answered but not journaled when the disk filled are in the response store (another
-    # disk): nothing is paid twice.
-    assert answered - on_disk <= BASE["concurrency"]
+    # Rows answered but not journaled when the disk filled (at most `concurrency` in flight
+    # and `concurrency` waiting for their commit) are in the response store (another disk):
+    # nothing is paid twice.
+    assert answered - on_disk <= 2 * BASE["concurrency"]
     assert requests_since(srv, before) == ROWS - answered
     assert srv.stats()["duplicates"] == 0
