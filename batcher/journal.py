@@ -16,10 +16,9 @@ until its line is written and fsynced; lines that arrive meanwhile go out togeth
 commit. `add()` (the engine's workers) hands results over without waiting and is told when
 they are on disk. A crash can only tear the last line, which `open_journal` drops with a
 warning. A damaged line anywhere else (or a result without an id) is skipped with a warning
-naming it:
-every good record is kept, and the rows of skipped lines are simply sent again. The last record
-for an id wins (`--retry-errors` appends a new result after an error); `latest_mask` is the one
-place that rule is applied.
+naming it: every good record is kept, and the rows of skipped lines are simply sent again.
+The last record for an id wins (`--retry-errors` appends a new result after an error);
+`latest_mask` is the one place that rule is applied.
 """
 
 from __future__ import annotations
@@ -517,14 +516,15 @@ def journal_latest_mask(
 # At most one group commit (one fsync) per 5 ms. Back to back, 3,000 answers a second made
 # ~200 commits a second, each a hand-off to a thread and back: the thread's wake-ups and the
 # GIL passed to and fro cost more CPU than the fsyncs (~50,000 context switches for 20,000
-# rows). A worker then waits up to 5 ms more for its row to be durable; at Langdock's 500 RPM
-# every answer still gets its own commit at once.
+# rows). An `append` then waits up to 5 ms more for its line to be durable (the engine's
+# workers do not wait: `add`); at Langdock's 500 RPM every answer still gets its own commit
+# at once.
 GROUP_COMMIT_S = 0.005
 # A group commit whose write + fsync took less than this runs the next one on the event loop
 # itself; a slower one sends the next to a thread. A thread beside a busy loop waits for the
 # GIL at every step (woken, after the write, after the fsync, to hand the result back): ~10
-# context switches a commit, 8,000 of a 20,000-row run's 17,000, more CPU than the fsyncs
-# (77 us each on our CI disks). A disk that turns slow costs the loop one commit's wait.
+# context switches a commit, 8,000 of a 20,000-row run's 17,000, more CPU than the writes
+# and fsyncs (p50 0.3 ms here). A disk that turns slow costs the loop one commit's wait.
 INLINE_COMMIT_S = 0.001
 
 

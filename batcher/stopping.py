@@ -1,8 +1,9 @@
 """How a run stops early, whatever the cause: one way for a signal, a rejected key, a full disk,
 the budget or an outage.
 
-Nothing new is admitted; the tasks with a request in flight (`busy`: sent, or answered and not
-yet journaled) finish and persist within the grace period; then everything is cancelled. A
+Nothing new is admitted; the tasks with a request in flight (`busy`) finish within the grace
+period and hand their answers to the journal, which the engine drains; then everything is
+cancelled. A
 second signal, or a stop on top of another stop, cancels at once. The engine reads `stopping`
 before each admission and `reason` / `error` for its outcome.
 """
@@ -26,7 +27,7 @@ class RunStop:
         self.stopping = False
         self.reason: StopReason | None = None  # why the run stops early; None: it completes
         self.error: BatcherError | None = None
-        self.busy: set[asyncio.Task[Any]] = set()  # a request in flight or a row to persist
+        self.busy: set[asyncio.Task[Any]] = set()  # a request in flight
         self.workers: list[asyncio.Task[None]] = []
         self.producer: asyncio.Task[None] | None = None
 
