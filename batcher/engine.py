@@ -331,6 +331,8 @@ class Engine:
     # ---- sending ----
 
     async def _worker(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         while not self._halt.stopping:
             req = await self._queue.get()
             if req is None or self._halt.stopping:
@@ -353,6 +355,10 @@ class Engine:
             except BatcherError as exc:  # the journal cannot take it (disk full, replaced)
                 self._halt.stop(StopReason.FATAL, exc)
                 return
+            finally:
+                # Busy from its first send (`_attempt`) through any repairs until the journal
+                # has the answers: a stop waits for a paid answer, not for an idle worker.
+                self._halt.busy.discard(me)
 
     async def _process(self, req: Request) -> tuple[Result, Answer | None]:
         """Until the server has answered once (any 2xx), requests go one at a time, so a wrong

@@ -1,14 +1,19 @@
-"""RunStop: how a run stops early (pure asyncio, no server; no test waits for the grace period)."""
+"""RunStop: how a run stops early (pure asyncio, and one engine run against the bundled server;
+no test waits for the grace period)."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 
 import pytest
+from helpers import API_KEY, review_rows, write_job, write_jsonl
 
+from batcher.engine import Engine, RunOptions
 from batcher.errors import BudgetReached, ExitCode
 from batcher.outcome import StopReason
+from batcher.spec import load_job
 from batcher.stopping import RunStop
 
 
@@ -76,3 +81,30 @@ async def test_drive_reraises_a_bug_and_cancels_the_rest() -> None:
     with pytest.raises(RuntimeError, match="a bug"):
         await halt.drive()
     assert other.cancelled() and halt.stopping
+
+
+async def test_a_stop_waits_for_requests_in_flight_not_for_idle_workers(
+    tmp_path: Path, mock_server
+) -> None:
+    """A worker is busy from its send until the journal has its answer, no longer: stopped
+    after a few answers, with nothing or little in flight, the run ends at once, not after the
+    grace period (an hour here). Keyed to answers counted, not to time."""
+    srv = mock_server(rpm=None, tpm=None)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(40))
+    job_file = write_job(
+        tmp_path,
+        srv.url,
+        grace_period_s=3600,
+        limits={"gpt-4o-mini": {"rpm": 240, "tpm": 10_000_000}},  # 4 a second: 10 s in all
+    )
+    engine = Engine(
+        load_job(job_file), RunOptions(progress="quiet", api_key=API_KEY, handle_signals=False)
+    )
+    run = asyncio.ensure_future(engine.run())
+    while engine.stats.ok < 3:
+        assert not run.done()
+        await asyncio.sleep(0.01)
+    engine.request_stop()
+    outcome = await asyncio.wait_for(run, timeout=60)
+    assert outcome.reason is StopReason.INTERRUPTED
+    assert 3 <= outcome.stats.ok < 40 and not engine._halt.busy
