@@ -31,6 +31,14 @@ _lock = threading.Lock()
 _runs = 0
 _saved: tuple[int, int, int] = gc.get_threshold()
 _freezing = False  # this module froze the objects (and unfreezes them)
+_command_froze = False  # the objects frozen were frozen by the `batcher` command (its imports)
+
+
+def imports_frozen() -> None:
+    """The `batcher` command froze what its imports made (`command.entry`): runs still freeze
+    what was made since (the job, the engine, lazy imports), and unfreeze all at their end."""
+    global _command_froze
+    _command_froze = True
 
 
 @contextmanager
@@ -41,7 +49,8 @@ def run_collector() -> Iterator[None]:
         _runs += 1
         if _runs == 1:
             _saved = gc.get_threshold()
-            _freezing = not gc.get_freeze_count()  # the process froze its own: leave them be
+            # the process froze its own (not the command's imports): leave them be
+            _freezing = _command_froze or not gc.get_freeze_count()
             if _freezing:
                 gc.freeze()
             if _saved[0]:  # 0: the process turned automatic collection off; keep it off

@@ -54,8 +54,10 @@ def entry() -> None:
             finally:
                 sys.meta_path.remove(numpy)
         from batcher.cli import main
+        from batcher.collector import imports_frozen
 
         gc.freeze()
+        imports_frozen()
     finally:
         gc.enable()
     main()

@@ -524,7 +524,8 @@ GROUP_COMMIT_S = 0.005
 # itself; a slower one sends the next to a thread. A thread beside a busy loop waits for the
 # GIL at every step (woken, after the write, after the fsync, to hand the result back): ~10
 # context switches a commit, 8,000 of a 20,000-row run's 17,000, more CPU than the writes
-# and fsyncs (p50 0.3 ms here). A disk that turns slow costs the loop one commit's wait.
+# and fsyncs (p50 0.3 ms here). A disk that turns slow costs the loop one commit's wait (and a
+# journal deleted mid-run, the copy `_rescue` makes of it: the run stops then anyway).
 INLINE_COMMIT_S = 0.001
 
 
@@ -553,6 +554,7 @@ class Journal:
         self._flusher: asyncio.Task[None] | None = None
         self._last_commit = -math.inf  # loop time the last group commit began
         self._inline = False  # the last commit was fast: the next runs on the loop
+        self._writing = 0  # lines of the commit being written now (not yet on disk either)
         self._failed: StorageError | None = None
         self._rescued: IO[bytes] | None = None  # where answers go after the journal was lost
         self.appended = 0
@@ -588,8 +590,9 @@ class Journal:
         """Hand `results` to the next group commit without waiting for it: `written(results)`
         is called once they are on disk (never, if the commit fails). Raises StorageError if
         the journal can no longer take them. When more than `backlog` lines wait for their
-        commit (a slow disk), returns a future done when these are written: the caller waits
-        on it, so what is answered and not yet on disk stays bounded. Else None."""
+        commit or in the one being written (a slow disk), returns a future done when these
+        are written: the caller waits on it, so what is answered and not yet on disk stays
+        bounded. Else None."""
         lines = [_result_line(r) for r in results]
         if self._failed is not None:
             self._keep(b"".join(lines))
@@ -598,7 +601,7 @@ class Journal:
         self._written.append((written, results))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
-        if len(self._pending) <= backlog:
+        if len(self._pending) + self._writing <= backlog:
             return None
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -626,6 +629,7 @@ class Journal:
             lines, self._pending = self._pending, []
             waiters, self._waiters = self._waiters, []
             written, self._written = self._written, []
+            self._writing = len(lines)
             try:
                 if self._inline:
                     took = self._write_sync(b"".join(lines))
@@ -651,10 +655,12 @@ class Journal:
                     if not w.done():
                         w.set_exception(self._failed)
                 self._pending, self._waiters, self._written = [], [], []
+                self._writing = 0
                 if self.on_failure is not None:
                     self.on_failure(self._failed)
                 return
             self.appended += len(lines)
+            self._writing = 0
             for w in waiters:
                 if not w.done():
                     w.set_result(None)

@@ -56,6 +56,27 @@ class Built:
     errors: list[Result] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
 
+    def text_chars(self) -> int:
+        """The characters of the messages' text (what token counting encodes), roughly: text
+        contents and text parts."""
+        chars = 0
+        for _, bodies, _ in self.by_model.values():
+            for body in bodies:
+                messages = body.get("messages")
+                if not isinstance(messages, list):
+                    continue
+                for message in messages:
+                    content = message.get("content") if isinstance(message, dict) else None
+                    if isinstance(content, str):
+                        chars += len(content)
+                    elif isinstance(content, list):
+                        chars += sum(
+                            len(part["text"])
+                            for part in content
+                            if isinstance(part, dict) and isinstance(part.get("text"), str)
+                        )
+        return chars
+
     def drop(self, done: Callable[[str, CacheKey | None], bool]) -> int:
         """Leave out the rows `done(id, key)` says already have their answer (a resume, or a
         rerun whose row kept its request); how many."""

@@ -61,3 +61,21 @@ def test_objects_the_process_froze_itself_stay_frozen() -> None:
     with run_collector():
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD
     assert gc.get_freeze_count() > 0  # not unfrozen: a pre-fork server keeps what it froze
+
+
+def test_after_the_command_froze_its_imports_a_run_still_freezes_what_came_since() -> None:
+    """The command freezes what its imports made; the objects made after (the job, the engine,
+    lazy imports) are still frozen for the run, and everything is unfrozen at its end."""
+    from batcher import collector
+
+    gc.freeze()
+    collector.imports_frozen()
+    try:
+        since = [[] for _ in range(1000)]  # noqa: F841 (made after the freeze: tracked)
+        frozen = gc.get_freeze_count()
+        with run_collector():
+            assert gc.get_freeze_count() >= frozen + 1000
+        assert gc.get_freeze_count() == 0
+    finally:
+        collector._command_froze = False
+        gc.unfreeze()

@@ -108,6 +108,35 @@ async def test_add_hands_results_over_without_waiting_and_says_when_they_are_wri
     ]
 
 
+async def test_add_counts_the_commit_being_written_against_the_backlog(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Lines in the commit being written are not on disk either: while it runs, an `add` that
+    brings them and the pending ones past the backlog must wait (else the rows answered and
+    not on disk could reach three times the backlog)."""
+    journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
+    entered, release = threading.Event(), threading.Event()
+    write = journal._write_sync
+
+    def held(data: bytes) -> float:
+        entered.set()
+        release.wait(60)
+        return write(data)
+
+    monkeypatch.setattr(journal, "_write_sync", held)
+    done: list[Result] = []
+    assert journal.add([Result("a", "ok"), Result("b", "ok")], done.extend, backlog=3) is None
+    assert await asyncio.to_thread(entered.wait, 60)  # the commit of a, b is being written
+    assert journal.add([Result("c", "ok")], done.extend, backlog=3) is None  # 2 + 1
+    wait = journal.add([Result("d", "ok")], done.extend, backlog=3)  # 2 + 2
+    assert wait is not None
+    release.set()
+    await asyncio.wait_for(wait, timeout=60)
+    await journal.drain()
+    journal.close()
+    assert [r.id for r in done] == ["a", "b", "c", "d"]
+
+
 async def test_a_failed_commit_is_told_at_once_and_nothing_of_it_is_counted(
     tmp_path: Path, monkeypatch
 ) -> None:

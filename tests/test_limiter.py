@@ -839,6 +839,10 @@ async def test_rate_limit_headers_are_read_in_any_case() -> None:
         limiter.feedback("m", status=200, headers=spent)
         snap = limiter.snapshot()["m"]
         assert snap.share_reductions == 1 and snap.share < 0.5
+        other = per_second(600)  # a plain dict, the server's spelling: read too
+        await other.acquire("m", 1)
+        other.feedback("m", status=200, headers={"X-RateLimit-Remaining-Requests": "0"})
+        assert other.snapshot()["m"].share_reductions == 1
 
 
 async def test_pause_arriving_while_a_waiter_sleeps_is_honoured() -> None:

@@ -143,3 +143,21 @@ def test_the_scans_model_of_raises_exactly_when_build_body_does() -> None:
             assert str(got.value) == str(expected)
         else:
             assert b.model_of(row) == expected == "gpt-4o-mini"
+
+
+def test_a_batch_s_text_is_measured_for_where_its_tokens_are_counted() -> None:
+    """`Built.text_chars`: the characters token counting will encode (text contents and text
+    parts), which decides whether a batch is counted on the loop or in its thread."""
+    from batcher.engine import COUNT_ON_LOOP_CHARS
+    from batcher.prepare import Built
+
+    short = {"messages": [{"role": "system", "content": "abc"}, {"role": "user", "content": "de"}]}
+    parts = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "xyz"}, {"type": "image_url"}]}
+        ]
+    }
+    built = Built(by_model={"m": ([], [short, parts, {"messages": None}], [])})
+    assert built.text_chars() == 8
+    long = {"messages": [{"role": "user", "content": "w " * COUNT_ON_LOOP_CHARS}]}
+    assert Built(by_model={"m": ([], [long], [])}).text_chars() > COUNT_ON_LOOP_CHARS

@@ -88,8 +88,7 @@ class Limiter(Protocol):
     last acquire returned) anchors the headers to when the request was sent; a 5xx, or status
     0 for no answer at all (dropped connection, timeout), is given back if the headers of that
     answer or the next show the server did not charge it; a 429's tokens are given back at
-    once. `headers`: case-insensitive (aiohttp's, as answers and API errors carry them), or
-    with lower-case names.
+    once. `headers`: names in any case.
     """
 
     backend: str

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
 from batcher.admission.contract import Admission, answered
 from batcher.admission.policy import Policy
 from batcher.errors import parse_retry_after
@@ -109,13 +111,17 @@ class Signal:
 
 def uneventful(status: int, headers: Mapping[str, str]) -> bool:
     """A 200 without x-ratelimit-remaining-* headers: nothing for the schedule (`read_feedback`
-    would say so at ~1 us more an answer: every answer of a server that sends none).
-    `headers`: case-insensitive (aiohttp's), or with lower-case names."""
-    return (
-        status == 200
-        and "x-ratelimit-remaining-requests" not in headers
-        and "x-ratelimit-remaining-tokens" not in headers
-    )
+    would say so at ~1 us more an answer: every answer of a server that sends none). Any
+    spelling of the names: aiohttp's headers look them up case-insensitively, others are
+    read name by name."""
+    if status != 200:
+        return False
+    if isinstance(headers, CIMultiDictProxy | CIMultiDict):
+        return (
+            "x-ratelimit-remaining-requests" not in headers
+            and "x-ratelimit-remaining-tokens" not in headers
+        )
+    return not any(name.lower().startswith("x-ratelimit-remaining-") for name in headers)
 
 
 def read_feedback(
