@@ -561,29 +561,14 @@ class Journal:
 
     async def append(self, result: Result) -> None:
         """Returns once the result is durable on disk; raises StorageError if it cannot be."""
-        line = _result_line(result)
-        if self._failed is not None:
-            self._keep(line)  # an answer still in flight when the journal was lost: paid for
-            raise self._failed
-        self._pending.append(line)
-        await self._commit()
-
-    async def append_many(self, results: Sequence[Result]) -> None:
-        """`append` for several results, with one wait for all of them (rows answered without
-        a request: from the store, or refused before sending)."""
-        if not results:
-            return
-        lines = [_result_line(r) for r in results]
-        if self._failed is not None:
-            self._keep(b"".join(lines))
-            raise self._failed
-        self._pending.extend(lines)
-        await self._commit()
+        done = self.add([result], backlog=-1)  # past any backlog: always a future
+        assert done is not None
+        await done
 
     def add(
         self,
         results: Sequence[Result],
-        written: Callable[[Sequence[Result]], None],
+        written: Callable[[Sequence[Result]], None] | None = None,
         *,
         backlog: int,
     ) -> asyncio.Future[None] | None:
@@ -595,10 +580,11 @@ class Journal:
         bounded. Else None."""
         lines = [_result_line(r) for r in results]
         if self._failed is not None:
-            self._keep(b"".join(lines))
+            self._keep(b"".join(lines))  # answers still in flight when it failed: paid for
             raise self._failed
         self._pending.extend(lines)
-        self._written.append((written, results))
+        if written is not None:
+            self._written.append((written, results))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
         if len(self._pending) + self._writing <= backlog:
@@ -606,14 +592,6 @@ class Journal:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         return fut
-
-    async def _commit(self) -> None:
-        """Wait for the group commit that writes what is pending now."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop())
-        await fut
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()

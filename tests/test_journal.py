@@ -47,6 +47,22 @@ async def test_group_commit_and_reopen(tmp_path: Path) -> None:
     assert state.ok_count == 50 and state.prompt_tokens == 150
 
 
+def hold_writes(
+    journal: journal_module.Journal, monkeypatch: pytest.MonkeyPatch
+) -> tuple[threading.Event, threading.Event]:
+    """Make the journal's writes wait: (set when a write has begun, set to let it finish)."""
+    entered, release = threading.Event(), threading.Event()
+    write = journal._write_sync
+
+    def held(data: bytes) -> float:
+        entered.set()
+        release.wait(60)
+        return write(data)
+
+    monkeypatch.setattr(journal, "_write_sync", held)
+    return entered, release
+
+
 async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, monkeypatch) -> None:
     """64 writers appending without pause get one commit (one fsync) per
     GROUP_COMMIT_S at most, not one per answer that arrived while the last fsync ran; every
@@ -115,15 +131,7 @@ async def test_add_counts_the_commit_being_written_against_the_backlog(
     brings them and the pending ones past the backlog must wait (else the rows answered and
     not on disk could reach three times the backlog)."""
     journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
-    entered, release = threading.Event(), threading.Event()
-    write = journal._write_sync
-
-    def held(data: bytes) -> float:
-        entered.set()
-        release.wait(60)
-        return write(data)
-
-    monkeypatch.setattr(journal, "_write_sync", held)
+    entered, release = hold_writes(journal, monkeypatch)
     done: list[Result] = []
     assert journal.add([Result("a", "ok"), Result("b", "ok")], done.extend, backlog=3) is None
     assert await asyncio.to_thread(entered.wait, 60)  # the commit of a, b is being written
@@ -215,15 +223,7 @@ async def test_a_flusher_cancelled_while_it_writes_sees_the_write_through(
     """Cancelled while its thread writes, the flusher still tells the appends waiting for that
     write that their lines are on disk, instead of leaving them waiting for ever."""
     journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
-    entered, release = threading.Event(), threading.Event()
-    write = journal._write_sync
-
-    def held(data: bytes) -> float:
-        entered.set()
-        release.wait(60)
-        return write(data)
-
-    monkeypatch.setattr(journal, "_write_sync", held)
+    entered, release = hold_writes(journal, monkeypatch)
     pending = asyncio.ensure_future(journal.append(Result("a", "ok", content="c")))
     assert await asyncio.to_thread(entered.wait, 60)
     flusher = journal._flusher
