@@ -269,6 +269,9 @@ def test_second_sigint_stops_at_once_keeping_what_was_saved(
 
     proc = running(tmp_path, "run", job, "--quiet")
     proc.wait_until(lambda: results_in_journal(output) >= n_fast, "the quick rows")
+    # The first stop must find the slow rows in flight; were they not sent yet, nothing would be
+    # in flight, the run would end by itself and the second Ctrl-C would come too late.
+    proc.wait_until(lambda: srv.stats()["admitted"] >= n_fast + 4, "the slow rows in flight")
     proc.signal(signal.SIGINT)
     proc.wait_until(lambda: "stopping:" in proc.stderr, "the first stop to be acknowledged")
     proc.signal(signal.SIGINT)
