@@ -13,8 +13,6 @@ import aiohttp
 from batcher import fastjson
 from batcher.errors import APIConnectionError, APITimeout, TruncatedAnswer, classify
 
-_JSON_HEADERS = {"Content-Type": "application/json"}
-
 
 @dataclass(slots=True)  # not frozen: built per row (see records.Request)
 class Answer:
@@ -47,7 +45,9 @@ class ChatClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
-            headers={"Authorization": f"Bearer {self._key}"},
+            # Every request of this session is a JSON POST: its headers are the session's
+            # (per-request headers are merged into a new dict on every call).
+            headers={"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"},
         )
         return self
 
@@ -62,7 +62,7 @@ class ChatClient:
         try:
             # The body as bytes: aiohttp's json= would encode it with the slower json.dumps.
             data = fastjson.dumps(body)
-            async with self._session.post(self.url, data=data, headers=_JSON_HEADERS) as resp:
+            async with self._session.post(self.url, data=data) as resp:
                 status = resp.status
                 headers = resp.headers
                 try:
