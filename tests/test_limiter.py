@@ -110,6 +110,40 @@ def test_saturated_pacing_stays_within_every_window(
     assert used / (seconds / 60) >= min(0.98, math.floor(per_s) / per_s * 0.99)
 
 
+@pytest.mark.parametrize(
+    "limits", [LANGDOCK, (10_000_000, 10_000_000_000)], ids=["langdock", "far"]
+)
+@pytest.mark.parametrize("seed", range(6))
+def test_reserve_s_shortcut_gives_what_the_whole_schedule_gives(
+    limits: tuple[int, int], seed: int
+) -> None:
+    """`reserve` with no one waiting and a pace nothing has lowered takes a shortcut. A waiter
+    it must skip (larger than the head, packing spent) sends the same call the whole way: both
+    must return the same reply and leave the same state, through 429s, remaining-* headers and
+    refunds that end the shortcut's conditions."""
+    rng = random.Random(seed)
+    sched = Sched(*limits, aimd_strike_requests=rng.choice([0, 3]))
+    p, now, shortcuts = sched.p, 0, 0
+    for _ in range(400):
+        now += rng.choice([0, 1_000, 50_000, 400_000, 3_000_000])
+        cost = rng.randint(1, min(2_000, p.tpm // 10))
+        short, whole = copy.deepcopy(sched.st), copy.deepcopy(sched.st)
+        shortcuts += short.m0 is None and short.sh0 is None
+        got = sch.reserve(p, short, cost, now)
+        assert got == sch.reserve(p, whole, cost, now, (cost + 1,), p.lookahead_passes)
+        assert short == whole
+        sched.st, sched.last_cost = short, cost
+        event = rng.random()
+        if event < 0.03:
+            sched.feedback(429, {"retry-after": "1"}, now / 1e6)
+        elif event < 0.06:
+            left = str(rng.randint(0, limits[0] // 2))
+            sched.feedback(200, {"x-ratelimit-remaining-requests": left}, now / 1e6)
+        elif event < 0.08:
+            sched.feedback(500, {}, now / 1e6)
+    assert 0 < shortcuts < 400  # both ways were compared
+
+
 def test_pacing_alone_overflows_a_ten_second_window() -> None:
     """Why the windows exist: pacing at 99 % leaves 100 tokens of slack per 10 s at 60k TPM."""
     sched = Sched(*LANGDOCK, request_windows_s=(600.0,), token_windows_s=(600.0,), tolerance_s=0)

@@ -32,6 +32,9 @@ class Lane:
     def __init__(self) -> None:
         self._queue: deque[Waiter] = deque()
 
+    def empty(self) -> bool:
+        return not self._queue
+
     def take(self, cost: int) -> bool:
         """The head at once if the line is empty (True: the caller must `leave()` when done),
         without a future or an await; False: wait in line with `enter`."""

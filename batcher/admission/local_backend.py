@@ -53,7 +53,8 @@ class LocalLimiter:
         self.policy = policy_source(limits, knobs)
         self._clock = clock
         self._states: dict[str, State] = {}
-        self._lanes: dict[str, Lane] = {}
+        # Per model, what every acquire() needs: one lookup.
+        self._models: dict[str, tuple[Policy, State, Lane]] = {}
         self._last_cost: dict[str, int] = {}
 
     def _now(self) -> float:
@@ -82,28 +83,25 @@ class LocalLimiter:
 
         Cancelled while it sleeps, the slot it took stays taken (as in Redis).
         """
-        policy = self.policy(model)
-        check_cost(model, cost, policy.tpm)
-        st = self.state(model)
+        found = self._models.get(model)
+        if found is None:
+            found = self._models[model] = (self.policy(model), self.state(model), Lane())
+        policy, st, lane = found
+        if not 0 <= cost <= policy.tpm:
+            check_cost(model, cost, policy.tpm)
         # The clock, looked up once per call (each asyncio.get_running_loop() is a getpid).
         clock = self._clock or asyncio.get_running_loop().time
         began = clock()
-        lane = self._lanes.get(model)
-        if lane is None:
-            lane = self._lanes[model] = Lane()
-        if lane.take(cost):
-            # The line was empty: this call is the head at once. Nobody waits behind it, so
-            # the schedule commits its own slot, and below the limits that slot is now: no
-            # await at all (most calls of a job whose limits are above what it sends).
-            try:
-                now = us(clock())
-                slot = schedule.reserve(policy, st, cost, now)
-            except BaseException:
-                lane.leave()
-                raise
+        if lane.empty():
+            # The line is empty: this call is the head at once. Nobody waits behind it, so the
+            # schedule commits its own slot, and below the limits that slot is now: admitted
+            # without entering the line or awaiting anything (most calls of a job whose limits
+            # are above what it sends, the only jobs where this path's CPU shows).
+            now = us(began)
+            slot = schedule.reserve(policy, st, cost, now)
             if slot.at <= now:
-                lane.leave()
-                return self._admitted(model, cost, slot, began, clock)
+                return self._admitted(model, cost, slot, 0.0)
+            lane.take(cost)  # (still empty: nothing was awaited) the head, until its slot
             return await self._lead(model, cost, policy, st, lane, clock, began, slot)
         front = False
         while True:
@@ -112,7 +110,7 @@ class LocalLimiter:
                 return await self._lead(model, cost, policy, st, lane, clock, began, None)
             # the head handed this call a slot before its own
             if await _sleep_until(clock, st, given.at):
-                return self._admitted(model, cost, given, began, clock)
+                return self._admitted(model, cost, given, clock() - began)
             front = True  # a 429 paused the model meanwhile: back in line, near the head
 
     async def _lead(
@@ -142,16 +140,14 @@ class LocalLimiter:
                         slot = None
                         continue
                 if await _sleep_until(clock, st, slot.at):
-                    return self._admitted(model, cost, slot, began, clock)
+                    return self._admitted(model, cost, slot, clock() - began)
                 slot = None  # a 429 paused the model meanwhile: take another
         finally:
             lane.leave()
 
-    def _admitted(
-        self, model: str, cost: int, slot: schedule.Reply, began: float, clock: Clock
-    ) -> Admission:
+    def _admitted(self, model: str, cost: int, slot: schedule.Reply, waited_s: float) -> Admission:
         self._last_cost[model] = cost
-        adm = Admission(model, cost, slot.seq, slot.at, max(0.0, clock() - began))
+        adm = Admission(model, cost, slot.seq, slot.at, max(0.0, waited_s))
         current_admission.set(adm)
         return adm
 

@@ -349,6 +349,25 @@ def reserve(
     (1-based; 0: the head's own).
     """
     _expire(p, st, now)
+    if not waiting and st.m0 is None and st.sh0 is None:
+        # Nothing ever lowered the pace (multiplier, share and window cap 1) and no one waits:
+        # the head's own slot, as below, in fewer steps (a job far below its limits, where
+        # this path's CPU shows, takes it at every admission).
+        head = _slot(p, st, cost, now, 1.0)
+        _commit(p, st, cost, head, 1.0)
+        return Reply(
+            head.at,
+            now,
+            st.seq,
+            1.0,
+            1.0,
+            st.pause,
+            st.dec429,
+            st.decnear,
+            st.shdown,
+            st.refunded,
+            False,
+        )
     # Nothing below changes the share or the multiplier (only pacing, log and sequence).
     share = _share(p, st, now)
     m = _multiplier(p, st, now, share)
