@@ -64,7 +64,7 @@ def _leading_string(raw: bytes, start: int) -> str | None:
     ASCII line ends at the next quote: decoded alone, not the whole line."""
     end = raw.find(b'"', start)
     # Only in an ASCII line: other bytes anywhere may not be UTF-8 (a damaged line, found below)
-    if end >= 0 and raw.isascii() and b"\\" not in raw[start:end]:
+    if end >= 0 and raw.isascii() and raw.find(b"\\", start, end) < 0:
         text = raw[start:end].decode("ascii")
         if text.isprintable():  # else a control character, which JSON must escape: below
             return text

@@ -90,7 +90,7 @@ class ChatClient:
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise APIConnectionError(f"connection failed: {type(exc).__name__}: {exc}") from None
         latency = time.monotonic() - start
-        if self._key_bytes in raw:  # some gateways echo the key back in a 401 body
+        if raw.find(self._key_bytes) >= 0:  # some gateways echo the key back in a 401 body
             raw = raw.replace(self._key_bytes, b"***")
         try:
             parsed: Any = fastjson.loads(raw) if raw else None

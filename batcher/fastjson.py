@@ -48,7 +48,10 @@ def loads(raw: bytes | str) -> Any:
     """json.loads(raw), faster; raises ValueError (json's) for what is not JSON."""
     probe = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
     masked = probe.translate(_DIGIT_MASK)
-    if _LONG_RUN not in masked or not _maybe_long_int(masked):
+    # `find`, not `in`: bytes.__contains__ first tries its operand as an integer, raising and
+    # clearing a TypeError each time (twice the cost of the search on a journal line).
+    run = masked.find(_LONG_RUN)
+    if run < 0 or not _maybe_long_int(masked, run):
         try:
             return _orjson_loads(raw)
         except _OrjsonError:
@@ -56,11 +59,10 @@ def loads(raw: bytes | str) -> Any:
     return _json_loads(raw)
 
 
-def _maybe_long_int(masked: bytes) -> bool:
+def _maybe_long_int(masked: bytes, start: int) -> bool:
     """A run of 19+ digits that is not a float's part: not after ".", not before "." or "e".
     (Digits in a string are read alike either way; a run after "-" or "+" may be an integer
-    or an exponent, and `json` reads it.)"""
-    start = masked.find(_LONG_RUN)
+    or an exponent, and `json` reads it.) `start`: where the first run begins."""
     while start != -1:  # `find` stops at a run's first digit: the search resumes past a run
         end = start + len(_LONG_RUN)
         while masked[end : end + 1] == b"0":
