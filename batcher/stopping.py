@@ -3,9 +3,8 @@ the budget or an outage.
 
 Nothing new is admitted; the tasks with a request in flight (`busy`) finish within the grace
 period and hand their answers to the journal, which the engine drains; then everything is
-cancelled. A
-second signal, or a stop on top of another stop, cancels at once. The engine reads `stopping`
-before each admission and `reason` / `error` for its outcome.
+cancelled. A second signal, or a stop on top of another stop, cancels at once. The engine
+reads `stopping` before each admission and `reason` / `error` for its outcome.
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ def hold_writes(
 
 
 async def test_group_commits_are_at_least_the_commit_gap_apart(tmp_path: Path, monkeypatch) -> None:
-    """64 writers appending without pause get one commit (one fsync) per
-    GROUP_COMMIT_S at most, not one per answer that arrived while the last fsync ran; every
-    line is on disk when its append returns."""
+    """64 writers appending without pause get one commit (one fsync) per GROUP_COMMIT_S at
+    most, not one per answer that arrived while the last fsync ran; every line is on disk when
+    its append returns."""
     journal, _ = open_journal(tmp_path / "o.parquet", "fp1")
     commits = 0
     write = journal._write_sync

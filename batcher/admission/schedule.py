@@ -355,19 +355,7 @@ def reserve(
         # this path's CPU shows, takes it at every admission).
         head = _slot(p, st, cost, now, 1.0)
         _commit(p, st, cost, head, 1.0)
-        return Reply(
-            head.at,
-            now,
-            st.seq,
-            1.0,
-            1.0,
-            st.pause,
-            st.dec429,
-            st.decnear,
-            st.shdown,
-            st.refunded,
-            False,
-        )
+        return _reply(p, st, now, head.at, st.seq, False, share=1.0, m=1.0)
     # Nothing below changes the share or the multiplier (only pacing, log and sequence).
     share = _share(p, st, now)
     m = _multiplier(p, st, now, share)
