@@ -15,9 +15,13 @@ code here must hand pyarrow Python objects, never numpy arrays or scalars (`to_p
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
+import os
 import sys
-from typing import Any
+import threading
+from typing import Any, NoReturn
 
 
 class _KeepOut:
@@ -60,4 +64,36 @@ def entry() -> None:
         imports_frozen()
     finally:
         gc.enable()
-    main()
+    try:
+        main()
+    except SystemExit as done:
+        _leave(done.code)
+    _leave(0)
+
+
+def _leave(code: object) -> NoReturn:
+    """End the process once the command is done, without the interpreter's teardown.
+
+    The teardown frees every object of every module one by one and collects the lot (the
+    tokenizer's 200,000-entry vocabulary, pyarrow's and pydantic's objects): ~0.25 G
+    instructions, 0.1 s of CPU at every run's end, for memory the kernel takes back at once.
+    What the teardown does that matters still happens: the atexit functions run (logging's
+    flush, pyarrow's finalizers) and the streams are flushed. Every file a command writes is
+    closed before it returns. A thread other than daemons still alive (none is, in a command
+    that ended normally) is not cut short: the interpreter's own exit waits for it as usual.
+    """
+    if isinstance(code, int):
+        status = code
+    elif code is None:
+        status = 0
+    else:  # sys.exit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        status = 1
+    me = threading.current_thread()
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not me):
+        raise SystemExit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(status)
