@@ -445,6 +445,36 @@ def test_what_the_command_keeps_out_says_where_to_go() -> None:
     assert keep_out.find_spec("pandasql") is None and keep_out.find_spec("json") is None
 
 
+@pytest.mark.parametrize("worker", ["none", "thread"])
+def test_the_command_ends_without_teardown_keeping_what_exit_does(worker: str) -> None:
+    """`entry` ends the process with os._exit once the command is done (the interpreter's
+    teardown costs ~0.1 s of CPU a run). What an exit does that matters still happens: the
+    status, atexit functions, buffered output (a pipe's stdout is block-buffered); a thread
+    that is not a daemon still finishes its work (then the process exits normally)."""
+    probe = (
+        "import atexit, sys, threading, time\n"
+        "from batcher.command import _leave\n"
+        "atexit.register(lambda: print('atexit ran'))\n"
+        "sys.stdout.write('buffered ' * 1000)\n"
+        "if sys.argv[1] == 'thread':\n"
+        "    threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\n"
+        "_leave(3)\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", probe, worker], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 3, res.stderr
+    assert res.stdout.count("buffered") == 1000 and "atexit ran" in res.stdout
+    assert ("thread done" in res.stdout) == (worker == "thread")
+    message = subprocess.run(
+        [sys.executable, "-c", "from batcher.command import _leave; _leave('no such job')"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (message.returncode, message.stderr.strip()) == (1, "no such job")
+
+
 def test_the_command_does_not_load_pandas_or_numpy(tmp_path: Path, mock_server) -> None:
     """pyarrow imports numpy at its import and pandas (both installed with the test extras) on
     its first conversion, only to look for DataFrames: ~0.35 s and ~50 MB per command. The
