@@ -42,15 +42,16 @@ from common import (
     write_rows,
 )
 
-BARE_CLIENT = Path(__file__).with_name("bare_client.py")
+BARE_CLIENT = Path(__file__).resolve().with_name("bare_client.py")
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-def instructions(argv: list[str], env: dict[str, str], out: Path) -> int:
+def instructions(argv: list[str], env: dict[str, str], cwd: Path, out: Path) -> int:
     """Instructions the process (all its threads) executed, by callgrind."""
     proc = subprocess.run(
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv],
         env=env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -78,10 +79,12 @@ def measure(
     else:
         env["PYTHONPATH"] = str(tree)
         argv = [sys.executable, "-m", "batcher", "run", str(job_file), "--quiet"]
+    # Run from the work directory: `python -m` puts the current directory first on sys.path,
+    # and a checkout there would be measured whatever PYTHONPATH says.
     if not count:
-        subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(argv, env=env, cwd=directory, stdout=subprocess.DEVNULL, check=True)
         return 0
-    return instructions(argv, env, directory / f"{name}.callgrind")
+    return instructions(argv, env, directory, directory / f"{name}.callgrind")
 
 
 def main() -> int:
@@ -100,6 +103,7 @@ def main() -> int:
     subjects.update({f"batcher@{t}": t.resolve() for t in args.tree})
     report: dict[str, Any] = {"small": small, "large": large, "rows": args.rows}
     with workdir(args.keep) as directory, MockProcess("--unlimited") as server:
+        directory = directory.resolve()  # the processes run in it
         write_rows(directory / f"input-{large}.jsonl", large, (4, 12), seed=3)
         lines = (directory / f"input-{large}.jsonl").read_text().splitlines(keepends=True)
         (directory / f"input-{small}.jsonl").write_text("".join(lines[:small]))
