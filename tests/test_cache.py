@@ -249,6 +249,10 @@ def test_a_large_batch_is_stored_whole_and_its_last_answer_for_a_key_wins(
     assert got[request_key(body(250))].body == answer(250)  # given later in the batch
     assert got[request_key(body(7))].body == {"late": True}
     assert got[request_key(body(299))].body == answer(299)
+    # Each statement's undo journal stays in memory: spilled past 64 KB to /var/tmp, it cost
+    # more write calls than the WAL itself.
+    assert store._conn is not None
+    assert store._conn.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
 
 
 def test_every_codec_is_read_short_answers_stored_plain_long_ones_compressed(
