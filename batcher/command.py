@@ -1,5 +1,5 @@
 """The `batcher` command's process (the console script and `python -m batcher`): what it keeps
-out of itself, then the CLI.
+out of itself, then the CLI, then its end without the interpreter's teardown (`_leave`).
 
 pyarrow imports two large libraries a command does not need, when they are installed: numpy
 at its own import, to accept arrays (~0.15 s of CPU and ~10 MB at every start; pyarrow works
