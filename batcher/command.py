@@ -93,7 +93,8 @@ def _leave(code: object) -> NoReturn:
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not me):
         raise SystemExit(status)
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
-            stream.flush()
+    for stream in (sys.stdout, sys.stderr):  # None: started with that descriptor closed
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to say
+                stream.flush()
     os._exit(status)

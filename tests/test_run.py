@@ -472,6 +472,8 @@ def test_the_command_ends_without_teardown_keeping_what_exit_does(worker: str) -
     assert res.returncode == 3, res.stderr
     assert res.stdout.count("buffered") == 100 and "atexit ran" in res.stdout
     assert ("thread done" in res.stdout) == (worker == "thread")
+    if worker == "thread":
+        return
     message = subprocess.run(
         [sys.executable, "-c", "from batcher.command import _leave; _leave('no such job')"],
         capture_output=True,
@@ -479,6 +481,15 @@ def test_the_command_ends_without_teardown_keeping_what_exit_does(worker: str) -
         timeout=60,
     )
     assert (message.returncode, message.stderr.strip()) == (1, "no such job")
+    # Started with its stdout closed (cron can): Python gives sys.stdout = None.
+    closed = subprocess.run(
+        [sys.executable, "-m", "batcher", "--help"],
+        preexec_fn=lambda: os.close(1),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
+    assert closed.returncode == 0, closed.stderr
 
 
 def test_the_command_does_not_load_pandas_or_numpy(tmp_path: Path, mock_server) -> None:
