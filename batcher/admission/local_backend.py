@@ -87,8 +87,7 @@ class LocalLimiter:
         if found is None:
             found = self._models[model] = (self.policy(model), self.state(model), Lane())
         policy, st, lane = found
-        if not 0 <= cost <= policy.tpm:
-            check_cost(model, cost, policy.tpm)
+        check_cost(model, cost, policy.tpm)
         # The clock, looked up once per call (each asyncio.get_running_loop() is a getpid).
         clock = self._clock or asyncio.get_running_loop().time
         began = clock()
