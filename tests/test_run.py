@@ -451,14 +451,19 @@ def test_the_command_ends_without_teardown_keeping_what_exit_does(worker: str) -
     """`entry` ends the process with os._exit once the command is done (the interpreter's
     teardown costs ~0.1 s of CPU a run). What an exit does that matters still happens: the
     status, atexit functions, buffered output (a pipe's stdout is block-buffered); a thread
-    that is not a daemon still finishes its work (then the process exits normally)."""
+    that is not a daemon still finishes its work (then the process exits normally). The
+    thread waits for a gate that only the interpreter's own exit opens (the hook
+    concurrent.futures uses, run before it joins the threads): alive when `_leave` looks,
+    whatever the timing, and it prints only if the normal exit ran."""
     probe = (
-        "import atexit, sys, threading, time\n"
+        "import atexit, sys, threading\n"
         "from batcher.command import _leave\n"
         "atexit.register(lambda: print('atexit ran'))\n"
         "sys.stdout.write('buffered ' * 100)\n"
         "if sys.argv[1] == 'thread':\n"
-        "    threading.Thread(target=lambda: (time.sleep(0.2), print('thread done'))).start()\n"
+        "    gate = threading.Event()\n"
+        "    threading._register_atexit(gate.set)\n"
+        "    threading.Thread(target=lambda: (gate.wait(), print('thread done'))).start()\n"
         "_leave(3)\n"
     )
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
