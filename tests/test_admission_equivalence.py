@@ -50,6 +50,7 @@ INT_FIELDS = [
     "t0",
     "tdec",
     "sht",
+    "shn",
     "cum",
     "seq",
     "dec429",

@@ -508,6 +508,64 @@ def test_a_lone_429_while_probing_above_a_revealed_share_bounds_it_at_once() -> 
     assert sched.st.shdown == 2
 
 
+def test_refused_probes_double_the_hold_up_to_its_cap_and_a_header_reading_resets_it() -> None:
+    """Without headers only 429s tell the share: each probe the server refuses (the share was
+    recovering, not yet whole) doubles the hold before the next, up to 2**doublings x; a header
+    reading says it exactly, and the next hold is the plain one again."""
+    sched = Sched(*LANGDOCK, aimd_strike_requests=5, share_hold_s=10.0, share_hold_doublings=2)
+
+    def refuse(t: float) -> None:
+        last = sched.st.log[-1]
+        sig = read_feedback(
+            sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
+        )
+        sch.feedback(sched.p, sched.st, sig, us(t))
+
+    def held_for(t: float) -> float:
+        """How long the share read at `t` holds (to 0.5 s): unchanged until then, higher after."""
+        share, wait = sched.share(t), 0.0
+        while sched.share(t + wait + 0.5) == share:
+            wait += 0.5
+        return wait
+
+    t = 0.0
+    while t < 30.0:
+        t = sched.reserve(300, t + 0.5)
+    refuse(t)  # a lone 429 (the first): no bound
+    t = sched.reserve(300, t + 0.5)
+    refuse(t)  # a strike: the share drops to what the window held, not a probe
+    assert sched.share(t) < 1.0 and sched.st.shn == 0
+    assert held_for(t) == 10.0
+    for doubled, hold in ((1, 20.0), (2, 40.0), (3, 40.0)):  # capped at 2**2 x
+        while sched.share(t) <= sched.st.sh0:  # held; then recovering: a probe
+            t = sched.reserve(300, t + 0.5)
+        t = sched.reserve(300, t + 3.0)
+        refuse(t)  # the probe's answer
+        assert sched.st.shn == doubled
+        assert held_for(t) == hold
+    sched.feedback(200, {"x-ratelimit-remaining-tokens": "1000"}, t + 1.0)
+    assert sched.st.shn == 0
+    assert held_for(t + 1.0) == 10.0
+
+
+def test_a_429_after_the_share_recovered_whole_starts_the_holds_over() -> None:
+    """Others left (the share recovered to 1 with no 429) and came back: the 429 that finds
+    them is a new reading, not a refused probe; its hold is the plain one."""
+    sched = Sched(*LANGDOCK, aimd_strike_requests=5, share_hold_s=10.0)
+    sched.st.sh0, sched.st.sht, sched.st.shn = 0.6, 0, 3  # read long ago, backed off thrice
+    t = 0.0
+    while t < 300.0:  # held 80 s, then +0.01/s: whole again by ~120 s
+        t = sched.reserve(300, t + 0.5)
+    assert sched.share(t) == 1.0
+    last = sched.st.log[-1]
+    sig = read_feedback(
+        sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
+    )
+    sch.feedback(sched.p, sched.st, sig, us(t))  # a probe (above sh0), but the share was whole
+    assert sched.share(t) < 1.0
+    assert sched.st.shn == 0
+
+
 @pytest.mark.parametrize("tokens", [True, False])
 def test_a_given_back_entry_leaving_a_window_frees_nothing(tokens: bool) -> None:
     """A 10 s window holds a given-back entry at t=100 (a 5xx not charged) and others after

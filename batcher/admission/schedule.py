@@ -37,7 +37,9 @@ The schedule (server semantics in policy.py):
   admission brackets the share: the window that refused held our usage over it and others',
   and had no room for the refused request; the share is set to the lower end (our usage
   without it). Which window it was is unknown, so the largest reading counts, and only if it
-  is below the share.
+  is below the share. A 429 answering a probe (the share recovering after its hold, not yet
+  whole) doubles the next hold, up to `2**share_hold_doublings` x: only 429s say whether
+  others left, and each probe costs one.
 - **Pauses**: a 429 or an unexplained near-limit header stops admission for its pause (capped),
   and the pacing resumes at the paced rate when it ends.
 - **Failed admissions** (5xx): when the remaining-* of the answer, or of the next one, show the
@@ -92,6 +94,7 @@ class State:
     s429: int | None = None  # admissions handed out (seq) at the last 429: strikes
     sh0: float | None = None  # revealed share, recovering likewise
     sht: int | None = None
+    shn: int = 0  # refused probes in a row without headers: each doubles the share's hold
     cum: int = 0  # running token total of the log
     seq: int = 0  # admissions handed out
     dec429: int = 0  # AIMD decreases caused by 429s
@@ -131,7 +134,9 @@ def _mult(p: Policy, v0: float | None, t0: int | None, now: int) -> float:
 def _share(p: Policy, st: State, now: int) -> float:
     if not p.adaptive:
         return 1.0
-    return _mult(p, st.sh0, None if st.sht is None else st.sht + p.share_hold_us, now)
+    if st.sht is None:
+        return _mult(p, st.sh0, None, now)
+    return _mult(p, st.sh0, st.sht + (p.share_hold_us << min(st.shn, p.share_hold_doublings)), now)
 
 
 def _multiplier(p: Policy, st: State, now: int, share: float | None = None) -> float:
@@ -470,6 +475,7 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
             best = _estimates(p, st, left, limit, tokens, now, _end(sig, now), None)
             if best is not None and (revealed is None or best < revealed):
                 revealed = best
+        from_headers = revealed is not None
         # Past its hold, a revealed share recovers: we probe above it, and a 429 there is the
         # answer to the probe, not jitter (waiting for a second one cost a 429 per probe).
         probing = st.sh0 is not None and st.sht is not None and share > st.sh0
@@ -512,6 +518,9 @@ def feedback(p: Policy, st: State, sig: Signal, now: int) -> Reply:
                 elif strike and lower < share:
                     revealed = min(share, (lower + upper) / 2)  # a 429 never raises it
         if revealed is not None:
+            # A 429 answering a probe (the share recovering, not yet whole) doubles the next
+            # hold; a header reading, or a 429 once the share had recovered whole, starts over.
+            st.shn = st.shn + 1 if not from_headers and probing and share < 1.0 else 0
             revealed = max(p.aimd_min, min(1.0, revealed))
             tau = us(p.share_smoothing_s if revealed >= share else p.share_smoothing_down_s)
             if st.sht is not None and tau > 0:

@@ -20,15 +20,15 @@ local function us(seconds) return math.floor(seconds * 1000000 + 0.5) end
 local function wlen(w) return us(w * (1 + P.window_margin)) end
 
 local FIELDS = {'rtat', 'ttat', 'last', 'start', 'pause', 'm0', 't0', 'tdec', 's429', 'sh0', 'sht',
-                'cum', 'seq',
+                'shn', 'cum', 'seq',
                 'dec429', 'decnear', 'shdown', 'refunded', 'sus', 'susat', 'suscost'}
 local FLOATS = {m0 = true, sh0 = true}
 local st = {}
 do
   local raw = redis.call('HMGET', HASH, unpack(FIELDS))
   for i, f in ipairs(FIELDS) do st[f] = tonumber(raw[i]) end
-  for _, f in ipairs({'last', 'start', 'pause', 'cum', 'seq', 'dec429', 'decnear', 'shdown', 'refunded',
-                      'sus', 'susat', 'suscost'}) do
+  for _, f in ipairs({'last', 'start', 'pause', 'shn', 'cum', 'seq', 'dec429', 'decnear', 'shdown',
+                      'refunded', 'sus', 'susat', 'suscost'}) do
     st[f] = st[f] or 0
   end
 end
@@ -54,7 +54,7 @@ end
 local function share_now()
   if not P.adaptive then return 1 end
   local t0 = nil
-  if st.sht then t0 = st.sht + us(P.share_hold_s) end
+  if st.sht then t0 = st.sht + us(P.share_hold_s) * 2 ^ math.min(st.shn, P.share_hold_doublings) end
   return mult(st.sh0, t0)
 end
 local function multiplier()
@@ -187,6 +187,7 @@ local function apply_feedback(sig)
         if best and (not revealed or best < revealed) then revealed = best end
       end
     end
+    local from_headers = revealed ~= nil
     local probing = st.sh0 ~= nil and st.sht ~= nil and share > st.sh0
     if not revealed and sig.bound and not has_headers and (strike or (sig.is_429 and probing))
         and redis.call('ZCARD', LOG) >= 10 then
@@ -212,6 +213,7 @@ local function apply_feedback(sig)
       end
     end
     if revealed then
+      if not from_headers and probing and share < 1 then st.shn = st.shn + 1 else st.shn = 0 end
       revealed = math.max(P.aimd_min, math.min(1, revealed))
       local tau = us(P.share_smoothing_down_s)
       if revealed >= share then tau = us(P.share_smoothing_s) end
