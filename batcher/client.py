@@ -90,7 +90,9 @@ class ChatClient:
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise APIConnectionError(f"connection failed: {type(exc).__name__}: {exc}") from None
         latency = time.monotonic() - start
-        if raw.find(self._key_bytes) >= 0:  # some gateways echo the key back in a 401 body
+        # Some gateways echo the key back in a 401 body, which error messages quote. An answer
+        # is left whole: a short key ("none", "EMPTY", as local servers take) would mangle it.
+        if not 200 <= status < 300 and raw.find(self._key_bytes) >= 0:
             raw = raw.replace(self._key_bytes, b"***")
         try:
             parsed: Any = fastjson.loads(raw) if raw else None
@@ -104,7 +106,7 @@ class ChatClient:
             # attempts like a dropped connection, and counted as spent.
             raise TruncatedAnswer(
                 "answer {} is not a whole chat completion: {!r}".format(
-                    status, raw[:200].decode("utf-8", "replace")
+                    status, raw[:200].replace(self._key_bytes, b"***").decode("utf-8", "replace")
                 ),
                 status=status,
                 headers=headers,

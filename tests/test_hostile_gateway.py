@@ -19,7 +19,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import env_with_key, read_output, review_rows, run_batcher, write_job, write_jsonl
+from helpers import (
+    API_KEY,
+    env_with_key,
+    read_output,
+    review_rows,
+    run_batcher,
+    write_job,
+    write_jsonl,
+)
 from hostile_gateway import (
     DEEPLY_NESTED,
     MALFORMED_SHAPES,
@@ -681,6 +689,22 @@ def test_json_logs_on_an_outage_and_a_rejected_key(
     assert res.returncode == 4, res.stderr
     for line in res.stderr.splitlines():
         json.loads(line)
+
+
+def test_a_401_echoing_the_key_is_masked_in_every_message_and_file(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """Some gateways quote the key they refused; the error the user reads, the logs and the
+    journal say *** instead (answers are left whole: see test_a_short_key_leaves_...)."""
+    body = json.dumps({"error": {"message": f"invalid key {API_KEY}", "code": "401"}}).encode()
+    gw = gateway([(None, Behaviour("401-echo", status=401, body=body))])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    res = run_batcher("run", job_file(tmp_path, gw), "--log-format", "json")
+    assert res.returncode == 4, res.stderr
+    assert "invalid key ***" in res.stderr
+    assert API_KEY not in res.stdout + res.stderr
+    for path in (tmp_path / "out").iterdir():
+        assert API_KEY.encode() not in path.read_bytes(), path
 
 
 def test_json_logs_on_a_bad_flag(tmp_path: Path, gateway: Callable[..., HostileGateway]) -> None:

@@ -258,6 +258,22 @@ def test_key_never_written_anywhere(tmp_path: Path, mock_server) -> None:
         assert API_KEY.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.parametrize("key", ["e", "none"])
+def test_a_short_key_leaves_the_answers_whole(tmp_path: Path, mock_server, key: str) -> None:
+    """Local OpenAI-compatible servers take keys like "none": the key masking that error
+    messages need must not rewrite the letters of an answer (with "e", every answer had become
+    unreadable JSON and the run stopped blaming the service)."""
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", [{"id": i, "text": f"none left {i}"} for i in range(5)])
+    job = write_job(tmp_path, srv.url, params={"max_tokens": 64})
+    res = run_batcher("run", job, env=env_with_key(key))
+    assert res.returncode == 0, res.stderr
+    rows = read_output(tmp_path / "out/result.parquet")
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    assert all("***" not in r["content"] for r in rows)
+    assert all(f"You said: Review: none left {r['id']}" in r["content"] for r in rows)
+
+
 def test_json_summary_on_stdout(tmp_path: Path, mock_server) -> None:
     srv = mock_server(**FAST)
     write_jsonl(tmp_path / "input.jsonl", review_rows(10))
