@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -495,11 +497,47 @@ def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
     job._input_url, job._output_url = urls.get("input"), urls.get("output")
     try:
         same = job.output.resolve() == job.input.resolve()
+        is_job_file = os.path.isfile(path) and job.output.resolve() == Path(path).resolve()
         output_is_dir = job.output.is_dir()
+        existing = job.output.lstat() if os.path.lexists(job.output) else None
     except (OSError, ValueError, RuntimeError) as exc:  # a symlink loop, a name too long
         raise JobSpecError(f"{path}: input or output is not a usable path: {exc}") from None
     if same:
         raise JobSpecError(f"{path}: output is the input file; choose another output path")
+    if is_job_file:
+        raise JobSpecError(f"{path}: output is this job file; choose another output path")
+    # The output is replaced whole (a new file renamed over it): a link would become a file
+    # and its target never written, a FIFO or a device (/dev/null) would be replaced.
+    if existing is not None and stat.S_ISLNK(existing.st_mode):
+        raise JobSpecError(
+            f"{path}: output: {job.output} is a symbolic link; batcher replaces its output "
+            f"whole, which would replace the link. Give the file it points to: "
+            f"{job.output.resolve()}"
+        )
+    if existing is not None and not (
+        stat.S_ISREG(existing.st_mode) or stat.S_ISDIR(existing.st_mode)
+    ):
+        raise JobSpecError(
+            f"{path}: output: {job.output} is not a regular file (a pipe, socket or device); "
+            "give the path of a file to write"
+        )
+    if (
+        existing is not None
+        and stat.S_ISREG(existing.st_mode)
+        and existing.st_size > 0
+        and job.output_format == "parquet"
+        and not _starts_with(job.output, b"PAR1")
+    ):
+        raise JobSpecError(
+            f"{path}: output: {job.output} exists and is not a Parquet file; batcher would "
+            "replace it. Choose another output path (or remove that file if it is an old output)"
+        )
+    if job.output.name.endswith(STATE_SUFFIXES):
+        raise JobSpecError(
+            f"{path}: output: {job.output.name} is named like batcher's own files beside an "
+            f"output ({', '.join(STATE_SUFFIXES)}): it could be another job's journal. "
+            "Choose another output name"
+        )
     if output_is_dir:
         raise JobSpecError(
             f"{path}: output: {job.output} is a directory; give a file path inside it "
@@ -510,6 +548,17 @@ def job_from_mapping(raw: Any, job_dir: Path, *, source: str = "job") -> Job:
         raise JobSpecError(f"{path}: {problem}")
     return job
 
+
+def _starts_with(file: Path, magic: bytes) -> bool:
+    try:
+        with file.open("rb") as fh:
+            return fh.read(len(magic)) == magic
+    except OSError:
+        return True  # unreadable: the write will say why
+
+
+# What batcher keeps beside an output (`<output>.journal`, ...): never an output itself.
+STATE_SUFFIXES: tuple[str, ...] = (".journal", ".lock", ".history.jsonl")
 
 # Suffixes that say "not Parquet": such a name with Parquet bytes inside misleads every tool.
 TEXT_SUFFIXES: tuple[str, ...] = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".txt")

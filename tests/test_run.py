@@ -421,6 +421,48 @@ def test_output_must_not_be_the_input(tmp_path: Path, mock_server) -> None:
     assert res.returncode == 2 and "output is the input file" in res.stderr
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "job file", "text file", "journal"])
+def test_an_output_batcher_would_destroy_is_refused_before_sending(
+    tmp_path: Path, mock_server, kind: str
+) -> None:
+    """The output is replaced whole (a new file renamed over it): a link became a plain file
+    (its target never written), a FIFO or /dev/null was replaced by a file, the job file or a
+    text file was overwritten with Parquet, another job's journal was lost (found by review).
+    Each is refused with exit 2 before any request; the thing named is left as it was. (A
+    device is refused as the FIFO is; not tested on /dev/null: a regression would replace it.)"""
+    srv = mock_server(**FAST)
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    target = tmp_path / "real.parquet"
+    output = {
+        "symlink": "link.parquet",
+        "fifo": "fifo.parquet",
+        "job file": "job.yaml",
+        "text file": "notes.parquet",
+        "journal": "other.parquet.journal",
+    }[kind]
+    if kind == "symlink":
+        (tmp_path / output).symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(tmp_path / output)
+    elif kind == "text file":
+        (tmp_path / output).write_text("my notes\n")
+    job = write_job(tmp_path, srv.url, output=output)
+    before = {p.name: (p.lstat().st_mode, p.lstat().st_size) for p in tmp_path.iterdir()}
+    res = run_batcher("run", job)
+    assert res.returncode == 2, res.stderr
+    said = {
+        "symlink": "symbolic link",
+        "fifo": "not a regular file",
+        "job file": "this job file",
+        "text file": "not a Parquet file",
+        "journal": "batcher's own files",
+    }
+    assert said[kind] in res.stderr
+    assert srv.stats()["requests"] == 0
+    assert {p.name: (p.lstat().st_mode, p.lstat().st_size) for p in tmp_path.iterdir()} == before
+    assert not target.exists()
+
+
 def test_keep_columns_all_copies_every_input_column_with_its_type(
     tmp_path: Path, mock_server
 ) -> None:
