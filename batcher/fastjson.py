@@ -56,7 +56,10 @@ def loads(raw: bytes | str) -> Any:
             return _orjson_loads(raw)
         except _OrjsonError:
             pass  # maybe something only json reads: its result or its error
-    return _json_loads(raw)
+    try:
+        return _json_loads(raw)
+    except RecursionError:  # nested past the interpreter's stack (orjson stops at 1,024)
+        raise ValueError("nested too deeply to read") from None
 
 
 def _maybe_long_int(masked: bytes, start: int) -> bool:

@@ -70,6 +70,10 @@ def detect_format(job: Job) -> Format:
                     break
     except FileNotFoundError:
         raise InputDataError(f"{job.input}: input file not found") from None
+    except IsADirectoryError:
+        raise InputDataError(
+            f"{job.input}: input is a directory; give one JSONL, Parquet or Batch-API file"
+        ) from None
     except ValueError:
         pass  # the row reader reports the bad line with its number
     return "jsonl"
@@ -95,6 +99,10 @@ class InputReader:
         self.path = local_input(job)
         if not self.path.exists():
             raise InputDataError(f"{self.path}: input file not found")
+        if self.path.is_dir():
+            raise InputDataError(
+                f"{self.path}: input is a directory; give one JSONL, Parquet or Batch-API file"
+            )
         self.format: Format = detect_format(job)
         self._columns: list[str] | None = None  # Parquet: read only these (None = all)
         self._hold_bytes = 0  # rows taking up to this much memory are kept after one reading

@@ -13,6 +13,7 @@ import os
 import stat
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -69,7 +70,19 @@ class Endpoint(_Strict):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith(("http://", "https://")):
+        if url is None:
+            return url
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  (raises on a port that is not a number)
+        except ValueError as exc:
+            raise ValueError(f"base_url is not a usable URL: {exc}") from None
+        if "@" in parts.netloc:  # user:password@host: logged with the URL, sent to every hop
+            raise ValueError(
+                f"base_url must not carry credentials (user:password@{parts.hostname}); put the "
+                "API key in the environment variable endpoint.api_key_env names"
+            )
+        if parts.scheme not in ("http", "https"):
             raise ValueError(
                 f"base_url {url!r} must start with https:// (or http:// for a local server)"
             )

@@ -48,6 +48,30 @@ def test_keep_columns_listed_twice_is_refused(tmp_path: Path) -> None:
         load_job(_job(tmp_path, keep_columns=["text", "text"]))
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://user:sk-SECRET-INURL@127.0.0.1:8000/v1", "must not carry credentials"),
+        ("http://127.0.0.1:notaport/v1", "not a usable URL"),
+        ("ftp://127.0.0.1/v1", "must start with https://"),
+    ],
+)
+def test_a_base_url_with_credentials_or_no_usable_port_is_refused_unprinted(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    """user:password@ in base_url was logged with the URL, then a ValueError traceback."""
+    with pytest.raises(JobSpecError, match=said) as caught:
+        load_job(_job(tmp_path, endpoint={"base_url": url}))
+    assert "SECRET" not in str(caught.value)
+
+
+def test_an_input_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    """A folder of Parquet parts ended in an IsADirectoryError traceback (run and estimate)."""
+    (tmp_path / "parts").mkdir()
+    with pytest.raises(InputDataError, match="input is a directory"):
+        open_input(load_job(_job(tmp_path, input="parts")))
+
+
 def test_output_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     (tmp_path / "results").mkdir()
     with pytest.raises(JobSpecError, match=r"output: .*results is a directory"):

@@ -463,6 +463,22 @@ def test_an_output_batcher_would_destroy_is_refused_before_sending(
     assert not target.exists()
 
 
+def test_a_line_nested_too_deeply_is_a_bad_row_not_a_traceback(tmp_path: Path, mock_server) -> None:
+    """orjson stops at 1,024 levels and json.loads then ran out of stack: RecursionError, exit 1,
+    whatever on_bad_row said. It is now a bad row like any line that is not JSON."""
+    srv = mock_server(**FAST)
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "input.jsonl").write_text(
+        '{"id": "b", "text": "fine"}\n{"id": "a", "text": "x", "deep": ' + deep + "}\n"
+    )
+    res = run_batcher("run", write_job(tmp_path, srv.url, on_bad_row="skip"))
+    assert "Traceback" not in res.stderr, res.stderr
+    rows = {r["id"]: r for r in read_output(tmp_path / "out/result.parquet")}
+    assert rows["b"]["status"] == "ok"
+    errors = [r["error"] for r in rows.values() if r["status"] == "error"]
+    assert errors == [f"{tmp_path / 'input.jsonl'}:2: not valid JSON (nested too deeply to read)"]
+
+
 def test_keep_columns_all_copies_every_input_column_with_its_type(
     tmp_path: Path, mock_server
 ) -> None:
