@@ -21,6 +21,10 @@ class Answer:
     latency_s: float
 
 
+# A key this long is masked in answers too (real keys are; "sk-" keys run 40+ characters).
+MASK_IN_ANSWERS_FROM = 12
+
+
 class ChatClient:
     """POSTs chat-completion bodies to `{base_url}/chat/completions` over one keep-alive pool."""
 
@@ -36,6 +40,7 @@ class ChatClient:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._key = api_key
         self._key_bytes = api_key.encode()
+        self._mask_answers = len(self._key_bytes) >= MASK_IN_ANSWERS_FROM
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._concurrency = concurrency
         self._session: aiohttp.ClientSession | None = None
@@ -62,7 +67,7 @@ class ChatClient:
         try:
             # The body as bytes: aiohttp's json= would encode it with the slower json.dumps.
             data = fastjson.dumps(body)
-            async with self._session.post(self.url, data=data) as resp:
+            async with self._session.post(self.url, data=data, allow_redirects=False) as resp:
                 status = resp.status
                 headers = resp.headers
                 try:
@@ -90,9 +95,10 @@ class ChatClient:
         except (aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             raise APIConnectionError(f"connection failed: {type(exc).__name__}: {exc}") from None
         latency = time.monotonic() - start
-        # Some gateways echo the key back in a 401 body, which error messages quote. An answer
-        # is left whole: a short key ("none", "EMPTY", as local servers take) would mangle it.
-        if not 200 <= status < 300 and raw.find(self._key_bytes) >= 0:
+        # Some gateways echo the key back in a 401 body, which error messages quote; an answer
+        # that holds it would put it in the output and the store. A short key ("none", "EMPTY",
+        # as local servers take) is no secret and would mangle the answers: errors only.
+        if (self._mask_answers or not 200 <= status < 300) and raw.find(self._key_bytes) >= 0:
             raw = raw.replace(self._key_bytes, b"***")
         try:
             parsed: Any = fastjson.loads(raw) if raw else None

@@ -45,6 +45,7 @@ from batcher.errors import (
     BadRequest,
     BatcherError,
     BudgetReached,
+    EndpointMoved,
     InputDataError,
     JobSpecError,
     RateLimited,
@@ -415,7 +416,7 @@ class Engine:
         where = "check endpoint.region / endpoint.base_url and model"
         try:
             result, answer = await self._send(req, probing=True)
-        except BadRequest as exc:  # only a 404 gets here: the route or the model is wrong
+        except (BadRequest, EndpointMoved) as exc:  # a 404 or a 3xx: the route is wrong
             raise JobSpecError(f"the first request failed: {exc}; {where}") from None
         except APIConnectionError as exc:  # a typo in the URL, or the network is down tonight
             raise APIError(

@@ -16,6 +16,8 @@
         │   └── APIConnectionError    refused / dropped / reset connection
         └── FatalAPIError             another attempt gives the same answer
             ├── AuthenticationError   401/403: stops the whole job           -> exit 4
+            ├── EndpointMoved         3xx (never followed): stops the whole job -> exit 4
+            │                         (exit 2 at the first request)
             └── BadRequest            400/404/422/other 4xx: the row is recorded as an error
 
 Every message says what to do next. `classify()` is the single place that maps an HTTP answer
@@ -139,6 +141,10 @@ class BadRequest(FatalAPIError):
     pass
 
 
+class EndpointMoved(FatalAPIError):
+    pass
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` (preferred: finer) or `retry-after` (seconds).
 
@@ -210,6 +216,15 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | N
     if status == 429:
         return RateLimited(
             f"rate limited (429): {msg}", retry_after=parse_retry_after(headers), **kw
+        )
+    if 300 <= status < 400:
+        # Not followed: a 302/303 turns the POST into a GET without the prompt (whose 200 read
+        # as an answer for every row), a 307 sends the prompts to whoever the header names.
+        location = str(headers.get("location") or "(no location)")[:200]
+        return EndpointMoved(
+            f"the server redirected the request ({status}) to {location}; batcher does not "
+            "follow redirects. Set endpoint.base_url to the address that answers.",
+            **kw,
         )
     if status in (401, 403):
         return AuthenticationError(

@@ -34,6 +34,7 @@ from hostile_gateway import (
     Behaviour,
     HostileGateway,
     Phase,
+    completion,
     cut,
     drop,
     malformed,
@@ -705,6 +706,51 @@ def test_a_401_echoing_the_key_is_masked_in_every_message_and_file(
     assert API_KEY not in res.stdout + res.stderr
     for path in (tmp_path / "out").iterdir():
         assert API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_an_answer_echoing_a_long_key_is_masked_in_the_output_and_the_store(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """A long key is a secret wherever it shows up, an answer included (a short one such as
+    "none" is left alone: test_run's test_a_short_key_leaves_the_answers_whole)."""
+    body = json.dumps(completion(f"label: fine, key {API_KEY}")).encode()
+    gw = gateway([(None, Behaviour("echo", body=body))])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(3))
+    res = run_batcher(
+        "run",
+        job_file(tmp_path, gw),
+        env={**env_with_key(), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
+    assert res.returncode == 0, res.stderr
+    assert [r["content"] for r in read_output(tmp_path / OUT)] == ["label: fine, key ***"] * 3
+    for path in [*(tmp_path / "out").iterdir(), *(tmp_path / "xdg").rglob("*")]:
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(("status", "answered"), [(302, 0), (307, 0), (307, 3)])
+def test_a_redirect_is_never_followed_and_stops_the_job(
+    tmp_path: Path, gateway: Callable[..., HostileGateway], status: int, answered: int
+) -> None:
+    """Followed, a 302 turned the POST into a GET without the prompt (its 200 was stored as
+    every row's answer, and served to other jobs from the store) and a 307 sent the prompts to
+    whoever the header named (found by review). At the first request: exit 2; later: exit 4,
+    the rows answered before it kept, nothing from the redirect recorded."""
+    moved = Behaviour(
+        str(status),
+        status=status,
+        body=b"<html><body>Moved</body></html>",
+        headers={"location": "http://127.0.0.1:9/v1/chat/completions"},
+    )
+    gw = gateway([(answered or None, ok()), (None, moved)] if answered else [(None, moved)])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(8))
+    res = run_batcher("run", job_file(tmp_path, gw))
+    assert res.returncode == (4 if answered else 2), res.stderr
+    assert f"redirected the request ({status})" in res.stderr
+    assert "Set endpoint.base_url" in res.stderr
+    journal = (tmp_path / "out" / "result.parquet.journal").read_text()
+    assert journal.count('"status":"ok"') == answered
+    assert journal.count('"status":"error"') == 0
 
 
 def test_json_logs_on_a_bad_flag(tmp_path: Path, gateway: Callable[..., HostileGateway]) -> None:
