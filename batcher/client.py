@@ -21,6 +21,9 @@ class Answer:
     latency_s: float
 
 
+_MAX_HEADER_BYTES = 64 * 1024
+_MAX_HEADERS = 1024
+
 # A key this long is masked in answers too (real keys are; "sk-" keys run 40+ characters).
 MASK_IN_ANSWERS_FROM = 12
 
@@ -53,6 +56,11 @@ class ChatClient:
             # Every request of this session is a JSON POST: its headers are the session's
             # (per-request headers are merged into a new dict on every call).
             headers={"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"},
+            # aiohttp refuses a header line over 8 KB or more than 128 headers as a "400" of its
+            # own: a billed 200 behind a chatty gateway was retried and never counted as spent.
+            max_line_size=_MAX_HEADER_BYTES,
+            max_field_size=_MAX_HEADER_BYTES,
+            max_headers=_MAX_HEADERS,
         )
         return self
 

@@ -728,6 +728,20 @@ def test_an_answer_echoing_a_long_key_is_masked_in_the_output_and_the_store(
             assert API_KEY.encode() not in path.read_bytes(), path
 
 
+def test_an_answer_with_long_or_many_headers_is_read(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """aiohttp's defaults (8 KB a header line, 128 headers) read such a billed 200 as a
+    connection failure: retried, never counted as spent (found by review)."""
+    many = {f"x-trace-{i}": "1" for i in range(200)}
+    gw = gateway([(2, ok(headers={"x-big": "a" * 20_000})), (None, ok(headers=many))])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(4))
+    res = run_batcher("run", job_file(tmp_path, gw))
+    assert res.returncode == 0, res.stderr
+    assert [r["status"] for r in read_output(tmp_path / OUT)] == ["ok"] * 4
+    assert gw.ok_sent == 4  # one request a row: nothing retried
+
+
 @pytest.mark.parametrize(("status", "answered"), [(302, 0), (307, 0), (307, 3)])
 def test_a_redirect_is_never_followed_and_stops_the_job(
     tmp_path: Path, gateway: Callable[..., HostileGateway], status: int, answered: int
