@@ -227,8 +227,10 @@ class Engine:
             sample=self.options.sample,
         )
         self._sample_max = found.sample_max
-        if found.rows:  # (no rows name no models: nothing to compare the limits: with)
-            self.job.check_limit_models(set(found.models))  # an entry no row uses: a typo
+        # An entry no request uses is a typo; with no request at all (no rows, or only bad
+        # ones) there is nothing to compare the limits: with (the job's model was checked).
+        if found.models:
+            self.job.check_limit_models(set(found.models))
         self.spending.check_priced(found.models)
         return found.rows
 
@@ -793,9 +795,11 @@ class Engine:
                 journal.write_meta(end_record(False, **self._end_counts()))
             return self._outcome(self._halt.reason)
 
+        kept = total == 0 and self.output.exists()  # (_write_output leaves it as it was)
         rows, errors = await asyncio.to_thread(self._write_output, total)
         journal.write_meta(end_record(True, **self._end_counts()))
-        return self._outcome(StopReason.COMPLETED, rows_written=rows, error_rows=errors)
+        outcome = self._outcome(StopReason.COMPLETED, rows_written=rows, error_rows=errors)
+        return dataclasses.replace(outcome, output_kept=True) if kept else outcome
 
     def _outcome(
         self, reason: StopReason, *, rows_written: int = 0, error_rows: int = 0

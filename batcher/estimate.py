@@ -141,7 +141,8 @@ def estimate_job(
         if in_flight is not None:
             est.account(in_flight.result())
     keep.check(job)
-    job.check_limit_models(set(est.models))  # as `run` refuses it: a typo in limits:
+    if est.models:  # as `run` refuses it: a typo in limits: (nothing to compare without rows)
+        job.check_limit_models(set(est.models))
     return _report(job, est, time.monotonic() - started)
 
 

@@ -34,6 +34,7 @@ class RunOutcome:
     error_rows: int = 0  # of which errors
     error: BatcherError | None = None  # what stopped the run (FATAL, OUTAGE, BUDGET)
     published_to: str | None = None  # the object storage URL the output was published to
+    output_kept: bool = False  # the input had no rows: an earlier run's output was left as it was
 
     @property
     def completed(self) -> bool:

@@ -98,15 +98,18 @@ class KeepSeen:
     def __init__(self, keep: Iterable[str]) -> None:
         self.missing: list[str] = list(keep)
         self.columns: dict[str, None] = {}  # rows' columns, in first-seen order
+        self.rows = 0  # rows seen while a column was missing
 
     def see(self, data: dict[str, Any]) -> None:
+        self.rows += 1
         self.missing = [c for c in self.missing if c not in data]
         if self.missing:
             self.columns.update(dict.fromkeys(data))
 
     def check(self, job: Job) -> None:
-        """InputDataError naming the first kept column no row has."""
-        if not self.missing:
+        """InputDataError naming the first kept column no row has (an input without rows
+        is said so elsewhere: nothing to compare the names with)."""
+        if not self.missing or not self.rows:
             return
         name = self.missing[0]
         have = [c for c in self.columns if c != job.id_column]

@@ -34,6 +34,8 @@ def closing_message(outcome: RunOutcome) -> str:
     reason = outcome.reason
     if reason is StopReason.COMPLETED:
         where = outcome.published_to or outcome.output
+        if outcome.output_kept:
+            return f"the input has no rows: {where}, an earlier run's output, is left as it was"
         message = f"wrote {plural(outcome.rows_written, 'row')} to {where}"
         if outcome.error_rows:
             errors = outcome.error_rows

@@ -110,7 +110,36 @@ def test_an_empty_input_leaves_the_last_output_alone(tmp_path: Path, mock_server
     res = run_batcher("run", job)
     assert res.returncode == 0, res.stderr
     assert "no rows" in res.stderr and "left as it was" in res.stderr
+    assert "wrote 0 rows" not in res.stdout + res.stderr  # the closing line said so, wrongly
     assert len(read_output(tmp_path / OUT)) == 30
+
+
+def test_an_empty_input_with_keep_columns_or_limits_is_no_config_error(
+    tmp_path: Path, mock_server
+) -> None:
+    """With no row to look at, a JSONL keep_columns name "no row has" and a limits: entry
+    "no request names" are no typos (exit 2 said so; found by review): the run says the input
+    has no rows and keeps the output, estimate says what it counted."""
+    api = mock_server(**FAST)
+    job = _job(tmp_path, api.url, keep_columns=["text"])  # and the limits of its model
+    assert run_batcher("run", job).returncode == 0
+    (tmp_path / "input.jsonl").write_text("")
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert "left as it was" in res.stderr
+    assert len(read_output(tmp_path / OUT)) == 30
+    assert run_batcher("estimate", job).returncode == 0
+
+
+def test_limits_are_no_typo_when_every_row_is_bad(tmp_path: Path, mock_server) -> None:
+    """Every line unreadable (on_bad_row: skip): the rows are error rows, not a limits typo."""
+    api = mock_server(**FAST)
+    job = _job(tmp_path, api.url, on_bad_row="skip")  # and the limits of its model
+    (tmp_path / "input.jsonl").write_text("junk\nmore junk\n")
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr
+    assert [r["status"] for r in read_output(tmp_path / OUT)] == ["error", "error"]
+    assert api.stats()["requests"] == 0
 
 
 def test_an_output_directory_that_cannot_exist_is_a_job_error(tmp_path: Path, mock_server) -> None:
