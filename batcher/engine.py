@@ -795,11 +795,12 @@ class Engine:
                 journal.write_meta(end_record(False, **self._end_counts()))
             return self._outcome(self._halt.reason)
 
-        kept = total == 0 and self.output.exists()  # (_write_output leaves it as it was)
-        rows, errors = await asyncio.to_thread(self._write_output, total)
+        written = await asyncio.to_thread(self._write_output, total)
         journal.write_meta(end_record(True, **self._end_counts()))
-        outcome = self._outcome(StopReason.COMPLETED, rows_written=rows, error_rows=errors)
-        return dataclasses.replace(outcome, output_kept=True) if kept else outcome
+        if written is None:  # the input had no rows: an earlier run's output was kept
+            return dataclasses.replace(self._outcome(StopReason.COMPLETED), output_kept=True)
+        rows, errors = written
+        return self._outcome(StopReason.COMPLETED, rows_written=rows, error_rows=errors)
 
     def _outcome(
         self, reason: StopReason, *, rows_written: int = 0, error_rows: int = 0
@@ -867,7 +868,8 @@ class Engine:
         for batch in self.reader.iter_batches(4096):
             yield [r for r in batch if in_shard(r.id)]
 
-    def _write_output(self, expected_rows: int) -> tuple[int, int]:
+    def _write_output(self, expected_rows: int) -> tuple[int, int] | None:
+        """(rows written, error rows); None when an earlier run's output is kept."""
         if expected_rows == 0 and self.output.exists():
             # An input emptied by a failed upstream step must not wipe last night's answers.
             log.warning(
@@ -875,7 +877,7 @@ class Engine:
                 "delete it if an empty output is what you want",
                 self.output,
             )
-            return 0, 0
+            return None
         if input_digest(self.job.input) != self._input_digest:
             raise InputDataError(
                 f"{self.job.input} changed while the job ran, so the output cannot be written "

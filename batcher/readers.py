@@ -70,10 +70,6 @@ def detect_format(job: Job) -> Format:
                     break
     except FileNotFoundError:
         raise InputDataError(f"{job.input}: input file not found") from None
-    except IsADirectoryError:
-        raise InputDataError(
-            f"{job.input}: input is a directory; give one JSONL, Parquet or Batch-API file"
-        ) from None
     except ValueError:
         pass  # the row reader reports the bad line with its number
     return "jsonl"
