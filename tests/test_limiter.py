@@ -61,6 +61,15 @@ class Sched:
         return self.st.pause / 1e6
 
 
+def refuse_last(sched: Sched, t: float) -> None:
+    """A 429 without headers at `t`, naming the latest admission (300 tokens) as refused."""
+    last = sched.st.log[-1]
+    sig = read_feedback(
+        sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
+    )
+    sch.feedback(sched.p, sched.st, sig, us(t))
+
+
 def saturate(
     sched: Sched, costs: tuple[int, int], seconds: float, seed: int = 1
 ) -> list[tuple[float, int]]:
@@ -483,27 +492,20 @@ def test_a_lone_429_while_probing_above_a_revealed_share_bounds_it_at_once() -> 
     that answers the probe is news, not jitter, even with no other 429 near it."""
     sched = Sched(*LANGDOCK, aimd_strike_requests=5, share_hold_s=10.0)
 
-    def refuse(t: float) -> None:
-        last = sched.st.log[-1]
-        sig = read_feedback(
-            sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
-        )
-        sch.feedback(sched.p, sched.st, sig, us(t))
-
     t = 0.0
     while t < 30.0:
         t = sched.reserve(300, t + 0.5)
-    refuse(t)  # a lone 429 (the first): no bound
+    refuse_last(sched, t)  # a lone 429 (the first): no bound
     assert sched.share(t) == 1.0
     t = sched.reserve(300, t + 0.5)
-    refuse(t)  # a strike: the share drops to what the window held
+    refuse_last(sched, t)  # a strike: the share drops to what the window held
     revealed = sched.share(t)
     assert revealed < 0.7
     for _ in range(60):  # past the hold, the share recovers: more than 5 admissions later
         t = sched.reserve(300, t + 0.5)
     probe = sched.share(t)
     assert probe > revealed + 0.1
-    refuse(t)  # no strike (the last 429 was 60 admissions ago), but a probe's answer
+    refuse_last(sched, t)  # no strike (the last 429 was 60 admissions ago), but a probe's answer
     assert sched.share(t) < probe - 0.1  # our usage over the window that refused
     assert sched.st.shdown == 2
 
@@ -513,13 +515,6 @@ def test_refused_probes_double_the_hold_up_to_its_cap_and_a_header_reading_reset
     recovering, not yet whole) doubles the hold before the next, up to 2**doublings x; a header
     reading says it exactly, and the next hold is the plain one again."""
     sched = Sched(*LANGDOCK, aimd_strike_requests=5, share_hold_s=10.0, share_hold_doublings=2)
-
-    def refuse(t: float) -> None:
-        last = sched.st.log[-1]
-        sig = read_feedback(
-            sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
-        )
-        sch.feedback(sched.p, sched.st, sig, us(t))
 
     def held_for(t: float) -> float:
         """How long the share read at `t` holds (to 0.5 s): unchanged until then, higher after."""
@@ -531,16 +526,16 @@ def test_refused_probes_double_the_hold_up_to_its_cap_and_a_header_reading_reset
     t = 0.0
     while t < 30.0:
         t = sched.reserve(300, t + 0.5)
-    refuse(t)  # a lone 429 (the first): no bound
+    refuse_last(sched, t)  # a lone 429 (the first): no bound
     t = sched.reserve(300, t + 0.5)
-    refuse(t)  # a strike: the share drops to what the window held, not a probe
+    refuse_last(sched, t)  # a strike: the share drops to what the window held, not a probe
     assert sched.share(t) < 1.0 and sched.st.shn == 0
     assert held_for(t) == 10.0
     for doubled, hold in ((1, 20.0), (2, 40.0), (3, 40.0)):  # capped at 2**2 x
         while sched.share(t) <= sched.st.sh0:  # held; then recovering: a probe
             t = sched.reserve(300, t + 0.5)
         t = sched.reserve(300, t + 3.0)
-        refuse(t)  # the probe's answer
+        refuse_last(sched, t)  # the probe's answer
         assert sched.st.shn == doubled
         assert held_for(t) == hold
     sched.feedback(200, {"x-ratelimit-remaining-tokens": "1000"}, t + 1.0)
@@ -557,11 +552,7 @@ def test_a_429_after_the_share_recovered_whole_starts_the_holds_over() -> None:
     while t < 300.0:  # held 80 s, then +0.01/s: whole again by ~120 s
         t = sched.reserve(300, t + 0.5)
     assert sched.share(t) == 1.0
-    last = sched.st.log[-1]
-    sig = read_feedback(
-        sched.p, 429, {}, last_cost=300, failed=(last.seq, last.at, 300), sent_at=last.at
-    )
-    sch.feedback(sched.p, sched.st, sig, us(t))  # a probe (above sh0), but the share was whole
+    refuse_last(sched, t)  # a probe (above sh0), but the share was whole
     assert sched.share(t) < 1.0
     assert sched.st.shn == 0
 
