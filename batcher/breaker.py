@@ -63,3 +63,43 @@ class CircuitBreaker:
             self.tripped = cause(self.kinds)
             return True
         return False
+
+
+# A 403 or a 404 may be one row's or the whole job's: a web application firewall refuses one
+# prompt with 403 as a revoked key refuses every request; a model that one row names may not
+# be deployed, as a deployment deleted mid-run answers 404 for all. The streak tells them
+# apart: this many different rows refused with that status, and no answer from their model to
+# a request sent after them, make it the job's (a key refused for two rows in a row is the
+# key). An answer to a request sent before the refusal proves nothing: it was sent while the
+# key or the deployment still worked.
+REFUSAL_ROWS = {403: 2, 404: 3}
+
+
+@dataclass(slots=True)
+class RefusalStreak:
+    """Rows refused with a status of `REFUSAL_ROWS` that no later request of their model has
+    cleared, per (status, model), with the send order (`seq`) of their requests. Pure: the
+    engine holds the refused rows until the streak decides."""
+
+    rows_needed: dict[int, int] = field(default_factory=lambda: dict(REFUSAL_ROWS))
+    _rows: dict[tuple[int, str], dict[str, int]] = field(default_factory=dict)
+
+    def watches(self, status: int | None) -> bool:
+        return status in self.rows_needed
+
+    def answered(self, model: str, seq: int) -> None:
+        """`model` answered the request sent `seq`-th: refusals sent before it were their
+        rows' own."""
+        for key, rows in list(self._rows.items()):
+            if key[1] == model:
+                for row_id in [r for r, at in rows.items() if at < seq]:
+                    del rows[row_id]
+                if not rows:
+                    del self._rows[key]
+
+    def refused(self, status: int, model: str, row_id: str, seq: int) -> bool:
+        """Record a refusal of the request sent `seq`-th; True when it makes the refusals the
+        job's (stop)."""
+        rows = self._rows.setdefault((status, model), {})
+        rows[row_id] = seq
+        return len(rows) >= self.rows_needed[status]

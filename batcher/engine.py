@@ -24,16 +24,17 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from batcher.admission import Limiter, make_limiter
 from batcher.answers import result_from_answer
-from batcher.breaker import CircuitBreaker
+from batcher.breaker import CircuitBreaker, RefusalStreak
 from batcher.budget import Spending
 from batcher.cache import CacheEntry, CacheKey, ResponseStore, resolve_store_path
 from batcher.client import Answer, ChatClient
@@ -53,6 +54,7 @@ from batcher.errors import (
     StorageError,
     TruncatedAnswer,
     failure_kind,
+    refusal_message,
 )
 from batcher.journal import (
     BAD_ROW_HASH,
@@ -127,6 +129,16 @@ class _Abandoned(Exception):
     """A row whose attempts a stop cut short: it stays undone (a rerun sends it), no error row."""
 
 
+class _Held(Exception):
+    """A row refused with a 403 or a 404 that may be the row's own or the whole job's: held
+    (not journaled) until its model answers another row (then it is an error row) or more rows
+    are refused alike (then the job stops and the row stays undone). See `RefusalStreak`."""
+
+    def __init__(self, result: Result, error: APIError) -> None:
+        super().__init__(result.error)
+        self.result, self.error = result, error
+
+
 class Engine:
     """One `batcher run`. Build it, then `await run()`; it never raises for row-level trouble."""
 
@@ -187,6 +199,9 @@ class Engine:
         self._breaker = CircuitBreaker(
             cb.failures, max(cb.window_s, 2.0 * job.endpoint.timeout_s + 1.0)
         )
+        self._refusals = RefusalStreak()
+        self._sent_seq = 0  # attempts sent so far: the order the refusal streak compares
+        self._held: list[tuple[Request, Result, APIError]] = []
 
     def _structured(self) -> StructuredOutput | None:
         try:
@@ -346,6 +361,9 @@ class Engine:
                 return
             try:
                 result, answer = await self._process(req)
+            except _Held as held:  # the streak decides later whose fault it was
+                self._held.append((req, held.result, held.error))
+                continue
             except _Abandoned:
                 if self.reuse is not None:
                     self.reuse.abandoned(req)
@@ -394,7 +412,7 @@ class Engine:
                 break
             try:
                 repaired, repaired_answer = await self._send(following)
-            except _Abandoned:  # a stop: the row keeps the answer it has (paid for)
+            except (_Abandoned, _Held):  # a stop, a refusal: the row keeps the answer it has
                 break
             except BatcherError as exc:  # the budget, a rejected key: stop, keep the answer
                 reason = StopReason.BUDGET if isinstance(exc, BudgetReached) else StopReason.FATAL
@@ -466,6 +484,8 @@ class Engine:
         except AuthenticationError as exc:
             source = "--mock" if self.options.api_key else f"${self.job.endpoint.api_key_env}"
             exc.args = (f"{exc} (the key came from {source})",)
+            if self._refusals.watches(exc.status):  # a 403: the key, or a firewall?
+                self._refuse(req, attempts, exc)
             raise
         except RetryableAPIError as exc:
             if probing:
@@ -475,12 +495,81 @@ class Engine:
         except BadRequest as exc:
             if probing and exc.status == 404:
                 raise
+            if self._refusals.watches(exc.status):  # a 404: this row's model, or every model?
+                self._refuse(req, attempts, exc)
             return self._error_row(req, attempts, str(exc))
 
         def settle(prompt: int | None, completion: int | None) -> float | None:
             return self.spending.settle(req, reserved, prompt, completion)
 
         return result_from_answer(req, answer, attempts, self.structured, cost=settle), answer
+
+    def _refuse(self, req: Request, attempts: int, exc: APIError) -> NoReturn:
+        """A 403 or 404: the row is held (`_Held`) until the streak decides; raises `exc` (or a
+        404's stop) when this refusal makes it the job's."""
+        status = exc.status or 0
+        if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq):
+            raise _Held(self._error_row(req, attempts, refusal_message(exc))[0], exc)
+        rows = self._refusals.rows_needed[status]
+        if isinstance(exc, AuthenticationError):
+            exc.args = (f"{exc} ({rows} different rows refused in a row)",)
+            raise exc
+        raise BadRequest(
+            f"{rows} different rows in a row were refused with {status} and {req.model} "
+            f"answered none between them: {exc}. The deployment or the model seems gone; "
+            "check endpoint and model, then run the same command again (these rows are not "
+            "recorded as errors)",
+            status=status,
+            headers=exc.headers,
+        )
+
+    def _release(self, model: str | None, seq: int = 0) -> None:
+        """`model` answered the request sent `seq`-th: the refusals of its requests sent
+        before were their rows' own (None: every model's, at the end). Error rows, journaled
+        now (with the rows that waited for an identical request)."""
+        if model is not None:
+            self._refusals.answered(model, seq)
+        keep: list[tuple[Request, Result, APIError]] = []
+        rows: list[Result] = []
+        for held in self._held:
+            req, result, error = held
+            if model is not None and (req.model != model or error.sent_seq > seq):
+                keep.append(held)
+                continue
+            rows.append(result)
+            if self.reuse is not None:
+                rows.extend(self.reuse.answered(req, result, None))
+        self._held = keep
+        if rows and self._journal is not None:
+            # A failed journal raises here and for the answering worker's own row, which
+            # stops the run; these rows then stay undone (a rerun sends them).
+            with contextlib.suppress(BatcherError):
+                self._journal.add(rows, self._count_many, backlog=sys.maxsize)
+
+    def _settle_held(self) -> None:
+        """At the end of sending. A completed run whose endpoint answered: the rows still held
+        were their own fault. A run that answered nothing: the refusals were the key's. A
+        stop: they stay undone."""
+        if not self._held:
+            return
+        if self._halt.reason is None and self._opened.is_set():
+            self._release(None)
+            return
+        if self._halt.reason is None:
+            ids = ", ".join(repr(req.row_id) for req, _, _ in self._held[:5])
+            error = self._held[-1][2]
+            self._halt.failed(
+                type(error)(
+                    f"{error} Nothing was answered in this run: the refused rows ({ids}"
+                    f"{', ...' if len(self._held) > 5 else ''}) are not recorded.",
+                    status=error.status,
+                    headers=error.headers,
+                )
+            )
+        for req, _, _ in self._held:
+            if self.reuse is not None:
+                self.reuse.abandoned(req)
+        self._held = []
 
     def _error_row(self, req: Request, attempts: int, error: str) -> tuple[Result, None]:
         key = None if req.key is None else req.key.key
@@ -514,6 +603,8 @@ class Engine:
         me = asyncio.current_task()
         assert me is not None
         self._halt.busy.add(me)
+        self._sent_seq += 1
+        seq = self._sent_seq
         try:
             answer = await self._client.complete(req.body)
         except RetryableAPIError as exc:
@@ -529,12 +620,15 @@ class Engine:
             self.spending.release(worst, billed=isinstance(exc, asyncio.CancelledError))
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
+                exc.sent_seq = seq
             raise
         finally:
             self.stats.in_flight -= 1
         self.stats.count_response(200)
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._breaker.success()
+        if self._held:  # the model answers: the refusals held before were their rows' own
+            self._release(req.model, seq)
         self._opened.set()  # the endpoint, key and model work: let the others go
         if MOCK_HEADER in answer.headers and not self._demo_seen:
             self._demo_server()
@@ -782,6 +876,7 @@ class Engine:
             ticker.cancel()
             self.stats.effective = self.limiter.snapshot()
             self.stats.finished = self.stats.clock()
+            self._settle_held()
             if self.reuse is not None:
                 await self._flush_store(self.reuse.take_pending(at_least=1))
             try:

@@ -16,9 +16,14 @@
         │   └── APIConnectionError    refused / dropped / reset connection
         └── FatalAPIError             another attempt gives the same answer
             ├── AuthenticationError   401/403: stops the whole job           -> exit 4
+            │                         (a 403 for one row while others are answered, as a
+            │                         firewall blocks a prompt: that row's error; the engine's
+            │                         RefusalStreak decides)
             ├── EndpointMoved         3xx (never followed): stops the whole job -> exit 4
             │                         (exit 2 at the first request)
             └── BadRequest            400/404/422/other 4xx: the row is recorded as an error
+                                      (404 for three rows in a row of one model, none answered
+                                      between: the deployment is gone, stops the job -> exit 4)
 
 Every message says what to do next. `classify()` is the single place that maps an HTTP answer
 to this tree; nothing else looks at status codes or message text.
@@ -98,11 +103,14 @@ class APIError(BatcherError):
         status: int | None = None,
         retry_after: float | None = None,
         headers: Mapping[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after  # seconds the server asked us to wait, if it said
         self.headers: Mapping[str, str] = headers or {}
+        self.detail = detail  # the server's own words (its error message), if it answered
+        self.sent_seq = 0  # the attempt's place in the run's send order (set by the engine)
 
 
 class RetryableAPIError(APIError):
@@ -212,7 +220,7 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | N
     if 200 <= status < 300:
         return None
     msg = server_message(body)
-    kw: dict[str, Any] = {"status": status, "headers": headers}
+    kw: dict[str, Any] = {"status": status, "headers": headers, "detail": msg}
     if status == 429:
         return RateLimited(
             f"rate limited (429): {msg}", retry_after=parse_retry_after(headers), **kw
@@ -240,6 +248,17 @@ def classify(status: int, headers: Mapping[str, str], body: Any) -> APIError | N
     code = error_code(body)
     where = f"{status}, {code}" if code else f"{status}"
     return BadRequest(f"request rejected ({where}): {msg}", **kw)
+
+
+def refusal_message(exc: APIError) -> str:
+    """A row's error for a 403 or a 404 while its model answered other rows."""
+    said = (exc.detail or "").rstrip(". ")
+    if exc.status == 403:
+        return (
+            f"the server refused this row (403: {said}) while it answered other rows with the "
+            "same key: a firewall or a content policy may block this prompt"
+        )
+    return f"{exc} (other rows of this model were answered)"
 
 
 def error_code(body: Any) -> str | None:

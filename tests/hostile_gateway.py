@@ -9,6 +9,8 @@ everything" in request counts, never in time. `switch()` replaces the script whi
     rate_limited(headers)      429 with exactly these headers (retry-after: inf, -1, ...)
     server_error(status)       5xx with an nginx HTML page
     rejected(status)           401 / 403 with Azure's body
+    firewall()                 403 with a Cloudflare page (for `by_prompt`: one prompt blocked)
+    deployment_gone()          404 DeploymentNotFound, as Azure words it
     context_length()           400 context_length_exceeded, as Azure words it
     stall()                    no answer until the client gives up (ends when the server stops)
     drop()                     the connection closed without an answer
@@ -18,8 +20,10 @@ everything" in request counts, never in time. `switch()` replaces the script whi
     malformed(shape)           200 with one field in a wrong shape (MALFORMED_SHAPES)
 
 A request whose body is longer than `context_chars` is answered `context_length()` whatever
-the script says: a model's context window. Every request is recorded (`received`), and every
-well-formed 200 the gateway sent is counted (`ok_sent`): what the user was billed for.
+the script says: a model's context window. A request whose body holds a key of `by_prompt`
+gets that behaviour instead (a firewall that blocks one prompt). Every request is recorded
+(`received`), and every well-formed 200 the gateway sent is counted (`ok_sent`): what the user
+was billed for.
 
 `HostileGateway` runs on 127.0.0.1 (free port) on its own event loop in a daemon thread.
 """
@@ -169,6 +173,24 @@ def rejected(status: int = 401) -> Behaviour:
     return Behaviour(str(status), status=status, body=body)
 
 
+def firewall() -> Behaviour:
+    """403 with Cloudflare's HTML page, as a web application firewall blocks one prompt."""
+    html = (
+        "<!DOCTYPE html><html><head><title>Attention Required! | Cloudflare</title></head>"
+        "<body><h1>Sorry, you have been blocked</h1></body></html>"
+    )
+    return Behaviour("firewall", status=403, body=html.encode())
+
+
+def deployment_gone() -> Behaviour:
+    body = _azure_error(
+        "The API deployment for this resource does not exist. If you created the deployment "
+        "within the last 5 minutes, please wait a moment and try again.",
+        "DeploymentNotFound",
+    )
+    return Behaviour("404", status=404, body=body)
+
+
 def context_length() -> Behaviour:
     body = _azure_error(
         "This model's maximum context length is 128000 tokens. However, your messages "
@@ -222,8 +244,15 @@ class Received:
 class HostileGateway:
     """The scripted gateway on 127.0.0.1; `url` is a base_url for the job file."""
 
-    def __init__(self, script: Sequence[Phase], *, context_chars: int | None = None) -> None:
+    def __init__(
+        self,
+        script: Sequence[Phase],
+        *,
+        context_chars: int | None = None,
+        by_prompt: Mapping[str, Behaviour] | None = None,
+    ) -> None:
         self.context_chars = context_chars
+        self.by_prompt = {k.encode(): v for k, v in (by_prompt or {}).items()}
         self.received: list[Received] = []
         self.ok_sent = 0  # well-formed 200 answers sent: what the user paid for
         self.in_flight = 0
@@ -273,6 +302,9 @@ class HostileGateway:
         behaviour = self._next(n)
         if self.context_chars is not None and len(raw) > self.context_chars:
             behaviour = context_length()
+        for marker, special in self.by_prompt.items():
+            if marker in raw:
+                behaviour = special
         self.received.append(Received(n, body, behaviour.name, self.in_flight))
         self.in_flight += 1
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batcher.breaker import CircuitBreaker
+from batcher.breaker import CircuitBreaker, RefusalStreak
 
 
 def test_trips_after_k_same_failures_across_rows() -> None:
@@ -64,3 +64,33 @@ def test_default_trips_before_a_row_spends_its_attempts_at_concurrency_4_to_64()
             cb.failure("429", row, now=i * 0.01)
             i += 1
         assert max(attempts.values()) < 8, (concurrency, attempts)
+
+
+def test_refusals_become_the_jobs_after_enough_different_rows_of_one_model() -> None:
+    streak = RefusalStreak()
+    assert streak.watches(403) and streak.watches(404) and not streak.watches(400)
+    assert not streak.refused(403, "m", "r1", seq=1)
+    assert not streak.refused(403, "m", "r1", seq=2)  # the same row again: still one row
+    assert not streak.refused(403, "other", "r2", seq=3)  # another model's streak
+    assert streak.refused(403, "m", "r3", seq=4)  # a second row of "m": the key
+    assert not streak.refused(404, "m", "r1", seq=5)
+    assert not streak.refused(404, "m", "r2", seq=6)
+    assert streak.refused(404, "m", "r3", seq=7)  # 404 needs three rows
+
+
+def test_only_an_answer_sent_after_a_refusal_clears_it() -> None:
+    """An answer to a request sent before the refusal (still in flight when it came) was sent
+    while the key worked: it proves nothing about the refusal."""
+    streak = RefusalStreak()
+    assert not streak.refused(403, "m", "r1", seq=10)
+    streak.answered("m", seq=9)  # sent before r1's request
+    assert streak.refused(403, "m", "r2", seq=11)
+    streak = RefusalStreak()
+    assert not streak.refused(403, "m", "r1", seq=10)
+    streak.answered("other", seq=11)  # another model answering says nothing of this one
+    assert streak.refused(403, "m", "r2", seq=12)
+    streak = RefusalStreak()
+    assert not streak.refused(403, "m", "r1", seq=10)
+    streak.answered("m", seq=11)  # sent after: r1's refusal was its own
+    assert not streak.refused(403, "m", "r2", seq=12)
+    assert streak.refused(403, "m", "r3", seq=13)

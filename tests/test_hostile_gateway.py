@@ -36,7 +36,9 @@ from hostile_gateway import (
     Phase,
     completion,
     cut,
+    deployment_gone,
     drop,
+    firewall,
     malformed,
     ok,
     rate_limited,
@@ -476,6 +478,105 @@ def test_key_rejected_mid_run_keeps_answers_in_flight(
     assert gw.requests - gw.ok_sent <= concurrency  # at most one wave of rejected requests
     # (How many good answers were still on their way when the first 401 came depends on the
     # machine's scheduling: not asserted; that none of them is lost is.)
+
+
+def test_a_firewall_blocking_one_prompt_makes_an_error_row_not_a_rejected_key(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """A WAF answers one prompt 403 (a Cloudflare page), every other prompt is answered: that
+    row is an error row saying so, the job goes on, and a rerun does not send it again. The
+    same when the blocked row is the first request, which goes alone."""
+    for blocked in (5, 0):
+        run_dir = tmp_path / f"blocked-{blocked}"
+        run_dir.mkdir()
+        gw = gateway([(None, ok())], by_prompt={"BLOCKME": firewall()})
+        write_jsonl(run_dir / "input.jsonl", review_rows(12, marker={blocked: "BLOCKME"}))
+        job = job_file(run_dir, gw, concurrency=2)
+        res = run_batcher("run", job)
+        assert res.returncode == 3, res.stderr
+        no_traceback(res)
+        assert "rejected the API key" not in res.stderr
+        assert gw.requests == 12  # the blocked row once: a 403 is not retried
+        rows = {r["id"]: r for r in read_output(run_dir / OUT)}
+        assert len(rows) == 12
+        bad = rows.pop(f"r{blocked}")
+        assert bad["status"] == "error"
+        assert "refused this row (403: Attention Required! | Cloudflare)" in bad["error"]
+        assert {r["status"] for r in rows.values()} == {"ok"}
+        res = run_batcher("run", job)
+        assert res.returncode == 3, res.stderr
+        assert gw.requests == 12  # the error row stays an error row: nothing is sent
+    # --retry-errors sends only the blocked row. This job's key has worked (its journal holds
+    # answers), so the refusal is the row's again.
+    res = run_batcher("run", job, "--retry-errors")
+    assert res.returncode == 3, res.stderr
+    assert gw.requests == 13
+    assert (
+        "refused this row (403" in {r["id"]: r for r in read_output(run_dir / OUT)}["r0"]["error"]
+    )
+
+
+def test_a_job_whose_only_requests_are_refused_403_says_it_cannot_tell(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """One row, refused 403, and nothing ever answered: the key or a firewall? Stopped as a
+    rejected key that says so; the row is not recorded, a rerun sends it."""
+    gw = gateway([(None, firewall())])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(1))
+    job = job_file(tmp_path, gw)
+    for sent in (1, 2):
+        res = run_batcher("run", job)
+        assert res.returncode == 4, res.stderr
+        no_traceback(res)
+        assert "rejected the API key (403)" in res.stderr
+        assert "Nothing was answered in this run: the refused rows ('r0') are not recorded" in (
+            res.stderr
+        )
+        assert gw.requests == sent
+        assert journal(tmp_path) == {}
+
+
+def test_a_403_for_two_rows_in_a_row_is_the_key(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """Without any answer, two different rows refused with 403 stop the job as a rejected key
+    after two requests; neither is recorded as an error row."""
+    gw = gateway([(None, rejected(403))])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(40))
+    res = run_batcher("run", job_file(tmp_path, gw, concurrency=8))
+    assert res.returncode == 4, res.stderr
+    no_traceback(res)
+    assert "rejected the API key (403)" in res.stderr
+    assert "2 different rows refused in a row" in res.stderr
+    assert gw.requests == 2  # the first requests go one at a time
+    assert journal(tmp_path) == {}
+
+
+def test_a_deployment_deleted_mid_run_stops_the_job_and_a_rerun_finishes_it(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """After answers, 404 DeploymentNotFound for every request: the job stops after a few
+    refusals (not one request per remaining row), records none of them as an error, and once
+    the deployment is back a plain rerun sends exactly the rows not yet answered."""
+    concurrency = 4
+    gw = gateway([(6, ok()), (None, deployment_gone())])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(300))
+    job = job_file(tmp_path, gw, concurrency=concurrency)
+    res = run_batcher("run", job)
+    assert res.returncode == 4, res.stderr
+    no_traceback(res)
+    assert "3 different rows in a row were refused with 404" in res.stderr
+    assert "DeploymentNotFound" in res.stderr
+    assert gw.requests - gw.ok_sent <= concurrency + 3  # the wave in flight, then the stop
+    journaled = journal(tmp_path)
+    assert {r["status"] for r in journaled.values()} == {"ok"}
+    assert len(journaled) == gw.ok_sent == 6
+    gw.switch([(None, ok())])
+    before = gw.requests
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert gw.requests - before == 300 - 6
+    assert {r["status"] for r in read_output(tmp_path / OUT)} == {"ok"}
 
 
 # ---- 4. malformed 200s: an error row with the raw body, never a poisoned journal -----------
