@@ -618,10 +618,10 @@ class ResponseStore:
         if warn:
             log.warning(
                 "response store %s is unusable (%s); going on without it: answers are neither "
-                "served from it nor stored. Delete the file to start a new store, or set "
-                "cache.path to another place",
+                "served from it nor stored. %s",
                 self.path,
                 reason,
+                _what_to_do(self.path),
             )
 
     def _mismatch(self, key: str) -> None:
@@ -788,10 +788,23 @@ _decompress = zlib.decompress
 
 
 def _unusable(path: Path, reason: str) -> StorageError:
-    return StorageError(
-        f"response store {path} is unusable: {reason}. Delete the file (batcher starts a new "
-        "store) or point cache.path elsewhere"
-    )
+    return StorageError(f"response store {path} is unusable: {reason}. {_what_to_do(path)}")
+
+
+def _what_to_do(path: Path) -> str:
+    """Delete a damaged store, never a file that is no store at all (a mistyped cache.path
+    naming the input, say): the advice depends on which it is."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        head = b""
+    if head and head != b"SQLite format 3\x00":
+        return (
+            "It is not an SQLite file, so no store batcher made (it was left as it was): set "
+            "cache.path (or --path) to another place"
+        )
+    return "Delete the file to start a new store, or set cache.path to another place"
 
 
 def store_stats(path: Path) -> CacheStats:

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -55,9 +56,26 @@ _CHECKED_PARAMS = frozenset((*PARAM_RANGES, "seed", "stop"))
 OUTPUT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, "parsed")
 
 
+_NUMBERS = (int, float, int | None, float | None)
+
+
 class _Strict(BaseModel):
     # inf/nan are refused: `timeout_s: .inf` would wait forever, and nan compares false.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_truth_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true as 1: `rpm: yes` (YAML's true) became 1 request a minute.
+        if (
+            isinstance(value, bool)
+            and info.field_name is not None
+            and cls.model_fields[info.field_name].annotation in _NUMBERS
+        ):
+            raise ValueError(
+                "should be a number, not true or false (YAML reads yes/no/on/off as those)"
+            )
+        return value
 
 
 class Endpoint(_Strict):

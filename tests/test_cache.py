@@ -480,7 +480,8 @@ def test_a_file_that_is_not_a_database_is_reported_once_and_bypassed(
     _bypassed(store)
     assert "not a database" in (store.disabled_reason or "")
     [warning] = _warnings(caplog)
-    assert "unusable" in warning and "Delete the file" in warning
+    assert "unusable" in warning and "not an SQLite file" in warning  # never "delete it"
+    assert "Delete" not in warning
 
 
 def test_damage_found_mid_run_disables_the_store_once(
@@ -717,8 +718,15 @@ def test_cache_command_errors(tmp_path: Path) -> None:
     assert nothing.exit_code == 2 and "--older-than AGE and/or --max-size SIZE" in nothing.output
     broken = tmp_path / "broken.sqlite3"
     broken.write_bytes(b"garbage" * 1000)
+    damaged = tmp_path / "damaged.sqlite3"  # an SQLite file, its pages garbage
+    damaged.write_bytes(b"SQLite format 3\x00" + b"garbage" * 1000)
     for args in (("stats",), ("prune", "--older-than", "1d")):
         result = _cli("cache", *args, "--path", broken)
+        assert result.exit_code == 4
+        # Not a store at all (an input named by mistake): never told to delete it.
+        assert "is unusable" in result.stderr and "not an SQLite file" in result.stderr
+        assert "Delete" not in result.stderr
+        result = _cli("cache", *args, "--path", damaged)
         assert result.exit_code == 4
         assert "is unusable" in result.stderr and "Delete the file" in result.stderr
     assert broken.read_bytes() == b"garbage" * 1000  # reported, never overwritten

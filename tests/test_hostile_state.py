@@ -85,6 +85,23 @@ def test_max_tokens_must_be_a_positive_integer(tmp_path: Path, key: str, value: 
         load_job(_job(tmp_path, model="gpt-4o", params={key: value}))
 
 
+@pytest.mark.parametrize(
+    ("changes", "where"),
+    [
+        ({"limits": {"gpt-4o": {"rpm": True, "tpm": 1000}}}, r"limits\.gpt-4o\.rpm"),
+        ({"concurrency": True}, "concurrency"),
+        ({"max_cost_usd": True}, "max_cost_usd"),
+        ({"endpoint": {"timeout_s": False}}, r"endpoint\.timeout_s"),
+    ],
+)
+def test_a_yes_or_no_where_a_number_goes_is_refused(
+    tmp_path: Path, changes: dict[str, Any], where: str
+) -> None:
+    """YAML reads `rpm: yes` as true, which pydantic took for 1 (one request a minute)."""
+    with pytest.raises(JobSpecError, match=rf"{where}: should be a number, not true or false"):
+        load_job(_job(tmp_path, model="gpt-4o", **changes))
+
+
 def test_max_tokens_in_a_batch_body_is_checked_too() -> None:
     from batcher.spec import check_params
 
