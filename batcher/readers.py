@@ -216,6 +216,11 @@ class InputReader:
                 "decimal id does not read back the same everywhere). Store the ids as text "
                 "or whole numbers"
             )
+        if isinstance(value, bytes):  # a Parquet binary column: its text, not "b'a'"
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                return None, f"{name} holds bytes that are not UTF-8 text; ids must be text"
         if isinstance(value, (bool, dict, list)):
             return (
                 None,

@@ -111,3 +111,17 @@ def test_rows_that_take_more_memory_than_the_budget_are_not_held(tmp_path: Path,
     again = rows(reader, 7)
     assert again == first and len(first) == n
     assert all(a is not b for a, b in zip(first, again, strict=True))  # read afresh, not held
+
+
+def test_a_binary_id_column_gives_its_text_and_bytes_that_are_not_text_a_bad_row(
+    tmp_path: Path,
+) -> None:
+    """A Parquet `binary` id b"a" was written as the id "b'a'", which joins back to nothing."""
+    pq.write_table(
+        pa.table({"id": pa.array([b"a", b"\xff\xfe"], pa.binary()), "text": ["x", "y"]}),
+        tmp_path / "in.parquet",
+    )
+    read = rows(InputReader(job(tmp_path, "in.parquet")), 10)
+    assert [r.id for r in read if r.error is None] == ["a"]
+    [bad] = [r for r in read if r.error is not None]
+    assert "holds bytes that are not UTF-8 text" in bad.error
