@@ -204,16 +204,31 @@ def records_in_input_order(
         yield out
 
 
-def offsets_in_completion_order(batches: IdBatches, index: JournalIndex) -> pa.Array:
-    """The offsets of the current input rows' latest records, sorted: journal order."""
+def offsets_in_completion_order(
+    batches: IdBatches, index: JournalIndex, keep_names: list[str] | None = None
+) -> tuple[pa.Array, pa.ChunkedArray | None]:
+    """The offsets of the current input rows' latest records, sorted: journal order; and,
+    with `keep_names`, those rows' kept values from the input (JSON, one per offset): a row
+    whose kept column changed since its answer keeps its request, and the journal's copy."""
     found = array("q")
+    kept: list[pa.Array] = []  # per batch: compact, however many rows
     for batch in batches():
+        values: list[bytes] = []
         for row in batch:
             offset = index.latest(row.id)
             if offset is not None:
                 found.append(offset)
+                if keep_names:
+                    values.append(
+                        fastjson.dumps({c: as_json_value(row.data.get(c)) for c in keep_names})
+                    )
+        if values:
+            kept.append(pa.array(values, pa.binary()))
     view = int64_view(found)
-    return pc.take(view, pc.sort_indices(view))
+    order = pc.sort_indices(view)
+    if not keep_names:
+        return pc.take(view, order), None
+    return pc.take(view, order), pc.take(pa.chunked_array(kept, pa.binary()), order)
 
 
 def records_in_completion_order(
@@ -221,12 +236,19 @@ def records_in_completion_order(
     batches: IdBatches,
     index: JournalIndex | None = None,
     chunk: int | None = None,
+    keep_names: list[str] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Chunks of the current input's latest result records, in the order they were answered."""
+    """Chunks of the current input's latest result records, in the order they were answered
+    (with `keep_names`, their kept columns taken from the input, as in input order)."""
     if index is None:
         index = JournalIndex(journal)
-    offsets = _int64s(offsets_in_completion_order(batches, index))
+    sorted_offsets, kept = offsets_in_completion_order(batches, index, keep_names)
+    offsets = _int64s(sorted_offsets)
     chunk = chunk or CHUNK_ROWS
     with RecordReader(journal) as reader:
         for i in range(0, len(offsets), chunk):
-            yield [reader.at(off) for off in offsets[i : i + chunk].tolist()]
+            records = [reader.at(off) for off in offsets[i : i + chunk].tolist()]
+            if kept is not None:
+                for rec, keep in zip(records, kept[i : i + chunk].to_pylist(), strict=True):
+                    rec["keep"] = fastjson.loads(keep)
+            yield records

@@ -407,7 +407,7 @@ def write_output_ordered(
         if order != "input":
             return (
                 rec
-                for chunk in records_in_completion_order(journal, batches, index)
+                for chunk in records_in_completion_order(journal, batches, index, None, keep_names)
                 for rec in chunk
             )
         return ({"keep": {c: r.data.get(c) for c in keep_names}} for b in batches() for r in b)
@@ -419,7 +419,7 @@ def write_output_ordered(
         if order == "input":
             chunks = records_in_input_order(journal, batches, keep_names, index)
         else:
-            chunks = records_in_completion_order(journal, batches, index)
+            chunks = records_in_completion_order(journal, batches, index, None, keep_names)
         for chunk in chunks:
             yield _to_table(chunk, keep_names, text_cols, schema)
 

@@ -414,6 +414,30 @@ def test_jsonl_kept_column_with_mixed_types(tmp_path: Path, mock_server) -> None
     assert out["m1"] == "1" and out["m2"] == "s"
 
 
+@pytest.mark.parametrize("order", ["input", "completion"])
+def test_kept_columns_come_from_the_current_input_in_either_order(
+    tmp_path: Path, mock_server, order: str
+) -> None:
+    """A kept column is no part of the request: a rerun after it changed asks nothing, and the
+    output holds the new values. In completion order they came from the journal, stale, and a
+    column added to keep_columns was empty (found by review)."""
+    srv = mock_server(**FAST)
+    rows = [{"id": f"m{i}", "text": f"row {i}", "meta": "v1"} for i in range(6)]
+    write_jsonl(tmp_path / "input.jsonl", rows)
+    res = run_batcher(
+        "run", write_job(tmp_path, srv.url, keep_columns=["meta"], output_order=order)
+    )
+    assert res.returncode == 0, res.stderr
+    sent = srv.stats()["requests"]
+    write_jsonl(tmp_path / "input.jsonl", [{**r, "meta": "v2"} for r in rows])
+    job = write_job(tmp_path, srv.url, keep_columns=["meta", "text"], output_order=order)
+    res = run_batcher("run", job)
+    assert res.returncode == 0, res.stderr
+    assert srv.stats()["requests"] == sent  # nothing asked again
+    out = read_output(tmp_path / "out/result.parquet")
+    assert {(r["meta"], r["text"]) for r in out} == {("v2", f"row {i}") for i in range(6)}
+
+
 def test_output_must_not_be_the_input(tmp_path: Path, mock_server) -> None:
     srv = mock_server(**FAST)
     write_jsonl(tmp_path / "input.jsonl", review_rows(3))
