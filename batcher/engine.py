@@ -207,7 +207,9 @@ class Engine:
         try:
             return StructuredOutput.from_params(self.job.params)
         except ValueError as exc:
-            raise JobSpecError(f"params.response_format: {exc}") from None
+            said = str(exc)  # most name their key already
+            where = "" if said.startswith("params.") else "params.response_format: "
+            raise JobSpecError(f"{where}{said}") from None
 
     # ---- before sending: everything that can be wrong with the input is found here ----
 

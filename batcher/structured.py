@@ -83,6 +83,9 @@ class _Mapper:
             if ref in active:  # recursive type: no finite Arrow type holds it
                 return _JSON
             target = self._resolve(ref)
+            if target is None and ref.startswith("#"):
+                # jsonschema would raise at the first answer, and the server refuses the schema
+                raise ValueError(f"$ref {ref!r} points to nothing in the schema")
             return _JSON if target is None else self.shape(target, active | {ref})
         for key in ("anyOf", "oneOf"):
             options = node.get(key)
@@ -166,7 +169,10 @@ class StructuredOutput:
             raise ValueError(
                 f"{where} is not a valid JSON schema: {at}: {_short(exc.message)}"
             ) from None
-        shape = _Mapper(schema).shape(schema)
+        try:
+            shape = _Mapper(schema).shape(schema)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
         if shape.kind != "struct":
             raise ValueError(
                 f"{where}: the top level must be an object with properties (type: object, "

@@ -191,6 +191,10 @@ def test_refs_anyof_enums_and_recursion() -> None:
         (params_for({"type": "string"}), "top level must be an object with properties"),
         (params_for({"type": "object"}), "top level must be an object with properties"),
         (params_for(LABEL_SCHEMA, strict="yes"), "strict: true or false"),
+        (  # jsonschema raised at the first answer; the run blamed the service (exit 4)
+            params_for({"type": "object", "properties": {"a": {"$ref": "#/defs/nope"}}}),
+            r"\$ref '#/defs/nope' points to nothing in the schema",
+        ),
     ],
 )
 def test_bad_schema_in_job_file(params: dict[str, Any], match: str) -> None:

@@ -25,11 +25,14 @@ def schema_instance(schema: Mapping[str, Any], key: bytes) -> Any:
 
 
 def _resolve(root: Mapping[str, Any], ref: str) -> Mapping[str, Any]:
+    """The schema a local `$ref` names; {} (anything) for one that names nothing."""
     node: Any = root
     if ref.startswith("#"):
         for part in ref.lstrip("#").strip("/").split("/"):
             if part:
-                node = node[part.replace("~1", "/").replace("~0", "~")]
+                if not isinstance(node, dict):
+                    return {}
+                node = node.get(part.replace("~1", "/").replace("~0", "~"))
     return node if isinstance(node, dict) else {}
 
 
