@@ -11,7 +11,13 @@ from typing import Any
 import aiohttp
 
 from batcher import fastjson
-from batcher.errors import APIConnectionError, APITimeout, TruncatedAnswer, classify
+from batcher.errors import (
+    AnswerTooLarge,
+    APIConnectionError,
+    APITimeout,
+    TruncatedAnswer,
+    classify,
+)
 
 
 @dataclass(slots=True)  # not frozen: built per row (see records.Request)
@@ -39,6 +45,7 @@ class ChatClient:
         concurrency: int,
         timeout_s: float,
         connect_timeout_s: float = 30.0,
+        max_answer_mb: float = 64.0,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._key = api_key
@@ -46,6 +53,8 @@ class ChatClient:
         self._mask_answers = len(self._key_bytes) >= MASK_IN_ANSWERS_FROM
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self._concurrency = concurrency
+        self._max_answer_mb = max_answer_mb
+        self._max_answer = int(max_answer_mb * 1024 * 1024)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ChatClient:
@@ -79,7 +88,7 @@ class ChatClient:
                 status = resp.status
                 headers = resp.headers
                 try:
-                    raw = await resp.read()
+                    raw = await self._read(resp)
                 except (
                     aiohttp.ClientPayloadError,
                     asyncio.IncompleteReadError,
@@ -126,3 +135,29 @@ class ChatClient:
                 headers=headers,
             )
         return Answer(parsed, headers, latency)
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body (as `resp.read()` reads it), or AnswerTooLarge past the cap: a gzip
+        body of 300 KB inflated to 300 MB, and a few of them in flight took gigabytes."""
+        declared = resp.content_length
+        if declared is not None and declared > self._max_answer:
+            raise self._too_large(resp)
+        blocks: list[bytes] = []
+        size = 0
+        content = resp.content
+        while block := await content.readany():
+            size += len(block)
+            if size > self._max_answer:
+                raise self._too_large(resp)
+            blocks.append(block)
+        return blocks[0] if len(blocks) == 1 else b"".join(blocks)
+
+    def _too_large(self, resp: aiohttp.ClientResponse) -> AnswerTooLarge:
+        paid = " (it was paid for)" if 200 <= resp.status < 300 else ""
+        return AnswerTooLarge(
+            f"the answer ({resp.status}) is larger than endpoint.max_answer_mb "
+            f"({self._max_answer_mb:g} MB): not kept{paid}. Raise max_answer_mb if answers "
+            "this large are expected",
+            status=resp.status,
+            headers=resp.headers,
+        )

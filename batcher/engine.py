@@ -40,6 +40,7 @@ from batcher.cache import CacheEntry, CacheKey, ResponseStore, resolve_store_pat
 from batcher.client import Answer, ChatClient
 from batcher.collector import run_collector
 from batcher.errors import (
+    AnswerTooLarge,
     APIConnectionError,
     APIError,
     AuthenticationError,
@@ -494,6 +495,8 @@ class Engine:
                 raise
             tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
             return self._error_row(req, attempts, f"gave up after {tries}: {exc}")
+        except AnswerTooLarge as exc:
+            return self._error_row(req, attempts, str(exc))
         except BadRequest as exc:
             if probing and exc.status == 404:
                 raise
@@ -618,8 +621,12 @@ class Engine:
         except BaseException as exc:
             self._halt.busy.discard(me)
             # Cancelled after it was sent (grace period over, a second Ctrl-C): the server may
-            # bill it; the budget books the worst case so the cap holds across runs.
-            self.spending.release(worst, billed=isinstance(exc, asyncio.CancelledError))
+            # bill it; the budget books the worst case so the cap holds across runs. An answer
+            # too large to keep was billed too.
+            billed = isinstance(exc, asyncio.CancelledError) or (
+                isinstance(exc, AnswerTooLarge) and 200 <= (exc.status or 0) < 300
+            )
+            self.spending.release(worst, billed=billed)
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
                 exc.sent_seq = seq
@@ -850,6 +857,7 @@ class Engine:
                     concurrency=job.concurrency,
                     timeout_s=job.endpoint.timeout_s,
                     connect_timeout_s=job.endpoint.connect_timeout_s,
+                    max_answer_mb=job.endpoint.max_answer_mb,
                 ) as client,
                 Progress(self.stats, mode=opts.progress, interval_s=job.progress_interval_s),
             ):

@@ -21,6 +21,7 @@
             │                         RefusalStreak decides)
             ├── EndpointMoved         3xx (never followed): stops the whole job -> exit 4
             │                         (exit 2 at the first request)
+            ├── AnswerTooLarge        a body past endpoint.max_answer_mb: the row's error
             └── BadRequest            400/404/422/other 4xx: the row is recorded as an error
                                       (404 for three rows in a row of one model, none answered
                                       between: the deployment is gone, stops the job -> exit 4)
@@ -151,6 +152,10 @@ class BadRequest(FatalAPIError):
 
 class EndpointMoved(FatalAPIError):
     pass
+
+
+class AnswerTooLarge(FatalAPIError):
+    """A body past endpoint.max_answer_mb: not read on (a 2xx was billed), the row's error."""
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -84,6 +84,8 @@ class Endpoint(_Strict):
     api_key_env: str = "LANGDOCK_API_KEY"
     timeout_s: float = Field(default=600.0, gt=0)  # per attempt; reasoning models can take minutes
     connect_timeout_s: float = Field(default=30.0, gt=0)
+    # An answer (decompressed) past this is not kept: memory stays bounded by concurrency x it.
+    max_answer_mb: float = Field(default=64.0, gt=0)
 
     @field_validator("base_url")
     @classmethod

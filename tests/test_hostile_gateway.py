@@ -6,6 +6,7 @@ code, the message, the rows written or journaled, and the requests the gateway r
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -387,6 +388,43 @@ def test_a_200_cut_mid_body_is_counted_as_spent(
     assert gw.requests == 7
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["truncated_answers"] == 1
+
+
+def test_an_answer_past_max_answer_mb_is_an_error_row_counted_as_spent(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """A 2 MB answer, and a 20 KB gzip body that inflates to 5 MB, with max_answer_mb 1: each
+    row is an error saying so, not retried (it would be as large again), and paid for; the
+    others are answered. Nothing past the cap is held in memory (found by review: a 300 MB
+    body was read whole, four in flight took ~690 MB)."""
+    big = json.dumps(completion("x" * 2_000_000)).encode()
+    bomb = gzip.compress(json.dumps(completion("0" * 5_000_000)).encode())
+    assert len(bomb) < 50_000
+    gw = gateway(
+        [
+            (1, ok()),
+            (1, raw_200(big, "big")),
+            (1, Behaviour("bomb", body=bomb, headers={"content-encoding": "gzip"})),
+            (None, ok()),
+        ]
+    )
+    write_jsonl(tmp_path / "input.jsonl", review_rows(4))
+    endpoint = {"base_url": gw.url, "api_key_env": "TEST_LANGDOCK_KEY", "max_answer_mb": 1}
+    job = job_file(tmp_path, gw, concurrency=1, endpoint=endpoint)
+    res = run_batcher("run", job, "--log-format", "json")
+    assert res.returncode == 3, res.stderr
+    no_traceback(res)
+    assert gw.requests == 4
+    rows = {r["id"]: r for r in read_output(tmp_path / OUT)}
+    assert [rows[i]["status"] for i in ("r0", "r1", "r2", "r3")] == ["ok", "error", "error", "ok"]
+    for row in ("r1", "r2"):
+        assert (
+            "larger than endpoint.max_answer_mb (1 MB): not kept (it was paid for)"
+            in (rows[row]["error"])
+        )
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    answered = rows["r0"]["cost_usd"] + rows["r3"]["cost_usd"]
+    assert summary["spent_usd"] > answered * 1.5  # the two large answers are booked too
 
 
 def test_a_200_whose_body_stalls_is_counted_as_spent(
