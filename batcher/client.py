@@ -121,6 +121,9 @@ class ChatClient:
             parsed: Any = fastjson.loads(raw) if raw else None
         except (ValueError, RecursionError):  # not JSON, or nested past any real answer
             parsed = raw
+        else:
+            if raw.find(b"\\u") >= 0 and (self._mask_answers or not 200 <= status < 300):
+                parsed = self._unescaped_mask(parsed)
         error = classify(status, headers, parsed)
         if error is not None:
             raise error
@@ -135,6 +138,14 @@ class ChatClient:
                 headers=headers,
             )
         return Answer(parsed, headers, latency)
+
+    def _unescaped_mask(self, parsed: Any) -> Any:
+        """`parsed` with the key masked where the body held it JSON-escaped ("\\u0073k-..."):
+        the raw bytes did not show it, the decoded strings do."""
+        again = fastjson.dumps(parsed)  # escapes nothing the key is made of
+        if again.find(self._key_bytes) < 0:
+            return parsed
+        return fastjson.loads(again.replace(self._key_bytes, b"***"))
 
     async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
         """The whole body (as `resp.read()` reads it), or AnswerTooLarge past the cap: a gzip

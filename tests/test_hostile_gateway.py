@@ -867,6 +867,37 @@ def test_an_answer_echoing_a_long_key_is_masked_in_the_output_and_the_store(
             assert API_KEY.encode() not in path.read_bytes(), path
 
 
+def test_a_key_echoed_json_escaped_is_masked_too(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """A gateway that writes "\\u0073\\u006b..." for the key: the raw bytes do not show it,
+    the decoded answer and error did (found by review), in the output, the store and stderr."""
+    escaped = "".join(f"\\u{ord(c):04x}" for c in API_KEY)
+    answer = json.dumps(completion("label: fine, key KEY")).replace("KEY", escaped).encode()
+    error = json.dumps({"error": {"message": "bad request for KEY", "code": "x"}})
+    gw = gateway(
+        [
+            (2, Behaviour("echo", body=answer)),
+            (1, Behaviour("400-echo", status=400, body=error.replace("KEY", escaped).encode())),
+            (None, Behaviour("echo", body=answer)),
+        ]
+    )
+    write_jsonl(tmp_path / "input.jsonl", review_rows(4))
+    res = run_batcher(
+        "run",
+        job_file(tmp_path, gw, concurrency=1),
+        env={**env_with_key(), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
+    assert res.returncode == 3, res.stderr
+    rows = {r["id"]: r for r in read_output(tmp_path / OUT)}
+    assert rows["r0"]["content"] == "label: fine, key ***"
+    assert "bad request for ***" in rows["r2"]["error"]
+    assert API_KEY not in res.stderr + res.stdout
+    for path in [*(tmp_path / "out").iterdir(), *(tmp_path / "xdg").rglob("*")]:
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
 def test_an_answer_with_long_or_many_headers_is_read(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
