@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batcher.errors import BatcherError, InputDataError
+from batcher.errors import InputDataError
 from batcher.journal import SkippedLines, journal_latest_mask, journal_path, read_results
 from batcher.pricing import PRICES_AS_OF, cost_of, format_usd, price_for
 from batcher.progress import format_duration
@@ -341,7 +341,7 @@ def _first_line(path: Path) -> bytes:
                 if not raw or raw.strip():
                     return raw.strip()
     except OSError as exc:
-        raise BatcherError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise InputDataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return b""
 
 
@@ -435,7 +435,7 @@ def inspect_path(path: Path, prices: Mapping[str, Price] | None = None) -> dict[
         for table, parsed in batches:
             totals.add(table, parsed)
     except OSError as exc:
-        raise BatcherError(f"{source_path}: cannot read: {exc.strerror or exc}") from None
+        raise InputDataError(f"{source_path}: cannot read: {exc.strerror or exc}") from None
     report = _report(totals, prices or {})
     report = {"path": str(source_path), "source": source, **report}
     if source == "journal":

@@ -236,7 +236,7 @@ def build_report(path: Path, prices: Mapping[str, Price] | None = None) -> dict[
         inspection = inspect_path(output, prices) if has_results else None
         latencies, numbers = _scan_results(output) if has_results else (array("d"), {})
     except OSError as exc:
-        raise BatcherError(f"{output}: cannot read: {exc.strerror or exc}") from None
+        raise InputDataError(f"{output}: cannot read: {exc.strerror or exc}") from None
     labels = ((inspection or {}).get("parsed") or {}).get("values", {})
     return {
         "title": output.name,

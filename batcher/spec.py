@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import stat
+import typing
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -59,22 +60,31 @@ OUTPUT_COLUMNS: tuple[str, ...] = (*RESULT_FIELDS, "parsed")
 _NUMBERS = (int, float, int | None, float | None)
 
 
+def _is_section(annotation: Any) -> bool:
+    """A mapping or a model, None not allowed: `key:` left empty means its defaults."""
+    origin = typing.get_origin(annotation) or annotation
+    return origin is dict or (isinstance(origin, type) and issubclass(origin, BaseModel))
+
+
 class _Strict(BaseModel):
     # inf/nan are refused: `timeout_s: .inf` would wait forever, and nan compares false.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_truth_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+    def _as_written(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name is None or not (value is None or isinstance(value, bool)):
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
         # Pydantic reads true as 1: `rpm: yes` (YAML's true) became 1 request a minute.
-        if (
-            isinstance(value, bool)
-            and info.field_name is not None
-            and cls.model_fields[info.field_name].annotation in _NUMBERS
-        ):
+        if isinstance(value, bool) and annotation in _NUMBERS:
             raise ValueError(
                 "should be a number, not true or false (YAML reads yes/no/on/off as those)"
             )
+        # A section left empty (`params:` with its lines commented out, as `batcher init`'s
+        # template invites) is the section's defaults, as an empty scalar is the default.
+        if value is None and _is_section(annotation):
+            return {}
         return value
 
 

@@ -102,6 +102,18 @@ def test_a_yes_or_no_where_a_number_goes_is_refused(
         load_job(_job(tmp_path, model="gpt-4o", **changes))
 
 
+def test_a_section_left_empty_is_its_defaults(tmp_path: Path) -> None:
+    """`batcher init`'s template invites commenting out a section's lines, which leaves
+    `params:` empty: it was 'Input should be a valid dictionary' (found by review)."""
+    text = (
+        "input: in.jsonl\noutput: out.parquet\nmodel: gpt-4o-mini\n"
+        "params:\nlimits:\nendpoint:\ncache:\nretry:\n"
+    )
+    job = load_job(_job(tmp_path, text))
+    assert job.params == {} and job.limits == {}
+    assert job.endpoint.timeout_s == 600.0 and job.cache.enabled and job.retry.max_attempts == 8
+
+
 def test_max_tokens_in_a_batch_body_is_checked_too() -> None:
     from batcher.spec import check_params
 

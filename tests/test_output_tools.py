@@ -55,6 +55,8 @@ def test_inspect_refuses_a_file_that_is_no_output(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "requests.jsonl", [line])
     res = run_batcher("inspect", tmp_path / "requests.jsonl")
     assert res.returncode == 2 and "looks like Batch-API input" in res.stderr
+    res = run_batcher("inspect", tmp_path)  # a directory: a usage error, not exit 1
+    assert res.returncode == 2 and "cannot read: Is a directory" in res.stderr
 
 
 def test_status_of_a_merged_sharded_job(tmp_path: Path, mock_server) -> None:
