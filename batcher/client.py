@@ -16,7 +16,9 @@ from batcher.errors import (
     APIConnectionError,
     APITimeout,
     TruncatedAnswer,
+    WebPageAnswer,
     classify,
+    server_message,
 )
 
 
@@ -130,6 +132,11 @@ class ChatClient:
         if not isinstance(parsed, dict) or not isinstance(parsed.get("choices"), list):
             # Billed (the server answered 2xx) but unreadable: retried within the row's
             # attempts like a dropped connection, and counted as spent.
+            if isinstance(parsed, bytes) and parsed[:200].lstrip()[:1] == b"<":
+                title = server_message(parsed[:100_000].replace(self._key_bytes, b"***"))
+                raise WebPageAnswer(
+                    f"answer {status} is a web page ({title!r})", status=status, headers=headers
+                )
             raise TruncatedAnswer(
                 "answer {} is not a whole chat completion: {!r}".format(
                     status, raw[:200].replace(self._key_bytes, b"***").decode("utf-8", "replace")

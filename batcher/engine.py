@@ -54,6 +54,7 @@ from batcher.errors import (
     RetryableAPIError,
     StorageError,
     TruncatedAnswer,
+    WebPageAnswer,
     failure_kind,
     refusal_message,
 )
@@ -445,6 +446,12 @@ class Engine:
             raise APIError(
                 f"the first request failed: {exc}. Nothing else was sent; {where}, and the "
                 "network, then run the same command again"
+            ) from None
+        except WebPageAnswer as exc:  # a login page or a website: not the API
+            raise JobSpecError(
+                f"the first request was answered with a web page, not a chat completion "
+                f"({exc}); endpoint.base_url seems to point at a website or a login page, not "
+                f"the API. Nothing else was sent; {where}"
             ) from None
         except RetryableAPIError as exc:  # 5xx / timeouts / 429s to the end: not our setup
             raise APIError(

@@ -138,6 +138,11 @@ class TruncatedAnswer(RetryableAPIError):
     """A 2xx whose body is not a whole chat completion: the server billed it, we cannot read it."""
 
 
+class WebPageAnswer(TruncatedAnswer):
+    """A 2xx that is an HTML page (a login page, a web front end): at the first request the
+    base_url is wrong; later, a gateway's hiccup like any unreadable answer."""
+
+
 class FatalAPIError(APIError):
     pass
 

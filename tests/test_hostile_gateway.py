@@ -427,6 +427,28 @@ def test_an_answer_past_max_answer_mb_is_an_error_row_counted_as_spent(
     assert summary["spent_usd"] > answered * 1.5  # the two large answers are booked too
 
 
+def test_a_web_page_for_an_answer_is_a_wrong_base_url_at_the_first_request(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """base_url pointing at a login page or a website: a 200 with HTML. At the first request
+    it was 'the service seems down, run again later' (exit 4, found by review); it is the
+    setup (exit 2), said with the page's title. Later in a run, a gateway's hiccup: retried."""
+    page = b"<!DOCTYPE html><html><head><title>Sign in | Example SSO</title></head></html>"
+    gw = gateway([(None, raw_200(page, "login page"))])
+    write_jsonl(tmp_path / "input.jsonl", review_rows(5))
+    job = job_file(tmp_path, gw)
+    res = run_batcher("run", job)
+    assert res.returncode == 2, res.stderr
+    no_traceback(res)
+    assert "answered with a web page" in res.stderr and "'Sign in | Example SSO'" in res.stderr
+    assert "endpoint.base_url" in res.stderr
+    assert gw.requests <= 3  # the first request's attempts only
+    gw.switch([(2, ok()), (1, raw_200(page, "login page")), (None, ok())])
+    res = run_batcher("run", job_file(tmp_path, gw, concurrency=1))
+    assert res.returncode == 0, res.stderr
+    assert {r["status"] for r in read_output(tmp_path / OUT)} == {"ok"}
+
+
 def test_a_200_whose_body_stalls_is_counted_as_spent(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
