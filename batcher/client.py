@@ -90,7 +90,15 @@ class ChatClient:
                 status = resp.status
                 headers = resp.headers
                 try:
-                    raw = await self._read(resp)
+                    declared = resp.content_length
+                    if (
+                        declared is not None
+                        and declared <= self._max_answer
+                        and "Content-Encoding" not in headers
+                    ):
+                        raw = await resp.read()  # as declared: within the cap (no extra await)
+                    else:
+                        raw = await self._read_capped(resp)
                 except (
                     aiohttp.ClientPayloadError,
                     asyncio.IncompleteReadError,
@@ -124,7 +132,7 @@ class ChatClient:
         except (ValueError, RecursionError):  # not JSON, or nested past any real answer
             parsed = raw
         else:
-            if raw.find(b"\\u") >= 0 and (self._mask_answers or not 200 <= status < 300):
+            if (self._mask_answers or not 200 <= status < 300) and raw.find(b"\\u") >= 0:
                 parsed = self._unescaped_mask(parsed)
         error = classify(status, headers, parsed)
         if error is not None:
@@ -154,9 +162,10 @@ class ChatClient:
             return parsed
         return fastjson.loads(again.replace(self._key_bytes, b"***"))
 
-    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
-        """The whole body (as `resp.read()` reads it), or AnswerTooLarge past the cap: a gzip
-        body of 300 KB inflated to 300 MB, and a few of them in flight took gigabytes."""
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The whole body, or AnswerTooLarge past the cap: a body of unknown or compressed
+        length is read block by block (a 300 KB gzip body inflated to 300 MB, and a few of
+        them in flight took gigabytes)."""
         declared = resp.content_length
         if declared is not None and declared > self._max_answer:
             raise self._too_large(resp)
