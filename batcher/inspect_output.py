@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shlex
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -569,7 +570,8 @@ def render_inspection(report: dict[str, Any]) -> str:
             + (", and the next run sends their rows again" if report["source"] == "journal" else "")
         )
     if report["source"] == "batch":
-        where = f"`batcher inspect {report['journal']}`" if report.get("journal") else "its journal"
+        journal = report.get("journal")
+        where = f"`batcher inspect {shlex.quote(str(journal))}`" if journal else "its journal"
         lines.append(
             "  (a Batch output holds no latency, attempts, answer source or paid cost; "
             f"{where} has them)"

@@ -7,6 +7,7 @@ what to do next.
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from batcher.outcome import RunOutcome, StopReason
@@ -41,10 +42,10 @@ def closing_message(outcome: RunOutcome) -> str:
             errors = outcome.error_rows
             return message + (
                 f"; {plural(errors, 'row')} {'is an error' if errors == 1 else 'are errors'} "
-                f"(`batcher inspect {outcome.output}` groups them; send just "
+                f"(`batcher inspect {shlex.quote(str(outcome.output))}` groups them; send just "
                 f"{'that one' if errors == 1 else 'those'} again with --retry-errors)"
             )
-        return message + f" (`batcher inspect {outcome.output}` summarises it)"
+        return message + f" (`batcher inspect {shlex.quote(str(outcome.output))}` summarises it)"
     if reason in (StopReason.INTERRUPTED, StopReason.TERMINATED):
         return f"interrupted. {saved} To continue, {RERUN}."
     if reason is StopReason.BUDGET:

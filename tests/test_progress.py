@@ -254,3 +254,24 @@ def test_summary_shows_each_models_rate_against_its_own_limits_and_no_phantom_sl
     assert "gpt-4o-mini: " in text and "of 300 (" in text and "of 30,000 (" in text
     assert "1,000 rpm" not in text and "800" not in text
     assert "slow-down" not in text
+
+
+def test_the_closing_message_quotes_a_path_for_the_shell(tmp_path) -> None:
+    """The `batcher inspect ...` it suggests is pasted into a shell: a path with a space must
+    stay one argument (found by review)."""
+    from batcher.errors import ExitCode
+    from batcher.outcome import RunOutcome, StopReason
+    from batcher.stats import RunStats
+    from batcher.summary import closing_message
+
+    out = tmp_path / "my results" / "out.parquet"
+    outcome = RunOutcome(
+        ExitCode.ROW_ERRORS,
+        StopReason.COMPLETED,
+        RunStats(),
+        out,
+        out,
+        rows_written=3,
+        error_rows=1,
+    )
+    assert f"`batcher inspect '{out}'` groups them" in closing_message(outcome)
