@@ -208,7 +208,10 @@ class InputReader:
         name = f"id column {self.job.id_column!r}"
         value = obj.get(self.job.id_column)
         if value is None:
-            return None, f"{name} is missing or null"
+            if self.job.id_column in obj:
+                return None, f"{name} is null"
+            columns = ", ".join(sorted(map(str, obj))[:20]) or "none"
+            return None, f"{name} is missing (the row's columns: {columns}; check id_column)"
         if isinstance(value, float):
             # 3.0 would become "3.0" here and "3" elsewhere: the answer could not be matched.
             return None, (

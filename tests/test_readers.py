@@ -125,3 +125,14 @@ def test_a_binary_id_column_gives_its_text_and_bytes_that_are_not_text_a_bad_row
     assert [r.id for r in read if r.error is None] == ["a"]
     [bad] = [r for r in read if r.error is not None]
     assert "holds bytes that are not UTF-8 text" in bad.error
+
+
+def test_a_missing_id_column_names_the_rows_columns(tmp_path: Path) -> None:
+    """`id_column: nosuch` said only 'missing or null' (found by review)."""
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": null, "text": "y"}\n')
+    [missing, _] = rows(InputReader(job(tmp_path, "in.jsonl", id_column="nosuch")), 10)
+    assert "id column 'nosuch' is missing (the row's columns: id, text; check id_column)" in (
+        missing.error or ""
+    )
+    [_, null] = rows(InputReader(job(tmp_path, "in.jsonl")), 10)
+    assert "id column 'id' is null" in (null.error or "")
