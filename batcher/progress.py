@@ -157,7 +157,7 @@ def live_renderable(stats: RunStats) -> Table:
     grid.add_row(
         "sending",
         f"in flight {stats.in_flight}  retries {stats.retries}  "
-        f"[{trouble}]429s {stats.rate_limited}  server errors {stats.server_errors}[/{trouble}]"
+        f"[{trouble}]429s {stats.rate_limited}  failed {stats.server_errors}[/{trouble}]"
         + (
             f"  [yellow]paused {format_duration(paused)} (rate limited)[/yellow]"
             if (paused := _paused_s(stats)) > 0
@@ -327,7 +327,8 @@ def render_summary(stats: RunStats, *, fmt: SummaryFormat = "text") -> str:
         f"= {stats.prompt_tokens + stats.completion_tokens:,} "
         f"({stats.admitted_tokens:,} charged at admission)",
         f"requests: {stats.requests_sent:,} sent, {stats.retries:,} retries, "
-        f"{stats.rate_limited:,} rate-limited (429), {stats.server_errors:,} server errors",
+        f"{stats.rate_limited:,} rate-limited (429), "
+        f"{stats.server_errors:,} failed (5xx, timeout, dropped or unreadable)",
         f"time:     {format_duration(stats.elapsed())}",
     ]
 

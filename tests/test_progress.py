@@ -179,7 +179,9 @@ def test_summary_text() -> None:
     assert "1,190 ok, 10 error" in text
     assert "40,000 prompt + 9,000 completion = 49,000" in text
     assert "59,100 charged at admission" in text
-    assert "3 retries, 1 rate-limited (429), 2 server errors" in text
+    assert "3 retries, 1 rate-limited (429), 2 failed (5xx, timeout, dropped or unreadable)" in (
+        text
+    )
     assert "time:     1m00s" in text
     assert "498 of 500 (100%) rpm, 59,100 of 60,000 (98%) tpm" in text
     assert "slow-down" not in text
