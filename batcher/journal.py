@@ -317,12 +317,20 @@ def read_state(path: Path, *, repair: bool = False, rows: bool = True) -> Journa
     if torn_at is not None:
         state.dropped_tail = True
         if repair:  # (a reader like `status` may just be seeing a line being written)
-            log.warning(
-                "journal %s: the last record was cut off by a crash; it is dropped and that "
-                "row will be sent again",
-                path,
-            )
             with path.open("r+b") as fh:
+                fh.seek(torn_at)
+                head = fh.read(16)
+                # A run's header cut off by a full disk holds no answer: no row to send again.
+                what = (
+                    "that row will be sent again"
+                    if head.startswith((b'{"t":"r"', b'{"t": "r"'))
+                    else "it held no answer"
+                )
+                log.warning(
+                    "journal %s: the last record was cut off by a crash; it is dropped (%s)",
+                    path,
+                    what,
+                )
                 fh.truncate(torn_at)
                 os.fsync(fh.fileno())
     if repair and state.skipped.count:

@@ -247,7 +247,13 @@ async def test_torn_tail_is_dropped_and_cut(tmp_path: Path, caplog) -> None:
     state = read_state(path, repair=True)
     assert sorted(state.ids.to_pylist()) == ["a", "b"] and state.dropped_tail
     assert path.read_bytes().endswith(b"\n")
-    assert "cut off by a crash" in caplog.text
+    assert "cut off by a crash; it is dropped (that row will be sent again)" in caplog.text
+    caplog.clear()
+    with path.open("ab") as fh:  # a run's header cut off (a full disk at the start)
+        fh.write(b'{"t": "run", "started')
+    state = read_state(path, repair=True)
+    assert sorted(state.ids.to_pylist()) == ["a", "b"] and state.dropped_tail
+    assert "it is dropped (it held no answer)" in caplog.text
 
 
 async def test_corrupt_middle_lines_are_skipped_by_every_reader(tmp_path: Path, caplog) -> None:
