@@ -97,6 +97,10 @@ class RefusalStreak:
                 if not rows:
                     del self._rows[key]
 
+    def first_seq(self, status: int, model: str) -> int:
+        """The send order of the earliest refusal in (status, model)'s streak."""
+        return min(self._rows.get((status, model), {}).values(), default=0)
+
     def refused(self, status: int, model: str, row_id: str, seq: int) -> bool:
         """Record a refusal of the request sent `seq`-th; True when it makes the refusals the
         job's (stop)."""

@@ -145,9 +145,12 @@ class ChatClient:
                 raise WebPageAnswer(
                     f"answer {status} is a web page ({title!r})", status=status, headers=headers
                 )
+            # What it was, as decoded and masked (a key JSON-escaped in it stays masked).
+            shown = raw if isinstance(parsed, bytes) else fastjson.dumps(parsed)
             raise TruncatedAnswer(
                 "answer {} is not a whole chat completion: {!r}".format(
-                    status, raw[:200].replace(self._key_bytes, b"***").decode("utf-8", "replace")
+                    status,
+                    shown[:200].replace(self._key_bytes, b"***").decode("utf-8", "replace"),
                 ),
                 status=status,
                 headers=headers,
@@ -166,8 +169,9 @@ class ChatClient:
         """The whole body, or AnswerTooLarge past the cap: a body of unknown or compressed
         length is read block by block (a 300 KB gzip body inflated to 300 MB, and a few of
         them in flight took gigabytes)."""
+        answer = 200 <= resp.status < 300
         declared = resp.content_length
-        if declared is not None and declared > self._max_answer:
+        if answer and declared is not None and declared > self._max_answer:
             raise self._too_large(resp)
         blocks: list[bytes] = []
         size = 0
@@ -175,16 +179,17 @@ class ChatClient:
         while block := await content.readany():
             size += len(block)
             if size > self._max_answer:
-                raise self._too_large(resp)
+                if answer:
+                    raise self._too_large(resp)
+                break  # an error's body only gives its message: its start will do
             blocks.append(block)
         return blocks[0] if len(blocks) == 1 else b"".join(blocks)
 
     def _too_large(self, resp: aiohttp.ClientResponse) -> AnswerTooLarge:
-        paid = " (it was paid for)" if 200 <= resp.status < 300 else ""
         return AnswerTooLarge(
             f"the answer ({resp.status}) is larger than endpoint.max_answer_mb "
-            f"({self._max_answer_mb:g} MB): not kept{paid}. Raise max_answer_mb if answers "
-            "this large are expected",
+            f"({self._max_answer_mb:g} MB): not kept (it was paid for). Raise max_answer_mb if "
+            "answers this large are expected",
             status=resp.status,
             headers=resp.headers,
         )

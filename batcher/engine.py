@@ -27,7 +27,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -203,6 +203,9 @@ class Engine:
         )
         self._refusals = RefusalStreak()
         self._sent_seq = 0  # attempts sent so far: the order the refusal streak compares
+        self._answered_seq: dict[str, int] = {}  # per model: its latest-sent answered attempt
+        self._in_flight_seqs: set[int] = set()  # the attempts sent and not yet answered
+        self._suspect = False  # a refusal streak waits for later-sent requests' answers
         self._held: list[tuple[Request, Result, APIError]] = []
 
     def _structured(self) -> StructuredOutput | None:
@@ -396,7 +399,11 @@ class Engine:
             async with self._probe_lock:
                 if not self._opened.is_set():
                     return await self._repair(req, *await self._probe(req))
-        sent = await self._send(req)
+        if self._suspect:  # refusals wait for the answers in flight: one request at a time
+            async with self._probe_lock:
+                sent = await self._send(req)
+        else:
+            sent = await self._send(req)
         if self.structured is None:  # nothing to repair (one coroutine less per row)
             return sent
         return await self._repair(req, *sent)
@@ -415,8 +422,8 @@ class Engine:
             if following is None:
                 break
             try:
-                repaired, repaired_answer = await self._send(following)
-            except (_Abandoned, _Held):  # a stop, a refusal: the row keeps the answer it has
+                repaired, repaired_answer = await self._send(following, repairing=True)
+            except _Abandoned:  # a stop: the row keeps the answer it has (paid for)
                 break
             except BatcherError as exc:  # the budget, a rejected key: stop, keep the answer
                 reason = StopReason.BUDGET if isinstance(exc, BudgetReached) else StopReason.FATAL
@@ -467,7 +474,9 @@ class Engine:
                 )
         return result, answer
 
-    async def _send(self, req: Request, *, probing: bool = False) -> tuple[Result, Answer | None]:
+    async def _send(
+        self, req: Request, *, probing: bool = False, repairing: bool = False
+    ) -> tuple[Result, Answer | None]:
         """All attempts for one row; row-level trouble becomes an error Result.
 
         While probing, a 404 or an unreachable server is raised instead (the setup is wrong,
@@ -488,14 +497,16 @@ class Engine:
                 except RetryableAPIError as exc:
                     if self._halt.stopping:
                         raise _Abandoned from None
-                    if not policy.should_retry(exc, attempts):
+                    if not policy.should_retry(exc, attempts) or (
+                        probing and isinstance(exc, WebPageAnswer)  # the setup: say so now
+                    ):
                         raise
                     await asyncio.sleep(policy.wait_s(exc, attempts))
         except AuthenticationError as exc:
             source = "--mock" if self.options.api_key else f"${self.job.endpoint.api_key_env}"
             exc.args = (f"{exc} (the key came from {source})",)
             if self._refusals.watches(exc.status):  # a 403: the key, or a firewall?
-                self._refuse(req, attempts, exc)
+                return self._refuse(req, attempts, exc, repairing)
             raise
         except RetryableAPIError as exc:
             if probing:
@@ -508,7 +519,7 @@ class Engine:
             if probing and exc.status == 404:
                 raise
             if self._refusals.watches(exc.status):  # a 404: this row's model, or every model?
-                self._refuse(req, attempts, exc)
+                return self._refuse(req, attempts, exc, repairing)
             return self._error_row(req, attempts, str(exc))
 
         def settle(prompt: int | None, completion: int | None) -> float | None:
@@ -516,12 +527,25 @@ class Engine:
 
         return result_from_answer(req, answer, attempts, self.structured, cost=settle), answer
 
-    def _refuse(self, req: Request, attempts: int, exc: APIError) -> NoReturn:
-        """A 403 or 404: the row is held (`_Held`) until the streak decides; raises `exc` (or a
-        404's stop) when this refusal makes it the job's."""
+    def _refuse(
+        self, req: Request, attempts: int, exc: APIError, repairing: bool
+    ) -> tuple[Result, None]:
+        """A 403 or 404. The row's own error when its model already answered a request sent
+        after it (or for a repair: the row keeps its answer, the streak is the rows'); else
+        the row is held (`_Held`) until the streak decides; raises `exc` (or a 404's stop)
+        when this refusal makes it the job's."""
         status = exc.status or 0
+        if repairing or exc.sent_seq < self._answered_seq.get(req.model, 0):
+            return self._error_row(req, attempts, refusal_message(exc))
+        held = _Held(self._error_row(req, attempts, refusal_message(exc))[0], exc)
         if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq):
-            raise _Held(self._error_row(req, attempts, refusal_message(exc))[0], exc)
+            raise held
+        first = self._refusals.first_seq(status, req.model)
+        if any(seq > first for seq in self._in_flight_seqs):
+            # Requests sent after the first refusal are still out: their answers decide (a
+            # firewall refusing adjacent prompts is not a revoked key). Meanwhile one at a time.
+            self._suspect = True
+            raise held
         rows = self._refusals.rows_needed[status]
         if isinstance(exc, AuthenticationError):
             exc.args = (f"{exc} ({rows} different rows refused in a row)",)
@@ -541,6 +565,8 @@ class Engine:
         now (with the rows that waited for an identical request)."""
         if model is not None:
             self._refusals.answered(model, seq)
+        if model is not None and self._halt.stopping:  # a stop: held rows stay undone
+            return
         keep: list[tuple[Request, Result, APIError]] = []
         rows: list[Result] = []
         for held in self._held:
@@ -552,6 +578,8 @@ class Engine:
             if self.reuse is not None:
                 rows.extend(self.reuse.answered(req, result, None))
         self._held = keep
+        if not keep:
+            self._suspect = False
         if rows and self._journal is not None:
             # A failed journal raises here and for the answering worker's own row, which
             # stops the run; these rows then stay undone (a rerun sends them).
@@ -617,12 +645,16 @@ class Engine:
         self._halt.busy.add(me)
         self._sent_seq += 1
         seq = self._sent_seq
+        in_flight = self._in_flight_seqs
+        in_flight.add(seq)
         try:
             answer = await self._client.complete(req.body)
         except RetryableAPIError as exc:
             self._halt.busy.discard(me)
             self.stats.count_response(exc.status or failure_kind(exc))
-            self.spending.release(worst, billed=isinstance(exc, TruncatedAnswer))  # unreadable
+            # an unreadable 2xx was billed; a web page (a proxy's, a login page) was not
+            billed = isinstance(exc, TruncatedAnswer) and not isinstance(exc, WebPageAnswer)
+            self.spending.release(worst, billed=billed)
             self._failed(req, exc)
             raise
         except BaseException as exc:
@@ -640,9 +672,12 @@ class Engine:
             raise
         finally:
             self.stats.in_flight -= 1
+            in_flight.discard(seq)
         self.stats.count_response(200)
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._breaker.success()
+        if seq > self._answered_seq.get(req.model, 0):
+            self._answered_seq[req.model] = seq
         if self._held:  # the model answers: the refusals held before were their rows' own
             self._release(req.model, seq)
         self._opened.set()  # the endpoint, key and model work: let the others go

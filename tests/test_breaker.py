@@ -76,6 +76,7 @@ def test_refusals_become_the_jobs_after_enough_different_rows_of_one_model() -> 
     assert not streak.refused(404, "m", "r1", seq=5)
     assert not streak.refused(404, "m", "r2", seq=6)
     assert streak.refused(404, "m", "r3", seq=7)  # 404 needs three rows
+    assert streak.first_seq(404, "m") == 5 and streak.first_seq(404, "none") == 0
 
 
 def test_only_an_answer_sent_after_a_refusal_clears_it() -> None:
