@@ -21,6 +21,7 @@ Pure: the caller passes `now`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def cause(kinds: dict[str, int]) -> str:
@@ -78,32 +79,44 @@ REFUSAL_ROWS = {403: 2, 404: 3}
 @dataclass(slots=True)
 class RefusalStreak:
     """Rows refused with a status of `REFUSAL_ROWS` that no later request of their model has
-    cleared, per (status, model), with the send order (`seq`) of their requests. Pure: the
-    engine holds the refused rows until the streak decides."""
+    cleared, per (status, model): the send order (`seq`) of each one's request, and what the
+    engine holds for it (its error row) until the streak decides. Pure."""
 
     rows_needed: dict[int, int] = field(default_factory=lambda: dict(REFUSAL_ROWS))
-    _rows: dict[tuple[int, str], dict[str, int]] = field(default_factory=dict)
+    _rows: dict[tuple[int, str], dict[str, tuple[int, Any]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        """Refusals wait for a decision."""
+        return bool(self._rows)
 
     def watches(self, status: int | None) -> bool:
         return status in self.rows_needed
 
-    def answered(self, model: str, seq: int) -> None:
+    def answered(self, model: str, seq: int) -> list[Any]:
         """`model` answered the request sent `seq`-th: refusals sent before it were their
-        rows' own."""
+        rows' own. Returns what was held for them."""
+        cleared = []
         for key, rows in list(self._rows.items()):
             if key[1] == model:
-                for row_id in [r for r, at in rows.items() if at < seq]:
-                    del rows[row_id]
+                for row_id in [r for r, (at, _) in rows.items() if at < seq]:
+                    cleared.append(rows.pop(row_id)[1])
                 if not rows:
                     del self._rows[key]
+        return cleared
+
+    def take_all(self) -> list[Any]:
+        """Everything held, the streak emptied (the run's end)."""
+        held = [item for rows in self._rows.values() for _, item in rows.values()]
+        self._rows.clear()
+        return held
 
     def first_seq(self, status: int, model: str) -> int:
         """The send order of the earliest refusal in (status, model)'s streak."""
-        return min(self._rows.get((status, model), {}).values(), default=0)
+        return min((at for at, _ in self._rows.get((status, model), {}).values()), default=0)
 
-    def refused(self, status: int, model: str, row_id: str, seq: int) -> bool:
-        """Record a refusal of the request sent `seq`-th; True when it makes the refusals the
-        job's (stop)."""
+    def refused(self, status: int, model: str, row_id: str, seq: int, held: Any = None) -> bool:
+        """Record a refusal of the request sent `seq`-th, holding `held` for it; True when it
+        makes the refusals the job's (stop)."""
         rows = self._rows.setdefault((status, model), {})
-        rows[row_id] = seq
+        rows[row_id] = (seq, held)
         return len(rows) >= self.rows_needed[status]

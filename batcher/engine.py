@@ -132,13 +132,10 @@ class _Abandoned(Exception):
 
 
 class _Held(Exception):
-    """A row refused with a 403 or a 404 that may be the row's own or the whole job's: held
-    (not journaled) until its model answers another row (then it is an error row) or more rows
-    are refused alike (then the job stops and the row stays undone). See `RefusalStreak`."""
-
-    def __init__(self, result: Result, error: APIError) -> None:
-        super().__init__(result.error)
-        self.result, self.error = result, error
+    """A row refused with a 403 or a 404 that may be the row's own or the whole job's: held in
+    the `RefusalStreak` (not journaled) until its model answers a request sent after it (then
+    it is an error row) or more rows are refused alike (then the job stops and the row stays
+    undone). Its worker goes on to the next row."""
 
 
 class Engine:
@@ -206,7 +203,6 @@ class Engine:
         self._answered_seq: dict[str, int] = {}  # per model: its latest-sent answered attempt
         self._in_flight_seqs: set[int] = set()  # the attempts sent and not yet answered
         self._suspect = False  # a refusal streak waits for later-sent requests' answers
-        self._held: list[tuple[Request, Result, APIError]] = []
 
     def _structured(self) -> StructuredOutput | None:
         try:
@@ -368,8 +364,7 @@ class Engine:
                 return
             try:
                 result, answer = await self._process(req)
-            except _Held as held:  # the streak decides later whose fault it was
-                self._held.append((req, held.result, held.error))
+            except _Held:  # the streak decides later whose fault it was
                 continue
             except _Abandoned:
                 if self.reuse is not None:
@@ -537,15 +532,15 @@ class Engine:
         status = exc.status or 0
         if repairing or exc.sent_seq < self._answered_seq.get(req.model, 0):
             return self._error_row(req, attempts, refusal_message(exc))
-        held = _Held(self._error_row(req, attempts, refusal_message(exc))[0], exc)
-        if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq):
-            raise held
+        held = (req, self._error_row(req, attempts, refusal_message(exc))[0], exc)
+        if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq, held):
+            raise _Held
         first = self._refusals.first_seq(status, req.model)
         if any(seq > first for seq in self._in_flight_seqs):
             # Requests sent after the first refusal are still out: their answers decide (a
             # firewall refusing adjacent prompts is not a revoked key). Meanwhile one at a time.
             self._suspect = True
-            raise held
+            raise _Held
         rows = self._refusals.rows_needed[status]
         if isinstance(exc, AuthenticationError):
             exc.args = (f"{exc} ({rows} different rows refused in a row)",)
@@ -563,23 +558,18 @@ class Engine:
         """`model` answered the request sent `seq`-th: the refusals of its requests sent
         before were their rows' own (None: every model's, at the end). Error rows, journaled
         now (with the rows that waited for an identical request)."""
-        if model is not None:
-            self._refusals.answered(model, seq)
         if model is not None and self._halt.stopping:  # a stop: held rows stay undone
             return
-        keep: list[tuple[Request, Result, APIError]] = []
+        cleared = (
+            self._refusals.take_all() if model is None else self._refusals.answered(model, seq)
+        )
+        if not self._refusals:
+            self._suspect = False
         rows: list[Result] = []
-        for held in self._held:
-            req, result, error = held
-            if model is not None and (req.model != model or error.sent_seq > seq):
-                keep.append(held)
-                continue
+        for req, result, _ in cleared:
             rows.append(result)
             if self.reuse is not None:
                 rows.extend(self.reuse.answered(req, result, None))
-        self._held = keep
-        if not keep:
-            self._suspect = False
         if rows and self._journal is not None:
             # A failed journal raises here and for the answering worker's own row, which
             # stops the run; these rows then stay undone (a rerun sends them).
@@ -590,26 +580,26 @@ class Engine:
         """At the end of sending. A completed run whose endpoint answered: the rows still held
         were their own fault. A run that answered nothing: the refusals were the key's. A
         stop: they stay undone."""
-        if not self._held:
+        if not self._refusals:
             return
         if self._halt.reason is None and self._opened.is_set():
             self._release(None)
             return
+        held = self._refusals.take_all()
         if self._halt.reason is None:
-            ids = ", ".join(repr(req.row_id) for req, _, _ in self._held[:5])
-            error = self._held[-1][2]
+            ids = ", ".join(repr(req.row_id) for req, _, _ in held[:5])
+            error = held[-1][2]
             self._halt.failed(
                 type(error)(
                     f"{error} Nothing was answered in this run: the refused rows ({ids}"
-                    f"{', ...' if len(self._held) > 5 else ''}) are not recorded.",
+                    f"{', ...' if len(held) > 5 else ''}) are not recorded.",
                     status=error.status,
                     headers=error.headers,
                 )
             )
-        for req, _, _ in self._held:
+        for req, _, _ in held:
             if self.reuse is not None:
                 self.reuse.abandoned(req)
-        self._held = []
 
     def _error_row(self, req: Request, attempts: int, error: str) -> tuple[Result, None]:
         key = None if req.key is None else req.key.key
@@ -678,7 +668,7 @@ class Engine:
         self._breaker.success()
         if seq > self._answered_seq.get(req.model, 0):
             self._answered_seq[req.model] = seq
-        if self._held:  # the model answers: the refusals held before were their rows' own
+        if self._refusals:  # the model answers: the refusals held before were their rows' own
             self._release(req.model, seq)
         self._opened.set()  # the endpoint, key and model work: let the others go
         if MOCK_HEADER in answer.headers and not self._demo_seen:

@@ -91,7 +91,9 @@ def test_only_an_answer_sent_after_a_refusal_clears_it() -> None:
     streak.answered("other", seq=11)  # another model answering says nothing of this one
     assert streak.refused(403, "m", "r2", seq=12)
     streak = RefusalStreak()
-    assert not streak.refused(403, "m", "r1", seq=10)
-    streak.answered("m", seq=11)  # sent after: r1's refusal was its own
-    assert not streak.refused(403, "m", "r2", seq=12)
-    assert streak.refused(403, "m", "r3", seq=13)
+    assert not streak.refused(403, "m", "r1", seq=10, held="r1's error row")
+    assert streak.answered("m", seq=11) == ["r1's error row"]  # sent after: r1's own
+    assert not streak
+    assert not streak.refused(403, "m", "r2", seq=12, held="r2")
+    assert streak.refused(403, "m", "r3", seq=13, held="r3")
+    assert sorted(streak.take_all()) == ["r2", "r3"] and not streak
