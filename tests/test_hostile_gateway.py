@@ -921,6 +921,18 @@ def test_a_401_echoing_the_key_is_masked_in_every_message_and_file(
         assert API_KEY.encode() not in path.read_bytes(), path
 
 
+def run_with_own_store(tmp_path: Path, job: Path) -> Any:
+    """`batcher run` with its response store under tmp_path/xdg (searched for the key after)."""
+    return run_batcher("run", job, env={**env_with_key(), "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+
+
+def assert_key_in_no_file(tmp_path: Path) -> None:
+    """Neither the output's files nor the response store hold the key."""
+    for path in [*(tmp_path / "out").iterdir(), *(tmp_path / "xdg").rglob("*")]:
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
+
+
 def test_an_answer_echoing_a_long_key_is_masked_in_the_output_and_the_store(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
@@ -929,16 +941,10 @@ def test_an_answer_echoing_a_long_key_is_masked_in_the_output_and_the_store(
     body = json.dumps(completion(f"label: fine, key {API_KEY}")).encode()
     gw = gateway([(None, Behaviour("echo", body=body))])
     write_jsonl(tmp_path / "input.jsonl", review_rows(3))
-    res = run_batcher(
-        "run",
-        job_file(tmp_path, gw),
-        env={**env_with_key(), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
-    )
+    res = run_with_own_store(tmp_path, job_file(tmp_path, gw))
     assert res.returncode == 0, res.stderr
     assert [r["content"] for r in read_output(tmp_path / OUT)] == ["label: fine, key ***"] * 3
-    for path in [*(tmp_path / "out").iterdir(), *(tmp_path / "xdg").rglob("*")]:
-        if path.is_file():
-            assert API_KEY.encode() not in path.read_bytes(), path
+    assert_key_in_no_file(tmp_path)
 
 
 def test_a_key_echoed_json_escaped_is_masked_too(
@@ -957,19 +963,13 @@ def test_a_key_echoed_json_escaped_is_masked_too(
         ]
     )
     write_jsonl(tmp_path / "input.jsonl", review_rows(4))
-    res = run_batcher(
-        "run",
-        job_file(tmp_path, gw, concurrency=1),
-        env={**env_with_key(), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
-    )
+    res = run_with_own_store(tmp_path, job_file(tmp_path, gw, concurrency=1))
     assert res.returncode == 3, res.stderr
     rows = {r["id"]: r for r in read_output(tmp_path / OUT)}
     assert rows["r0"]["content"] == "label: fine, key ***"
     assert "bad request for ***" in rows["r2"]["error"]
     assert API_KEY not in res.stderr + res.stdout
-    for path in [*(tmp_path / "out").iterdir(), *(tmp_path / "xdg").rglob("*")]:
-        if path.is_file():
-            assert API_KEY.encode() not in path.read_bytes(), path
+    assert_key_in_no_file(tmp_path)
 
 
 def test_an_unreadable_answer_quoting_a_partly_escaped_key_is_masked(
