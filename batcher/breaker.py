@@ -79,7 +79,8 @@ REFUSAL_ROWS = {403: 2, 404: 3}
 @dataclass(slots=True)
 class RefusalStreak:
     """Rows refused with a status of `REFUSAL_ROWS` that no later request of their model has
-    cleared, per (status, model): the send order (`seq`) of each one's request, and what the
+    cleared, per (status, model): how many requests the run had sent when each refusal came
+    back (`seq`; a request sent later, with a higher number, was sent after it), and what the
     engine holds for it (its error row) until the streak decides. Pure."""
 
     rows_needed: dict[int, int] = field(default_factory=lambda: dict(REFUSAL_ROWS))
@@ -93,8 +94,8 @@ class RefusalStreak:
         return status in self.rows_needed
 
     def answered(self, model: str, seq: int) -> list[Any]:
-        """`model` answered the request sent `seq`-th: refusals sent before it were their
-        rows' own. Returns what was held for them."""
+        """`model` answered the request sent `seq`-th: refusals that came back before it was
+        sent were their rows' own. Returns what was held for them."""
         cleared = []
         for key, rows in list(self._rows.items()):
             if key[1] == model:
@@ -111,12 +112,12 @@ class RefusalStreak:
         return held
 
     def first_seq(self, status: int, model: str) -> int:
-        """The send order of the earliest refusal in (status, model)'s streak."""
+        """The `seq` of the earliest refusal in (status, model)'s streak."""
         return min((at for at, _ in self._rows.get((status, model), {}).values()), default=0)
 
     def refused(self, status: int, model: str, row_id: str, seq: int, held: Any = None) -> bool:
-        """Record a refusal of the request sent `seq`-th, holding `held` for it; True when it
-        makes the refusals the job's (stop)."""
+        """Record a refusal that came back when `seq` requests had been sent, holding `held`
+        for it; True when it makes the refusals the job's (stop)."""
         rows = self._rows.setdefault((status, model), {})
         rows[row_id] = (seq, held)
         return len(rows) >= self.rows_needed[status]

@@ -200,7 +200,6 @@ class Engine:
         )
         self._refusals = RefusalStreak()
         self._sent_seq = 0  # attempts sent so far: the order the refusal streak compares
-        self._answered_seq: dict[str, int] = {}  # per model: its latest-sent answered attempt
         self._in_flight_seqs: set[int] = set()  # the attempts sent and not yet answered
         self._suspect = False  # a refusal streak waits for later-sent requests' answers
 
@@ -525,20 +524,26 @@ class Engine:
     def _refuse(
         self, req: Request, attempts: int, exc: APIError, repairing: bool
     ) -> tuple[Result, None]:
-        """A 403 or 404. The row's own error when its model already answered a request sent
-        after it (or for a repair: the row keeps its answer, the streak is the rows'); else
-        the row is held (`_Held`) until the streak decides; raises `exc` (or a 404's stop)
-        when this refusal makes it the job's."""
+        """A 403 or 404. The row is held (`_Held`) until its model answers a request sent
+        after this refusal came back (then it was the row's own error) or the streak decides;
+        raises `exc` (or a 404's stop) when this refusal makes it the job's. A repair's
+        refusal is the row's own at once (the row keeps its answer).
+
+        Only a request sent after the refusal came back proves the key or the deployment
+        still works: one sent before it may reach the server first (another connection) and
+        be answered before the deployment went, though the client sent it later."""
         status = exc.status or 0
-        if repairing or exc.sent_seq < self._answered_seq.get(req.model, 0):
+        if repairing:
             return self._error_row(req, attempts, refusal_message(exc))
         held = (req, self._error_row(req, attempts, refusal_message(exc))[0], exc)
-        if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq, held):
+        known = self._sent_seq  # the requests sent after this one learnt of the refusal
+        if not self._refusals.refused(status, req.model, req.row_id, known, held):
             raise _Held
         first = self._refusals.first_seq(status, req.model)
         if any(seq > first for seq in self._in_flight_seqs):
-            # Requests sent after the first refusal are still out: their answers decide (a
-            # firewall refusing adjacent prompts is not a revoked key). Meanwhile one at a time.
+            # Requests sent after the first refusal came back are still out: their answers
+            # decide (a firewall refusing adjacent prompts is not a revoked key). Meanwhile
+            # one at a time.
             self._suspect = True
             raise _Held
         rows = self._refusals.rows_needed[status]
@@ -658,7 +663,6 @@ class Engine:
             self.spending.release(worst, billed=billed)
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
-                exc.sent_seq = seq
             raise
         finally:
             self.stats.in_flight -= 1
@@ -666,9 +670,7 @@ class Engine:
         self.stats.count_response(200)
         self.limiter.feedback(req.model, status=200, headers=answer.headers)
         self._breaker.success()
-        if seq > self._answered_seq.get(req.model, 0):
-            self._answered_seq[req.model] = seq
-        if self._refusals:  # the model answers: the refusals held before were their rows' own
+        if self._refusals:  # refusals back before this was sent were their rows' own
             self._release(req.model, seq)
         self._opened.set()  # the endpoint, key and model work: let the others go
         if MOCK_HEADER in answer.headers and not self._demo_seen:

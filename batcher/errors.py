@@ -111,7 +111,6 @@ class APIError(BatcherError):
         self.retry_after = retry_after  # seconds the server asked us to wait, if it said
         self.headers: Mapping[str, str] = headers or {}
         self.detail = detail  # the server's own words (its error message), if it answered
-        self.sent_seq = 0  # the attempt's place in the run's send order (set by the engine)
 
 
 class RetryableAPIError(APIError):

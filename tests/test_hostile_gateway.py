@@ -6,6 +6,7 @@ code, the message, the rows written or journaled, and the requests the gateway r
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -688,6 +689,33 @@ def test_a_deployment_deleted_mid_run_stops_the_job_and_a_rerun_finishes_it(
     res = run_batcher("run", job)
     assert res.returncode == 0, res.stderr
     assert gw.requests - before == 300 - 6
+    assert {r["status"] for r in read_output(tmp_path / OUT)} == {"ok"}
+
+
+def test_an_answer_to_a_request_sent_before_a_refusal_came_back_clears_nothing(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """r3 reaches the gateway before r4 but is answered (404: the deployment went) after r4's
+    200: r4 was sent after r3, yet before r3's refusal came back, so its answer says nothing
+    of r3. r3 stays unrecorded, like the refusals after it, and a rerun sends it. (Judged by
+    the order of sending, r3 became an error row a rerun skips. The 0.5 s only makes that
+    order likely: with r3's 404 back first, r3 is held either way, and the test still holds.)"""
+    gone = dataclasses.replace(deployment_gone(), latency_s=0.5)
+    gw = gateway([(5, ok()), (None, deployment_gone())], by_prompt={"SLOW404": gone})
+    write_jsonl(tmp_path / "input.jsonl", review_rows(60, marker={3: "SLOW404"}))
+    job = job_file(tmp_path, gw, concurrency=4)
+    res = run_batcher("run", job)
+    assert res.returncode == 4, res.stderr
+    assert "3 different rows in a row were refused with 404" in res.stderr
+    journaled = journal(tmp_path)
+    assert {r["status"] for r in journaled.values()} == {"ok"}
+    # The first five to arrive are answered (r3 among them or not: connections race)
+    assert "r3" not in journaled and len(journaled) == gw.ok_sent
+    gw.switch([(None, ok())])
+    gw.by_prompt.clear()
+    before = gw.requests
+    assert run_batcher("run", job).returncode == 0
+    assert gw.requests - before == 60 - len(journaled)
     assert {r["status"] for r in read_output(tmp_path / OUT)} == {"ok"}
 
 
