@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batcher import eventloop
 from batcher.engine import Engine, RunOptions
 from batcher.errors import BatcherError, ExitCode, InputDataError, JobSpecError
 from batcher.outcome import RunOutcome, StopReason
@@ -405,7 +406,7 @@ def run(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_owned(job, data, kwargs))
+        return eventloop.run(_owned(job, data, kwargs))
     return _run_in_thread(job, data, kwargs)
 
 
@@ -420,7 +421,7 @@ def _run_in_thread(job: Any, data: Any, kwargs: dict[str, Any]) -> Any:
     started = threading.Event()
 
     def target() -> None:
-        loop = asyncio.new_event_loop()
+        loop = eventloop.new_loop()
         box["loop"] = loop
         started.set()
         try:

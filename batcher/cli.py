@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import json
@@ -15,7 +14,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import click
 
-from batcher import __version__
+from batcher import __version__, eventloop
 from batcher.errors import BatcherError, ExitCode
 from batcher.logs import stderr_error, stderr_line
 from batcher.progress import ProgressMode
@@ -206,7 +205,7 @@ def run(
             )
             return await Engine(job, options).run()
 
-    outcome = asyncio.run(go())
+    outcome = eventloop.run(go())
     from batcher.summary import closing_message, outcome_record, render_outcome
 
     if log_format == "json":

@@ -62,6 +62,7 @@ from common import (
     write_rows,
 )
 
+from batcher import eventloop
 from batcher.engine import Engine, RunOptions
 from batcher.errors import ExitCode
 from batcher.tokens import encoding_for_model
@@ -118,7 +119,7 @@ def run_batcher(
         return await Engine(job, options).run()
 
     start, cpu = time.perf_counter(), time.process_time()
-    outcome = asyncio.run(go())
+    outcome = eventloop.run(go())  # the command's loop (batcher/eventloop.py)
     wall = time.perf_counter() - start
     if outcome.exit_code != ExitCode.OK:
         raise SystemExit(f"batcher run failed ({outcome.exit_code}): {outcome.error}")

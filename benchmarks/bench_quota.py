@@ -60,6 +60,7 @@ from common import (
     write_rows,
 )
 
+from batcher import eventloop
 from batcher.engine import Engine, RunOptions
 from batcher.tokens import encoding_for_model
 
@@ -246,7 +247,7 @@ def run_variant(directory: Path, name: str, args: argparse.Namespace) -> dict[st
     with MockProcess(*flags) as server:
         if not args.cold:
             server.warm()
-        return asyncio.run(measure(server, directory, name, variant, args, rows))
+        return eventloop.run(measure(server, directory, name, variant, args, rows))
 
 
 def main() -> int:

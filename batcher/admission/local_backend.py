@@ -61,7 +61,7 @@ class LocalLimiter:
         if self._clock is not None:
             return self._clock()
         try:
-            return asyncio.get_running_loop().time()
+            return loop_clock(asyncio.get_running_loop())()
         except RuntimeError:  # outside a loop: the clock the default loop uses
             return time.monotonic()
 
@@ -89,7 +89,7 @@ class LocalLimiter:
         policy, st, lane = found
         check_cost(model, cost, policy.tpm)
         # The clock, looked up once per call (each asyncio.get_running_loop() is a getpid).
-        clock = self._clock or asyncio.get_running_loop().time
+        clock = self._clock or loop_clock(asyncio.get_running_loop())
         began = clock()
         if lane.empty():
             # The line is empty: this call is the head at once. Nobody waits behind it, so the
@@ -182,11 +182,23 @@ Clock = Callable[[], float]
 
 
 async def _sleep_until(clock: Clock, st: State, at: int) -> bool:
-    """Sleep until the slot; False if a pause that arrived meanwhile (a 429) voids it."""
+    """Sleep until the slot; False if a pause that arrived meanwhile (a 429) voids it.
+
+    Until the slot by `clock`: uvloop's timers fire up to a millisecond early (they count whole
+    milliseconds), and what is left is slept again, at least a millisecond (never early)."""
     now = us(clock())
     if at > now:
         await asyncio.sleep((at - now) / 1_000_000)
+        while at > (now := us(clock())):
+            await asyncio.sleep(max(at - now, 1_000) / 1_000_000)
     return st.pause <= at
+
+
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Clock:
+    """The schedule's clock on `loop`: its own time, except on uvloop, whose `loop.time()`
+    reads whole milliseconds (MagicStack/uvloop#359; a request window's margin is 5 ms):
+    there the monotonic clock it truncates (asyncio's loop reads that one too)."""
+    return time.monotonic if type(loop).__module__.startswith("uvloop") else loop.time
 
 
 def model_snapshot(

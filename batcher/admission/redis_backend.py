@@ -138,7 +138,7 @@ class RedisLimiter:
         self.on_failure = on_failure
         self.local_share = local_share
         self._clock = clock or time.monotonic
-        self._local_clock = clock  # LocalLimiter's own default (the loop's time) when None
+        self._local_clock = clock  # LocalLimiter's own default (`loop_clock`) when None
         self._last_cost: dict[str, int] = {}  # read_feedback judges token headers by it
         self._redis: aioredis.Redis | None = None
         self._reserve_sha = ""
@@ -260,7 +260,11 @@ class RedisLimiter:
         429) voids it: take a new one rather than send into a known rate limit."""
         wait_s = (res.at - res.now) / 1_000_000
         if wait_s > 0:
+            until = time.monotonic() + wait_s
             await asyncio.sleep(wait_s)
+            # uvloop's timers fire up to a millisecond early: never send before the slot
+            while (left := until - time.monotonic()) > 0:
+                await asyncio.sleep(max(left, 0.001))
         return self.last_reply[model].pause <= res.at
 
     def _admitted(self, model: str, cost: int, res: Reply, began: float) -> Admission:
