@@ -69,22 +69,27 @@ class CircuitBreaker:
 # A 403 or a 404 may be one row's or the whole job's: a web application firewall refuses one
 # prompt with 403 as a revoked key refuses every request; a model that one row names may not
 # be deployed, as a deployment deleted mid-run answers 404 for all. The streak tells them
-# apart: this many different rows refused with that status, and no answer from their model to
-# a request sent after them, make it the job's (a key refused for two rows in a row is the
-# key). An answer to a request sent before the refusal proves nothing: it was sent while the
-# key or the deployment still worked.
+# apart by what happened after a refusal came back, never before: requests sent earlier may
+# reach the server in any order (one connection each), so their answers and refusals show the
+# server as it was around the refusal, not after it.
+# - An answer from the model to a request sent after the refusal came back makes it the row's
+#   own (the key and the deployment work).
+# - A refusal of a request sent after the first refusal came back shows the refusals went on:
+#   this many rows refused that way with that status (the first included) make it the job's (a
+#   key refused for two rows in a row is the key). Two blocked prompts sent together are not.
 REFUSAL_ROWS = {403: 2, 404: 3}
 
 
 @dataclass(slots=True)
 class RefusalStreak:
     """Rows refused with a status of `REFUSAL_ROWS` that no later request of their model has
-    cleared, per (status, model): how many requests the run had sent when each refusal came
-    back (`seq`; a request sent later, with a higher number, was sent after it), and what the
-    engine holds for it (its error row) until the streak decides. Pure."""
+    cleared, per (status, model), in the run's send order: the number of the refused request
+    (`sent`), how many requests the run had sent when its refusal came back (`known`: a
+    request numbered higher was sent after it), and what the engine holds for the row (its
+    error row) until the streak decides. Pure."""
 
     rows_needed: dict[int, int] = field(default_factory=lambda: dict(REFUSAL_ROWS))
-    _rows: dict[tuple[int, str], dict[str, tuple[int, Any]]] = field(default_factory=dict)
+    _rows: dict[tuple[int, str], dict[str, tuple[int, int, Any]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         """Refusals wait for a decision."""
@@ -94,30 +99,37 @@ class RefusalStreak:
         return status in self.rows_needed
 
     def answered(self, model: str, seq: int) -> list[Any]:
-        """`model` answered the request sent `seq`-th: refusals that came back before it was
+        """`model` answered the request numbered `seq`: refusals that came back before it was
         sent were their rows' own. Returns what was held for them."""
         cleared = []
         for key, rows in list(self._rows.items()):
             if key[1] == model:
-                for row_id in [r for r, (at, _) in rows.items() if at < seq]:
-                    cleared.append(rows.pop(row_id)[1])
+                for row_id in [r for r, (_, known, _) in rows.items() if known < seq]:
+                    cleared.append(rows.pop(row_id)[2])
                 if not rows:
                     del self._rows[key]
         return cleared
 
     def take_all(self) -> list[Any]:
         """Everything held, the streak emptied (the run's end)."""
-        held = [item for rows in self._rows.values() for _, item in rows.values()]
+        held = [item for rows in self._rows.values() for _, _, item in rows.values()]
         self._rows.clear()
         return held
 
     def first_seq(self, status: int, model: str) -> int:
-        """The `seq` of the earliest refusal in (status, model)'s streak."""
-        return min((at for at, _ in self._rows.get((status, model), {}).values()), default=0)
+        """When the earliest refusal of (status, model)'s streak came back (its `known`)."""
+        return min(
+            (known for _, known, _ in self._rows.get((status, model), {}).values()), default=0
+        )
 
-    def refused(self, status: int, model: str, row_id: str, seq: int, held: Any = None) -> bool:
-        """Record a refusal that came back when `seq` requests had been sent, holding `held`
-        for it; True when it makes the refusals the job's (stop)."""
+    def refused(
+        self, status: int, model: str, row_id: str, sent: int, known: int, held: Any = None
+    ) -> bool:
+        """Record the refusal of request number `sent`, back when `known` had been sent,
+        holding `held` for it; True when the refusals are now the job's (stop): enough rows
+        refused, the first one back and those sent after it came back."""
         rows = self._rows.setdefault((status, model), {})
-        rows[row_id] = (seq, held)
-        return len(rows) >= self.rows_needed[status]
+        rows[row_id] = (sent, known, held)
+        first = min(k for _, k, _ in rows.values())
+        went_on = sum(1 for sent_at, _, _ in rows.values() if sent_at > first)
+        return 1 + went_on >= self.rows_needed[status]

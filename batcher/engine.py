@@ -201,7 +201,7 @@ class Engine:
         self._refusals = RefusalStreak()
         self._sent_seq = 0  # attempts sent so far: the order the refusal streak compares
         self._in_flight_seqs: set[int] = set()  # the attempts sent and not yet answered
-        self._suspect = False  # a refusal streak waits for later-sent requests' answers
+        self._suspect = False  # refusals wait for a decision: one request at a time
 
     def _structured(self) -> StructuredOutput | None:
         try:
@@ -393,7 +393,7 @@ class Engine:
             async with self._probe_lock:
                 if not self._opened.is_set():
                     return await self._repair(req, *await self._probe(req))
-        if self._suspect:  # refusals wait for the answers in flight: one request at a time
+        if self._suspect:  # refusals wait for a decision: one request at a time
             async with self._probe_lock:
                 sent = await self._send(req)
         else:
@@ -525,25 +525,23 @@ class Engine:
         self, req: Request, attempts: int, exc: APIError, repairing: bool
     ) -> tuple[Result, None]:
         """A 403 or 404. The row is held (`_Held`) until its model answers a request sent
-        after this refusal came back (then it was the row's own error) or the streak decides;
-        raises `exc` (or a 404's stop) when this refusal makes it the job's. A repair's
-        refusal is the row's own at once (the row keeps its answer).
-
-        Only a request sent after the refusal came back proves the key or the deployment
-        still works: one sent before it may reach the server first (another connection) and
-        be answered before the deployment went, though the client sent it later."""
+        after this refusal came back (then it was the row's own error) or the streak decides
+        (`breaker.RefusalStreak`); raises `exc` (or a 404's stop) when this refusal makes it
+        the job's. A repair's refusal is the row's own at once (the row keeps its answer)."""
         status = exc.status or 0
         if repairing:
             return self._error_row(req, attempts, refusal_message(exc))
         held = (req, self._error_row(req, attempts, refusal_message(exc))[0], exc)
-        known = self._sent_seq  # the requests sent after this one learnt of the refusal
-        if not self._refusals.refused(status, req.model, req.row_id, known, held):
+        known = self._sent_seq  # requests numbered higher were sent after this came back
+        if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq, known, held):
+            # Until one answer or enough refusals decide, one request at a time: a revoked key
+            # costs the wave in flight and a request or two, not a second wave.
+            self._suspect = True
             raise _Held
         first = self._refusals.first_seq(status, req.model)
         if any(seq > first for seq in self._in_flight_seqs):
-            # Requests sent after the first refusal came back are still out: their answers
-            # decide (a firewall refusing adjacent prompts is not a revoked key). Meanwhile
-            # one at a time.
+            # Requests sent after the first refusal came back are still out: an answer among
+            # them makes the refusals the rows' own (a firewall). Meanwhile one at a time.
             self._suspect = True
             raise _Held
         rows = self._refusals.rows_needed[status]
@@ -560,8 +558,8 @@ class Engine:
         )
 
     def _release(self, model: str | None, seq: int = 0) -> None:
-        """`model` answered the request sent `seq`-th: the refusals of its requests sent
-        before were their rows' own (None: every model's, at the end). Error rows, journaled
+        """`model` answered the request numbered `seq`: the refusals that came back before it
+        was sent were their rows' own (None: every one, at the end). Error rows, journaled
         now (with the rows that waited for an identical request)."""
         if model is not None and self._halt.stopping:  # a stop: held rows stay undone
             return
@@ -663,6 +661,7 @@ class Engine:
             self.spending.release(worst, billed=billed)
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
+                exc.sent_seq = seq
             raise
         finally:
             self.stats.in_flight -= 1

@@ -111,6 +111,7 @@ class APIError(BatcherError):
         self.retry_after = retry_after  # seconds the server asked us to wait, if it said
         self.headers: Mapping[str, str] = headers or {}
         self.detail = detail  # the server's own words (its error message), if it answered
+        self.sent_seq = 0  # the attempt's number in the run's send order (set by the engine)
 
 
 class RetryableAPIError(APIError):

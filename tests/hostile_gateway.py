@@ -56,6 +56,9 @@ class Behaviour:
     body: bytes | None = None  # None: a well-formed completion
     headers: Mapping[str, str] = field(default_factory=dict)
     latency_s: float = 0.0
+    # Answer only once this many requests got this behaviour (they are then all in flight
+    # together: the order of their answers says nothing of the order they were sent in).
+    together: int = 0
 
 
 def completion(content: Any = "label: fine", **changes: Any) -> dict[str, Any]:
@@ -262,6 +265,7 @@ class HostileGateway:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
         self._stopped: asyncio.Event | None = None
+        self._gathered: dict[str, asyncio.Event] = {}  # per `together` behaviour: all came
         self.port = 0
 
     @property
@@ -313,6 +317,12 @@ class HostileGateway:
             self.in_flight -= 1
 
     async def _perform(self, request: web.Request, behaviour: Behaviour) -> web.StreamResponse:
+        if behaviour.together:
+            gathered = self._gathered.setdefault(behaviour.name, asyncio.Event())
+            if sum(r.behaviour == behaviour.name for r in self.received) >= behaviour.together:
+                gathered.set()
+            with contextlib.suppress(TimeoutError):  # ends by itself, all came or not
+                await asyncio.wait_for(gathered.wait(), STALL_MAX_S)
         if behaviour.latency_s:
             await asyncio.sleep(behaviour.latency_s)
         if behaviour.action == "stall":

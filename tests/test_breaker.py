@@ -67,33 +67,52 @@ def test_default_trips_before_a_row_spends_its_attempts_at_concurrency_4_to_64()
 
 
 def test_refusals_become_the_jobs_after_enough_different_rows_of_one_model() -> None:
+    """Each refusal: its request's number, and how many had been sent when it came back."""
     streak = RefusalStreak()
     assert streak.watches(403) and streak.watches(404) and not streak.watches(400)
-    assert not streak.refused(403, "m", "r1", seq=1)
-    assert not streak.refused(403, "m", "r1", seq=2)  # the same row again: still one row
-    assert not streak.refused(403, "other", "r2", seq=3)  # another model's streak
-    assert streak.refused(403, "m", "r3", seq=4)  # a second row of "m": the key
-    assert not streak.refused(404, "m", "r1", seq=5)
-    assert not streak.refused(404, "m", "r2", seq=6)
-    assert streak.refused(404, "m", "r3", seq=7)  # 404 needs three rows
+    assert not streak.refused(403, "m", "r1", sent=1, known=1)
+    assert not streak.refused(403, "m", "r1", sent=2, known=2)  # the same row again: one row
+    assert not streak.refused(403, "other", "r2", sent=3, known=3)  # another model's streak
+    assert streak.refused(403, "m", "r3", sent=4, known=4)  # a second row of "m": the key
+    assert not streak.refused(404, "m", "r1", sent=5, known=5)
+    assert not streak.refused(404, "m", "r2", sent=6, known=6)
+    assert streak.refused(404, "m", "r3", sent=7, known=7)  # 404 needs three rows
     assert streak.first_seq(404, "m") == 5 and streak.first_seq(404, "none") == 0
 
 
-def test_only_an_answer_sent_after_a_refusal_clears_it() -> None:
-    """An answer to a request sent before the refusal (still in flight when it came) was sent
-    while the key worked: it proves nothing about the refusal."""
+def test_refusals_of_requests_sent_together_are_one() -> None:
+    """Requests sent before the first refusal came back reached the server around it, in any
+    order: their refusals show nothing went on (two blocked prompts sent together). Only a
+    refusal of a request sent after it came back does."""
     streak = RefusalStreak()
-    assert not streak.refused(403, "m", "r1", seq=10)
-    streak.answered("m", seq=9)  # sent before r1's request
-    assert streak.refused(403, "m", "r2", seq=11)
+    assert not streak.refused(403, "m", "r36", sent=36, known=40)
+    assert not streak.refused(403, "m", "r37", sent=37, known=40)  # sent before r36 came back
+    assert not streak.refused(403, "m", "r38", sent=38, known=41)
+    assert streak.refused(403, "m", "r41", sent=41, known=41)  # sent after r36 came back
     streak = RefusalStreak()
-    assert not streak.refused(403, "m", "r1", seq=10)
+    assert not streak.refused(404, "m", "a", sent=10, known=14)
+    assert not streak.refused(404, "m", "b", sent=15, known=16)
+    assert not streak.refused(404, "m", "c", sent=11, known=17)  # before the first came back
+    assert streak.refused(404, "m", "d", sent=16, known=18)
+
+
+def test_only_an_answer_to_a_request_sent_after_a_refusal_came_back_clears_it() -> None:
+    """An answer to a request sent before the refusal came back may have reached the server
+    first (another connection), while the key or the deployment still worked: it proves
+    nothing about the refusal."""
+    streak = RefusalStreak()
+    assert not streak.refused(403, "m", "r1", sent=10, known=12)
+    streak.answered("m", seq=11)  # sent after r1's request, before its refusal came back
+    streak.answered("m", seq=12)
+    assert streak.refused(403, "m", "r2", sent=13, known=13)
+    streak = RefusalStreak()
+    assert not streak.refused(403, "m", "r1", sent=10, known=10)
     streak.answered("other", seq=11)  # another model answering says nothing of this one
-    assert streak.refused(403, "m", "r2", seq=12)
+    assert streak.refused(403, "m", "r2", sent=12, known=12)
     streak = RefusalStreak()
-    assert not streak.refused(403, "m", "r1", seq=10, held="r1's error row")
+    assert not streak.refused(403, "m", "r1", sent=10, known=10, held="r1's error row")
     assert streak.answered("m", seq=11) == ["r1's error row"]  # sent after: r1's own
     assert not streak
-    assert not streak.refused(403, "m", "r2", seq=12, held="r2")
-    assert streak.refused(403, "m", "r3", seq=13, held="r3")
+    assert not streak.refused(403, "m", "r2", sent=12, known=12, held="r2")
+    assert streak.refused(403, "m", "r3", sent=13, known=13, held="r3")
     assert sorted(streak.take_all()) == ["r2", "r3"] and not streak

@@ -580,10 +580,12 @@ def test_a_firewall_blocking_one_prompt_makes_an_error_row_not_a_rejected_key(
 def test_adjacent_prompts_blocked_by_a_firewall_are_error_rows_in_one_run(
     tmp_path: Path, gateway: Callable[..., HostileGateway]
 ) -> None:
-    """Two blocked prompts next to each other, sent together: two 403s in a row while the
-    requests sent after them are still out. Their answers decide: error rows, exit 3, in the
-    first run (the job stopped as 'key rejected' on every run, found by review)."""
-    gw = gateway([(None, ok(latency_s=0.05))], by_prompt={"BLOCKME": firewall()})
+    """Two blocked prompts next to each other, sent together (the gateway refuses them once
+    both came): two 403s in a row, but neither request was sent after the other's refusal
+    came back, so nothing shows the refusals went on. Error rows, exit 3, in the first run
+    (the job stopped as 'key rejected' on every run, found by review)."""
+    blocked = dataclasses.replace(firewall(), together=2)
+    gw = gateway([(None, ok(latency_s=0.05))], by_prompt={"BLOCKME": blocked})
     write_jsonl(tmp_path / "input.jsonl", review_rows(20, marker={10: "BLOCKME", 11: "BLOCKME"}))
     res = run_batcher("run", job_file(tmp_path, gw, concurrency=4))
     assert res.returncode == 3, res.stderr
@@ -591,6 +593,29 @@ def test_adjacent_prompts_blocked_by_a_firewall_are_error_rows_in_one_run(
     rows = {r["id"]: r["status"] for r in read_output(tmp_path / OUT)}
     assert [i for i, status in rows.items() if status == "error"] == ["r10", "r11"]
     assert gw.requests == 20
+
+
+@pytest.mark.parametrize("concurrency", [2, 8])
+def test_blocked_prompts_at_the_end_of_the_input_are_error_rows(
+    tmp_path: Path, gateway: Callable[..., HostileGateway], concurrency: int
+) -> None:
+    """The last rows blocked: their 403s come back with nothing sent after them, the rows
+    before still in flight (answered, but sent before the refusals came back: they prove
+    nothing either way). Not the key: the rows are held to the run's end, then error rows,
+    exit 3. Every rerun stopped as 'key rejected' when the streak counted refusals of requests
+    sent together (found by review)."""
+    blocked = dataclasses.replace(firewall(), together=2)
+    gw = gateway([(None, ok(latency_s=0.3))], by_prompt={"BLOCKME": blocked})
+    write_jsonl(tmp_path / "input.jsonl", review_rows(12, marker={10: "BLOCKME", 11: "BLOCKME"}))
+    job = job_file(tmp_path, gw, concurrency=concurrency)
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr
+    assert "rejected the API key" not in res.stderr
+    rows = {r["id"]: r["status"] for r in read_output(tmp_path / OUT)}
+    assert [i for i, status in rows.items() if status == "error"] == ["r10", "r11"]
+    assert len(rows) == 12 and gw.requests == 12
+    assert run_batcher("run", job).returncode == 3  # a rerun sends nothing
+    assert gw.requests == 12
 
 
 def test_a_refused_repair_keeps_the_rows_answer_and_no_streak(
