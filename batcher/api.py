@@ -419,9 +419,10 @@ def _run_in_thread(job: Any, data: Any, kwargs: dict[str, Any]) -> Any:
     """Inside a running loop (Jupyter): the engine gets a thread and a loop of its own."""
     box: dict[str, Any] = {}
     started = threading.Event()
+    new_loop = eventloop.loop_factory()  # here: a wrong $BATCHER_EVENT_LOOP raises to the caller
 
     def target() -> None:
-        loop = eventloop.new_loop()
+        loop = new_loop()
         box["loop"] = loop
         started.set()
         try:

@@ -57,8 +57,3 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    """A new loop of `loop_factory()`'s kind, for a thread of its own."""
-    return loop_factory()()

@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvloop
 from helpers import env_with_key, read_output, review_rows, run_batcher, write_job, write_jsonl
 
 from batcher import eventloop
 from batcher.admission.local_backend import LocalLimiter, loop_clock
 from batcher.admission.policy import us
 from batcher.errors import JobSpecError
+
+uvloop = pytest.importorskip("uvloop")  # not on Windows
 
 FAST = {"rpm": None, "tpm": None}
 
@@ -116,3 +118,45 @@ def test_on_asyncio_the_limiter_keeps_the_loops_clock() -> None:
 
     with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
         assert runner.run(same())
+
+
+def test_a_wrong_loop_raises_to_a_caller_inside_a_running_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`batcher.run` in a notebook (a running loop) runs in a thread of its own: a wrong
+    $BATCHER_EVENT_LOOP is the caller's error, not a dead thread the caller waits on."""
+    import batcher
+
+    monkeypatch.setenv(eventloop.ENV, "tokio")
+
+    async def cell() -> None:
+        with pytest.raises(JobSpecError, match="BATCHER_EVENT_LOOP"):
+            batcher.run({"model": "m"})
+
+    done: list[BaseException | None] = []
+
+    def notebook() -> None:  # a thread: a regression hangs it, not the test
+        try:
+            asyncio.run(cell())
+        except BaseException as exc:
+            done.append(exc)
+        else:
+            done.append(None)
+
+    thread = threading.Thread(target=notebook, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert done == [None], "batcher.run hung or failed otherwise"
+
+
+def test_an_injected_clock_is_not_waited_for_on_uvloop() -> None:
+    """A clock of the caller's (tests, embedders) paces as before: slept once per slot."""
+
+    async def three() -> int:
+        limiter = LocalLimiter(lambda model: (6_000, 10**9), clock=lambda: 100.0, headroom=1.0)
+        for _ in range(3):
+            await asyncio.wait_for(limiter.acquire("m", 1), 5)
+        return 3
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(three()) == 3

@@ -184,12 +184,13 @@ Clock = Callable[[], float]
 async def _sleep_until(clock: Clock, st: State, at: int) -> bool:
     """Sleep until the slot; False if a pause that arrived meanwhile (a 429) voids it.
 
-    Until the slot by `clock`: uvloop's timers fire up to a millisecond early (they count whole
-    milliseconds), and what is left is slept again, at least a millisecond (never early)."""
+    On uvloop (`clock` is then the monotonic clock: `loop_clock`) timers fire up to a
+    millisecond early (they count whole milliseconds): what is left is slept again, at least
+    a millisecond (never early). An injected clock is the loop's business."""
     now = us(clock())
     if at > now:
         await asyncio.sleep((at - now) / 1_000_000)
-        while at > (now := us(clock())):
+        while clock is time.monotonic and at > (now := us(clock())):
             await asyncio.sleep(max(at - now, 1_000) / 1_000_000)
     return st.pause <= at
 
