@@ -202,6 +202,7 @@ class Engine:
         self._sent_seq = 0  # attempts sent so far: the order the refusal streak compares
         self._in_flight_seqs: set[int] = set()  # the attempts sent and not yet answered
         self._suspect = False  # refusals wait for a decision: one request at a time
+        self._suspect_since = 0  # ... until a request sent after this one is answered
 
     def _structured(self) -> StructuredOutput | None:
         try:
@@ -534,15 +535,15 @@ class Engine:
         held = (req, self._error_row(req, attempts, refusal_message(exc))[0], exc)
         known = self._sent_seq  # requests numbered higher were sent after this came back
         if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq, known, held):
-            # Until one answer or enough refusals decide, one request at a time: a revoked key
+            # Until an answer or enough refusals decide, one request at a time: a revoked key
             # costs the wave in flight and a request or two, not a second wave.
-            self._suspect = True
+            self._suspect, self._suspect_since = True, known
             raise _Held
         first = self._refusals.first_seq(status, req.model)
         if any(seq > first for seq in self._in_flight_seqs):
             # Requests sent after the first refusal came back are still out: an answer among
             # them makes the refusals the rows' own (a firewall). Meanwhile one at a time.
-            self._suspect = True
+            self._suspect, self._suspect_since = True, known
             raise _Held
         rows = self._refusals.rows_needed[status]
         if isinstance(exc, AuthenticationError):
@@ -671,6 +672,8 @@ class Engine:
         self._breaker.success()
         if self._refusals:  # refusals back before this was sent were their rows' own
             self._release(req.model, seq)
+            if seq > self._suspect_since:  # the key works (another model's refusals may wait)
+                self._suspect = False
         self._opened.set()  # the endpoint, key and model work: let the others go
         if MOCK_HEADER in answer.headers and not self._demo_seen:
             self._demo_server()

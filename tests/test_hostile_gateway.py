@@ -595,6 +595,41 @@ def test_adjacent_prompts_blocked_by_a_firewall_are_error_rows_in_one_run(
     assert gw.requests == 20
 
 
+def test_refusals_for_a_model_others_outlive_do_not_slow_the_run(
+    tmp_path: Path, gateway: Callable[..., HostileGateway]
+) -> None:
+    """A Batch-API input whose two rows name a model that is not deployed: 404s that no
+    answer of that model ever clears. The key works (the other model answers), so the run
+    goes on at its concurrency, not one request at a time to its end; the two rows are error
+    rows when it ends."""
+    gw = gateway([(None, ok(latency_s=0.01))], by_prompt={'"model":"gpt-4o"': deployment_gone()})
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": "gpt-4o" if i in (5, 6) else "gpt-4o-mini",
+                "messages": [{"role": "user", "content": f"review number {i} is fine"}],
+                "max_tokens": 8,
+            },
+        }
+        for i in range(600)  # two read batches: each sends its gpt-4o rows after the others
+    ]
+    write_jsonl(tmp_path / "batch.jsonl", lines)
+    job = job_file(
+        tmp_path, gw, input="batch.jsonl", messages=None, model=None, id_column=None, concurrency=4
+    )
+    res = run_batcher("run", job)
+    assert res.returncode == 3, res.stderr
+    rows = {r["id"]: r["status"] for r in read_output(tmp_path / OUT)}
+    assert [i for i, status in rows.items() if status == "error"] == ["r5", "r6"]
+    assert len(rows) == 600 and gw.requests == 600
+    refused = max(r.n for r in gw.received if r.behaviour == "404")
+    later = gw.received[refused + 8 :]  # the second batch, once the refusals came back
+    assert len(later) > 50 and max(r.in_flight for r in later) >= 1, "one at a time to the end"
+
+
 @pytest.mark.parametrize("concurrency", [2, 8])
 def test_blocked_prompts_at_the_end_of_the_input_are_error_rows(
     tmp_path: Path, gateway: Callable[..., HostileGateway], concurrency: int
