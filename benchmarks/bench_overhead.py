@@ -8,7 +8,9 @@ and in rotating order each round:
 
 - bare:          one ClientSession, asyncio.gather over a semaphore, the same bodies (read from
                  the same JSONL and rendered from the same template), answers parsed as JSON;
-- batcher:       `Engine(job).run()` in-process with the journal fsynced (the default);
+- batcher:       `Engine(job).run()` in-process with the journal fsynced (the default), on the
+                 command's event loop (batcher/eventloop.py: uvloop where installed; the bare
+                 loop runs on asyncio's, as a hand-written script does);
 - batcher-nosync: the same with `RunOptions(fsync=False)`.
 
 Each batcher run gets a fresh response store (its own XDG_CACHE_HOME): every row is a miss, as

@@ -4,7 +4,8 @@
 
 The mock server runs at 10x Langdock's limits (5,000 RPM / 600,000 TPM per model, enforced over
 sliding 60 s and 10 s windows) in its own process, with 0.05-0.30 s latency per answer. The
-engine runs in-process with concurrency 64 and the same limits in its job file, on more rows
+engine runs in-process (on the command's event loop, batcher/eventloop.py) with concurrency 64
+and the same limits in its job file, on more rows
 than it can send in the time; after `--warmup` seconds of sending, the server's counters are
 read, again `--duration` seconds later, and the run is then stopped gracefully (as by Ctrl-C).
 
