@@ -614,7 +614,7 @@ def test_refusals_for_a_model_others_outlive_do_not_slow_the_run(
                 "max_tokens": 8,
             },
         }
-        for i in range(600)  # two read batches: each sends its gpt-4o rows after the others
+        for i in range(700)  # two read batches (512 rows each at most): rows 512-699 come after
     ]
     write_jsonl(tmp_path / "batch.jsonl", lines)
     job = job_file(
@@ -624,10 +624,10 @@ def test_refusals_for_a_model_others_outlive_do_not_slow_the_run(
     assert res.returncode == 3, res.stderr
     rows = {r["id"]: r["status"] for r in read_output(tmp_path / OUT)}
     assert [i for i, status in rows.items() if status == "error"] == ["r5", "r6"]
-    assert len(rows) == 600 and gw.requests == 600
+    assert len(rows) == 700 and gw.requests == 700
     refused = max(r.n for r in gw.received if r.behaviour == "404")
-    later = gw.received[refused + 8 :]  # the second batch, once the refusals came back
-    assert len(later) > 50 and max(r.in_flight for r in later) >= 1, "one at a time to the end"
+    later = gw.received[refused + 8 :]  # once the refusals came back
+    assert len(later) >= 20 and max(r.in_flight for r in later) >= 1, "one at a time to the end"
 
 
 @pytest.mark.parametrize("concurrency", [2, 8])
