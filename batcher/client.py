@@ -125,14 +125,15 @@ class ChatClient:
         # Some gateways echo the key back in a 401 body, which error messages quote; an answer
         # that holds it would put it in the output and the store. A short key ("none", "EMPTY",
         # as local servers take) is no secret and would mangle the answers: errors only.
-        if (self._mask_answers or not 200 <= status < 300) and raw.find(self._key_bytes) >= 0:
+        masking = self._mask_answers or not 200 <= status < 300
+        if masking and raw.find(self._key_bytes) >= 0:
             raw = raw.replace(self._key_bytes, b"***")
         try:
             parsed: Any = fastjson.loads(raw) if raw else None
         except (ValueError, RecursionError):  # not JSON, or nested past any real answer
             parsed = raw
         else:
-            if (self._mask_answers or not 200 <= status < 300) and raw.find(b"\\u") >= 0:
+            if masking and raw.find(b"\\u") >= 0:
                 parsed = self._unescaped_mask(parsed)
         error = classify(status, headers, parsed)
         if error is not None:

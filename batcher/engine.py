@@ -138,6 +138,19 @@ class _Held(Exception):
     undone). Its worker goes on to the next row."""
 
 
+def _billed(exc: BaseException) -> bool:
+    """Whether the server may bill an attempt that ended in `exc` (the budget then books its
+    worst case, so the cap holds across runs)."""
+    if isinstance(exc, WebPageAnswer):  # a proxy's or a login page: not the API's answer
+        return False
+    if isinstance(exc, TruncatedAnswer):  # a 2xx we could not read
+        return True
+    if isinstance(exc, AnswerTooLarge):  # a 2xx too large to keep; an error body is not billed
+        return 200 <= (exc.status or 0) < 300
+    # Cancelled after it was sent (grace period over, a second Ctrl-C): it may be billed.
+    return isinstance(exc, asyncio.CancelledError)
+
+
 class Engine:
     """One `batcher run`. Build it, then `await run()`; it never raises for row-level trouble."""
 
@@ -534,15 +547,13 @@ class Engine:
             return self._error_row(req, attempts, refusal_message(exc))
         held = (req, self._error_row(req, attempts, refusal_message(exc))[0], exc)
         known = self._sent_seq  # requests numbered higher were sent after this came back
-        if not self._refusals.refused(status, req.model, req.row_id, exc.sent_seq, known, held):
-            # Until an answer or enough refusals decide, one request at a time: a revoked key
-            # costs the wave in flight and a request or two, not a second wave.
-            self._suspect, self._suspect_since = True, known
-            raise _Held
+        enough = self._refusals.refused(status, req.model, req.row_id, exc.sent_seq, known, held)
         first = self._refusals.first_seq(status, req.model)
-        if any(seq > first for seq in self._in_flight_seqs):
-            # Requests sent after the first refusal came back are still out: an answer among
-            # them makes the refusals the rows' own (a firewall). Meanwhile one at a time.
+        # Not yet the job's, or requests sent after the first refusal came back are still out
+        # (an answer among them makes the refusals the rows' own: a firewall). Until an answer
+        # or enough refusals decide, one request at a time: a revoked key costs the wave in
+        # flight and a request or two, not a second wave.
+        if not enough or any(seq > first for seq in self._in_flight_seqs):
             self._suspect, self._suspect_since = True, known
             raise _Held
         rows = self._refusals.rows_needed[status]
@@ -646,20 +657,12 @@ class Engine:
         except RetryableAPIError as exc:
             self._halt.busy.discard(me)
             self.stats.count_response(exc.status or failure_kind(exc))
-            # an unreadable 2xx was billed; a web page (a proxy's, a login page) was not
-            billed = isinstance(exc, TruncatedAnswer) and not isinstance(exc, WebPageAnswer)
-            self.spending.release(worst, billed=billed)
+            self.spending.release(worst, billed=_billed(exc))
             self._failed(req, exc)
             raise
         except BaseException as exc:
             self._halt.busy.discard(me)
-            # Cancelled after it was sent (grace period over, a second Ctrl-C): the server may
-            # bill it; the budget books the worst case so the cap holds across runs. An answer
-            # too large to keep was billed too.
-            billed = isinstance(exc, asyncio.CancelledError) or (
-                isinstance(exc, AnswerTooLarge) and 200 <= (exc.status or 0) < 300
-            )
-            self.spending.release(worst, billed=billed)
+            self.spending.release(worst, billed=_billed(exc))
             if isinstance(exc, APIError):  # 401, 400, ...: answered, final
                 self.stats.count_response(exc.status or failure_kind(exc))
                 exc.sent_seq = seq
